@@ -1,0 +1,22 @@
+"""moe-serve's engine: load Hugging Face MoE checkpoints and generate with continuous batching."""
+
+from engine.config import CheckpointError, ModelConfig, RouterBalancing
+from engine.llm import LLM
+from engine.llm_engine import EngineConfig, LLMEngine
+from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.routing import RoutingPolicy
+from engine.sampling_params import SamplingParams
+
+__all__ = [
+    "LLM",
+    "CheckpointError",
+    "CompletionOutput",
+    "EngineConfig",
+    "LLMEngine",
+    "Logprob",
+    "ModelConfig",
+    "RequestOutput",
+    "RouterBalancing",
+    "RoutingPolicy",
+    "SamplingParams",
+]

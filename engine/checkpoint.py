@@ -1,0 +1,210 @@
+"""Read and write Hugging Face MoE checkpoints (config.json + safetensors), validating everything first.
+
+Loading maps every tensor name onto a model parameter and checks shapes and coverage from the safetensors
+headers alone, before any weight is allocated: a bad checkpoint raises CheckpointError naming the file and
+tensor, and leaves nothing half-loaded. Both per-expert hub names (experts.N.w1/w2/w3 or
+experts.N.gate_proj/up_proj/down_proj) and fused transformers-5 names (experts.gate_up_proj,
+experts.down_proj) are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from engine.config import CheckpointError, ModelConfig
+from engine.model import MoEForCausalLM
+
+_PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_PART = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+@dataclass(frozen=True)
+class _Assignment:
+    """Where one checkpoint tensor goes: a parameter, optionally one expert's row block of it."""
+
+    param: str
+    expert: int | None
+    part: str  # "all", "gate", "up" or "down"
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory, from the index when sharded."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' ({exc!r})") from exc
+        files = sorted({path / name for name in weight_map.values()})
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{index}: lists shard {file.name}, which does not exist")
+        return files
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json found")
+
+
+def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    tensors: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    if name in tensors:
+                        raise CheckpointError(f"{file}: tensor {name} also appears in {tensors[name][0].name}")
+                    tensors[name] = (file, tuple(handle.get_slice(name).get_shape()))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file}: unreadable safetensors file ({exc})") from exc
+    return tensors
+
+
+def _assign(name: str) -> _Assignment:
+    name = name.replace(".block_sparse_moe.", ".mlp.")
+    match = _PER_EXPERT.match(name)
+    if match:
+        prefix, expert, kind = match.groups()
+        part = _PART[kind]
+        target = f"{prefix}.down_proj" if part == "down" else f"{prefix}.gate_up_proj"
+        return _Assignment(target, int(expert), part)
+    return _Assignment(name, None, "all")
+
+
+def _expected_piece_shape(assignment: _Assignment, param_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if assignment.expert is None:
+        return param_shape
+    if assignment.part == "down":
+        return param_shape[1:]
+    return (param_shape[1] // 2, param_shape[2])
+
+
+def _plan(
+    config: ModelConfig, tensors: dict[str, tuple[Path, tuple[int, ...]]], expected: dict[str, tuple[int, ...]]
+) -> dict[str, _Assignment]:
+    plan: dict[str, _Assignment] = {}
+    covered: dict[str, set[tuple[int | None, str]]] = {}
+    for name, (file, shape) in sorted(tensors.items()):
+        if _IGNORED.search(name):
+            continue
+        assignment = _assign(name)
+        if config.tie_word_embeddings and assignment.param == "lm_head.weight":
+            continue
+        if assignment.param not in expected:
+            raise CheckpointError(f"{file}: unexpected tensor {name} (no such parameter in a {config.model_type} model)")
+        param_shape = expected[assignment.param]
+        if assignment.expert is not None and assignment.expert >= param_shape[0]:
+            raise CheckpointError(
+                f"{file}: unexpected tensor {name}: expert {assignment.expert} but num_experts is {param_shape[0]}"
+            )
+        want = _expected_piece_shape(assignment, param_shape)
+        if shape != want:
+            raise CheckpointError(f"{file}: tensor {name} has shape {list(shape)}, expected {list(want)}")
+        pieces = covered.setdefault(assignment.param, set())
+        key = (assignment.expert, assignment.part)
+        if key in pieces or ("all" in {p for _, p in pieces}) or (assignment.part == "all" and pieces):
+            raise CheckpointError(f"{file}: tensor {name} duplicates weights already given for {assignment.param}")
+        pieces.add(key)
+        plan[name] = assignment
+    for param, shape in expected.items():
+        if config.tie_word_embeddings and param == "lm_head.weight":
+            continue
+        pieces = covered.get(param, set())
+        if ("all" in {p for _, p in pieces}) or _stacked_complete(param, shape, pieces):
+            continue
+        raise CheckpointError(f"{_missing_name(param, shape, pieces)}: tensor missing from the checkpoint")
+    return plan
+
+
+def _stacked_complete(param: str, shape: tuple[int, ...], pieces: set[tuple[int | None, str]]) -> bool:
+    parts = ("down",) if param.endswith("experts.down_proj") else ("gate", "up")
+    return param.endswith(("experts.down_proj", "experts.gate_up_proj")) and all(
+        (e, p) in pieces for e in range(shape[0]) for p in parts
+    )
+
+
+def _missing_name(param: str, shape: tuple[int, ...], pieces: set[tuple[int | None, str]]) -> str:
+    if not pieces or not param.endswith(("experts.down_proj", "experts.gate_up_proj")):
+        return param
+    prefix = param.rsplit(".", 1)[0]
+    parts = ("down",) if param.endswith("down_proj") else ("gate", "up")
+    expert, part = next((e, p) for e in range(shape[0]) for p in parts if (e, p) not in pieces)
+    return f"{prefix}.{expert}.{part}_proj.weight"
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> MoEForCausalLM:
+    """Build the model of a checkpoint directory on `device` in `dtype`; CheckpointError on any defect."""
+    path = Path(path)
+    config = ModelConfig.from_dir(path)
+    tensors = _read_headers(weight_files(path))
+    with torch.device("meta"):
+        meta_model = MoEForCausalLM(config)
+    expected = {name: tuple(p.shape) for name, p in meta_model.named_parameters()}
+    if config.tie_word_embeddings:
+        expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
+    plan = _plan(config, tensors, expected)
+
+    model = meta_model.to(dtype).to_empty(device=device)
+    model.to_device(device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    params = dict(model.named_parameters())
+    by_file: dict[Path, list[str]] = {}
+    for name in plan:
+        by_file.setdefault(tensors[name][0], []).append(name)
+    with torch.no_grad():
+        for file, names in by_file.items():
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for name in names:
+                    _copy_into(params[plan[name].param], plan[name], handle.get_tensor(name))
+    return model
+
+
+def _copy_into(param: torch.Tensor, assignment: _Assignment, tensor: torch.Tensor) -> None:
+    if assignment.expert is None:
+        param.copy_(tensor)
+        return
+    target = param[assignment.expert]
+    if assignment.part != "down":
+        half = target.shape[0] // 2
+        target = target[:half] if assignment.part == "gate" else target[half:]
+    target.copy_(tensor)
+
+
+def checkpoint_state_dict(model: MoEForCausalLM, fused: bool = False) -> dict[str, torch.Tensor]:
+    """The model's weights under checkpoint names: per-expert hub names, or fused transformers-5 names."""
+    names: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if fused or not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            names[name] = tensor
+            continue
+        prefix = name.rsplit(".", 1)[0]
+        for expert, weight in enumerate(tensor):
+            if name.endswith("down_proj"):
+                names[f"{prefix}.{expert}.down_proj.weight"] = weight
+            else:
+                gate, up = weight.chunk(2, dim=0)
+                names[f"{prefix}.{expert}.gate_proj.weight"] = gate
+                names[f"{prefix}.{expert}.up_proj.weight"] = up
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in names.items()}
+
+
+def save_checkpoint(model: MoEForCausalLM, path: str | Path, fused: bool = False) -> None:
+    """Write config.json and model.safetensors (tokenizer files are the caller's)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = checkpoint_state_dict(model, fused)
+    dtype = next(iter(tensors.values())).dtype
+    raw = dict(model.config.raw)
+    raw["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,286 @@
+"""The engine loop: accept requests, schedule a step, run it, turn sampled tokens into outputs.
+
+This is the incremental interface a server drives (add_request, step, abort_request,
+has_unfinished_requests); `LLM` wraps it for offline batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.block_manager import BlockManager
+from engine.checkpoint import load_model
+from engine.config import CheckpointError, ModelConfig
+from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from engine.moe import select_backend
+from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from engine.routing import RoutingPolicy
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings; names follow vLLM's engine arguments where one exists."""
+
+    dtype: str | torch.dtype = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 1 << 30
+    gpu_memory_utilization: float = 0.9
+    moe_backend: str = "grouped"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """"auto" is bf16 on CUDA and fp32 on CPU, where fp32 matmuls measured faster than bf16 on this project's CPUs."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected 'auto' or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class _Request:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+
+
+class LLMEngine:
+    """Continuous-batching generation over one model loaded from a Hugging Face directory."""
+
+    def __init__(self, model: str | Path, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        path = Path(model)
+        self.model_path = path
+        model_config = ModelConfig.from_dir(path)
+        self.tokenizer = Tokenizer(path, model_config.eos_token_ids)
+        if self.tokenizer.vocab_size > model_config.vocab_size:
+            raise CheckpointError(
+                f"{path / 'tokenizer.json'}: {self.tokenizer.vocab_size} tokens, more than the model's "
+                f"vocab_size {model_config.vocab_size} in config.json"
+            )
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model = load_model(path, self.dtype, self.device)
+        self.model.set_moe_backend(
+            select_backend(config.moe_backend, model_config.hidden_size, model_config.moe_intermediate_size, self.dtype)
+        )
+        self.model.eval()
+        self.max_model_len = self._max_model_len(model_config)
+        num_blocks = self._num_kv_blocks()
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * config.block_size} tokens, fewer than max_model_len "
+                f"{self.max_model_len}: raise the KV cache budget or lower max_model_len"
+            )
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.tokenizer.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        logger.info(
+            "loaded %s (%s) on %s in %s: %d KV blocks of %d tokens, max_model_len %d",
+            path, model_config.model_type, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len,
+        )
+
+    def _max_model_len(self, model_config: ModelConfig) -> int:
+        limit = model_config.max_position_embeddings
+        if model_config.sliding_window:
+            limit = min(limit, model_config.sliding_window)
+        if self.config.max_model_len is None:
+            return limit
+        if self.config.max_model_len > limit:
+            raise ValueError(f"max_model_len {self.config.max_model_len} exceeds the model's limit of {limit} tokens")
+        return self.config.max_model_len
+
+    def _num_kv_blocks(self) -> int:
+        per_block = kv_cache_bytes_per_block(self.model, self.config.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * self.config.gpu_memory_utilization)
+        else:
+            budget = self.config.kv_cache_memory_bytes
+        # Never more than every sequence at full length could use.
+        most = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size)
+        return min(budget // per_block, most)
+
+    # ----- requests -----
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        """Queue a request; ValueError (naming the field) if it can never run."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate(token_ids, params)
+        max_output = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(token_ids)
+        seqs = []
+        for index in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+            detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+            seq = Sequence(request_id, index, token_ids, params, detokenizer, max_output, generator)
+            if seq.wants_prompt_logprobs:
+                seq.prompt_logprobs = [None]
+            seqs.append(seq)
+        self.requests[request_id] = _Request(text, token_ids, seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("prompt must contain at least one token")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad!r} is outside the vocabulary (0..{vocab - 1})")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > MAX_LOGPROBS:
+                raise ValueError(f"{name} must be at most {MAX_LOGPROBS}, got {value}")
+        wanted = len(token_ids) + (params.max_tokens if params.max_tokens is not None else 1)
+        if wanted > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) is {wanted} tokens, "
+                f"more than the maximum context length of {self.max_model_len}"
+            )
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks; unknown ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ----- the step -----
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return outputs of requests that produced a token or finished."""
+        scheduled = self.scheduler.schedule().scheduled
+        if not scheduled:
+            return []
+        results = self.runner.execute(scheduled, self.tokenizer.id_to_token)
+        touched: dict[str, None] = {}
+        for item, result in zip(scheduled, results):
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            if result.prompt_logprobs and seq.prompt_logprobs is not None:
+                seq.prompt_logprobs.extend(result.prompt_logprobs)
+            if result.token is not None:
+                self._append_token(seq, result.token, result.logprobs)
+                touched[seq.request_id] = None
+        outputs = [self._request_output(rid) for rid in touched]
+        for output in outputs:
+            if output.finished:
+                del self.requests[output.request_id]
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
+        if seq.max_output_tokens == 0:
+            self.scheduler.finish(seq, "length")
+            return
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.output_logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token].logprob
+        piece = seq.detokenizer.add(token)
+        params = seq.params
+        past_min = seq.num_output_tokens >= params.min_tokens
+        if past_min and not params.ignore_eos and token in self.tokenizer.eos_token_ids:
+            self.scheduler.finish(seq, "stop")
+        elif past_min and token in params.stop_token_ids:
+            seq.stop_reason = token
+            self.scheduler.finish(seq, "stop")
+        elif past_min and params.stop and self._hit_stop_string(seq, len(piece)):
+            self.scheduler.finish(seq, "stop")
+        elif seq.num_output_tokens >= seq.max_output_tokens or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+        if not isinstance(seq.stop_reason, str):
+            seq.output_text = seq.detokenizer.text
+
+    def _hit_stop_string(self, seq: Sequence, new_chars: int) -> bool:
+        text = seq.detokenizer.text
+        longest = max(len(s) for s in seq.params.stop)
+        search_from = max(0, len(text) - new_chars - longest + 1)
+        hits = [(text.find(s, search_from), s) for s in seq.params.stop]
+        hits = [(pos, s) for pos, s in hits if pos >= 0]
+        if not hits:
+            return False
+        pos, stop = min(hits)
+        seq.stop_reason = stop
+        seq.output_text = text[: pos + len(stop)] if seq.params.include_stop_str_in_output else text[:pos]
+        return True
+
+    def _request_output(self, request_id: str) -> RequestOutput:
+        request = self.requests[request_id]
+        completions = []
+        for seq in request.seqs:
+            text = seq.output_text
+            if not seq.is_finished and seq.params.stop_holdback:
+                text = text[: max(0, len(text) - seq.params.stop_holdback)]
+            wants_logprobs = seq.params.logprobs is not None
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=text,
+                    token_ids=seq.output_token_ids,
+                    cumulative_logprob=seq.cumulative_logprob if wants_logprobs else None,
+                    logprobs=list(seq.output_logprobs) if wants_logprobs else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        return RequestOutput(
+            request_id=request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            prompt_logprobs=request.seqs[0].prompt_logprobs,
+            outputs=completions,
+            finished=all(seq.is_finished for seq in request.seqs),
+        )
+
+    # ----- expert routing -----
+
+    def expert_load(self) -> np.ndarray:
+        """Routed (token, expert) pairs per [layer, expert] since start or the last reset."""
+        return self.model.expert_load.snapshot().numpy()
+
+    def reset_expert_load(self) -> None:
+        self.model.expert_load.reset()
+
+    def set_routing_policies(self, policies: dict[int, RoutingPolicy]) -> None:
+        self.model.set_routing_policies(policies)

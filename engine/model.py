@@ -1,0 +1,203 @@
+"""The one decoder-only MoE model used for inference, training, calibration and pruning.
+
+Parameter names follow the Hugging Face layout (model.layers.N.mlp.experts.gate_up_proj, ...) so a state
+dict maps onto checkpoints with a few renames. The forward pass works on a flattened batch of tokens [T];
+the attention metadata says whether they form dense causal sequences or paged-cache serving steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionMetadata, attend
+from engine.config import ModelConfig
+from engine.moe import DenseMLP, ExpertLoad, SparseMoE
+from engine.routing import RoutingPolicy
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, scaled in the input dtype (as transformers does)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos and sin [T, head_dim] for rotate-half RoPE at the given positions."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated by cos/sin [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with the variants' biases, q/k norms and qkv clipping."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm == "head":
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        elif config.qk_norm == "full":
+            self.q_norm = RMSNorm(q_size, config.rms_norm_eps)
+            self.k_norm = RMSNorm(kv_size, config.rms_norm_eps)
+        self.clip_qkv = config.clip_qkv
+        self.scale = self.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor | None,
+    ) -> torch.Tensor:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = attend(q, k, v, meta, kv_cache, self.scale)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and MoE (or dense MLP) with residual connections."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp: SparseMoE | DenseMLP
+        if config.is_moe_layer(layer_idx):
+            self.mlp = SparseMoE(
+                layer_idx,
+                config.hidden_size,
+                config.num_experts,
+                config.top_k,
+                config.moe_intermediate_size,
+                config.norm_topk_prob,
+                config.shared_expert_intermediate_size,
+            )
+        else:
+            self.mlp = DenseMLP(config.hidden_size, config.dense_intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv_cache: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """Embeddings, decoder layers and the final norm (the `model.` prefix of checkpoints)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MoEForCausalLM(nn.Module):
+    """Decoder stack plus LM head; `forward` returns final hidden states, `compute_logits` projects them."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.expert_load = ExpertLoad(config.num_layers, config.num_experts)
+        for block in self.moe_blocks():
+            block.load = self.expert_load
+
+    @property
+    def router_balancing(self) -> dict[str, object] | None:
+        """The balancing loss the checkpoint was trained with, from config.json (None = unknown)."""
+        balancing = self.config.router_balancing
+        return None if balancing is None else balancing.to_dict()
+
+    def moe_blocks(self) -> list[SparseMoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
+
+    def set_moe_backend(self, backend: str) -> None:
+        for block in self.moe_blocks():
+            block.set_backend(backend)
+
+    def set_routing_policies(self, policies: dict[int, RoutingPolicy]) -> None:
+        """Install routing policies by decoder-layer index; layers not named get default routing."""
+        blocks = {block.layer_idx: block for block in self.moe_blocks()}
+        unknown = sorted(set(policies) - set(blocks))
+        if unknown:
+            raise ValueError(f"layers {unknown} have no MoE block (MoE layers: {sorted(blocks)})")
+        for layer, policy in policies.items():
+            policy.validate(self.config.num_experts, self.config.top_k)
+        device = self.lm_head.weight.device
+        for layer, block in blocks.items():
+            policy = policies.get(layer)
+            block.policy = None if policy is None else policy.to(device)
+
+    def to_device(self, device: torch.device) -> "MoEForCausalLM":
+        self.to(device)
+        self.expert_load.counts = self.expert_load.counts.to(device)
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        rope = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, rope, meta, None if kv_caches is None else kv_caches[i])
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int = 0) -> None:
+        """Random initialization (normal(0, std) matrices, unit norms) for fresh models."""
+        generator = torch.Generator().manual_seed(seed)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)

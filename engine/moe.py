@@ -1,0 +1,173 @@
+"""Sparse MoE block: router -> routing stage -> dropless expert dispatch with grouped GEMM -> fp32 combine."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.routing import Routing, RoutingPolicy, route
+
+logger = logging.getLogger(__name__)
+
+GroupedMM = Callable[..., torch.Tensor]
+_grouped_mm: GroupedMM | None = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+BACKENDS = ("grouped", "loop")
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU feed-forward: the shared expert and the dense layers."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """All routed experts of a layer as stacked tensors: gate+up [E, 2I, H] and down [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_proj.shape[0]
+
+
+class ExpertLoad:
+    """Routed-token counts per (layer, expert), accumulated on the device with no host sync per step."""
+
+    def __init__(self, num_layers: int, num_experts: int, device: torch.device | str = "cpu") -> None:
+        # One extra column absorbs dropped slots (sentinel id == num_experts).
+        self.counts = torch.zeros(num_layers, num_experts + 1, dtype=torch.int64, device=device)
+        self.enabled = True
+
+    def record(self, layer: int, expert_ids: torch.Tensor) -> None:
+        if self.enabled:
+            flat = expert_ids.reshape(-1)
+            self.counts[layer].index_add_(0, flat, torch.ones_like(flat))
+
+    def snapshot(self) -> torch.Tensor:
+        """[layers, experts] int64 on the CPU (one host sync)."""
+        return self.counts[:, :-1].cpu()
+
+    def reset(self) -> None:
+        self.counts.zero_()
+
+
+def grouped_mm_supported(hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> bool:
+    """grouped_mm needs 16-byte-aligned strides on both operands."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    return _grouped_mm is not None and all((n * size) % 16 == 0 for n in (hidden_size, intermediate_size))
+
+
+def _expert_rows_grouped(xs: torch.Tensor, offs: torch.Tensor, experts: Experts) -> torch.Tensor:
+    assert _grouped_mm is not None
+    gate_up = _grouped_mm(xs, experts.gate_up_proj.transpose(1, 2), offs=offs)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return _grouped_mm(F.silu(gate) * up, experts.down_proj.transpose(1, 2), offs=offs)
+
+
+def _expert_rows_loop(xs: torch.Tensor, offs: torch.Tensor, experts: Experts) -> torch.Tensor:
+    out = xs.new_zeros(xs.shape[0], experts.down_proj.shape[1])
+    ends = offs.tolist()
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            gate, up = (xs[start:end] @ experts.gate_up_proj[e].transpose(0, 1)).chunk(2, dim=-1)
+            out[start:end] = (F.silu(gate) * up) @ experts.down_proj[e].transpose(0, 1)
+        start = end
+    return out
+
+
+def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, backend: str = "grouped") -> torch.Tensor:
+    """Dropless expert computation: sort (token, slot) pairs by expert, run each expert on its rows, combine.
+
+    Returns [T, H] in fp32. Slots with the sentinel id num_experts are skipped.
+    """
+    num_tokens, k = routing.expert_ids.shape
+    num_experts = experts.num_experts
+    flat_ids = routing.expert_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    token_idx = order // k
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=x.device)
+    counts.index_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
+    offs = torch.cumsum(counts[:num_experts], dim=0, dtype=torch.int32)
+    xs = x[token_idx]
+    rows = (_expert_rows_grouped if backend == "grouped" else _expert_rows_loop)(xs, offs, experts)
+    # Rows past offs[-1] (dropped slots) are never written by grouped_mm: zero them before weighting.
+    valid = (flat_ids[order] < num_experts).unsqueeze(-1)
+    weighted = torch.where(valid, rows.float(), 0.0) * routing.weights.reshape(-1)[order].unsqueeze(-1)
+    out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+    return out.index_add_(0, token_idx, weighted)
+
+
+class SparseMoE(nn.Module):
+    """One MoE layer. `policy` is the routing seam; `load` (shared across layers) counts routed tokens."""
+
+    def __init__(
+        self,
+        layer_idx: int,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        intermediate_size: int,
+        norm_topk_prob: bool,
+        shared_expert_intermediate_size: int = 0,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        self.shared_expert: DenseMLP | None = None
+        self.shared_expert_gate: nn.Linear | None = None
+        if shared_expert_intermediate_size:
+            self.shared_expert = DenseMLP(hidden_size, shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        self.backend = "grouped"
+        self.policy: RoutingPolicy | None = None
+        self.load: ExpertLoad | None = None
+
+    def set_backend(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown MoE backend {backend!r}; expected one of {BACKENDS}")
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        router_logits = self.gate(x)
+        routing = route(router_logits, self.top_k, self.norm_topk_prob, self.policy)
+        if self.load is not None:
+            self.load.record(self.layer_idx, routing.expert_ids)
+        out = dispatch(x, routing, self.experts, self.backend)
+        if self.shared_expert is not None and self.shared_expert_gate is not None:
+            out = out + (torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)).float()
+        return out.to(x.dtype)
+
+
+def select_backend(requested: str, hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> str:
+    """The backend to use, falling back to the loop (with one log line) where grouped_mm cannot run."""
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown MoE backend {requested!r}; expected one of {BACKENDS}")
+    if requested == "grouped" and not grouped_mm_supported(hidden_size, intermediate_size, dtype):
+        logger.warning(
+            "grouped_mm cannot run here (hidden=%d, expert width=%d, %s: needs 16-byte-aligned strides and "
+            "torch.nn.functional.grouped_mm); using the per-expert loop backend",
+            hidden_size,
+            intermediate_size,
+            dtype,
+        )
+        return "loop"
+    return requested

@@ -1,0 +1,149 @@
+"""Write random-weight checkpoints of any supported architecture in the Hugging Face layout.
+
+Used for benchmarks (random weights time the same as trained ones), the quickstart and tests.
+`moe-random-checkpoint OUT --arch qwen3_moe --layers 8 --hidden 512 --experts 32 --expert-width 512 --top-k 4`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.checkpoint import save_checkpoint
+from engine.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from engine.model import MoEForCausalLM
+from engine.tokenizer import END_OF_TEXT, byte_level_tokenizer
+
+ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+}
+
+
+def hf_config(
+    model_type: str,
+    *,
+    vocab_size: int = 320,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    num_experts: int = 8,
+    top_k: int = 2,
+    expert_width: int = 32,
+    max_position_embeddings: int = 2048,
+    rope_theta: float = 10000.0,
+    eos_token_id: int | None = None,
+    router_balancing: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A config.json dict as transformers writes it for model_type, from one set of shape arguments."""
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
+    config: dict[str, Any] = {
+        "model_type": model_type,
+        "architectures": [ARCHITECTURES[model_type]],
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "num_experts_per_tok": top_k,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": rope_theta,
+        "max_position_embeddings": max_position_embeddings,
+        "tie_word_embeddings": False,
+        "eos_token_id": eos_token_id,
+    }
+    if model_type in ("mixtral", "olmoe"):
+        config.update(intermediate_size=expert_width)
+        config["num_local_experts" if model_type == "mixtral" else "num_experts"] = num_experts
+    else:
+        config.update(
+            num_experts=num_experts,
+            moe_intermediate_size=expert_width,
+            intermediate_size=4 * expert_width,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            norm_topk_prob=model_type == "qwen3_moe",
+        )
+    if model_type == "qwen2_moe":
+        config["shared_expert_intermediate_size"] = 2 * expert_width
+    if model_type == "qwen3_moe":
+        config["head_dim"] = hidden_size // num_heads
+    if router_balancing is not None:
+        config["router_balancing"] = router_balancing
+    return config
+
+
+def write_tokenizer(path: Path) -> int:
+    """Write the byte-level tokenizer files; return the end-of-text id."""
+    tokenizer = byte_level_tokenizer()
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": END_OF_TEXT}) + "\n")
+    eos = tokenizer.token_to_id(END_OF_TEXT)
+    assert eos is not None
+    return eos
+
+
+def write_random_checkpoint(
+    path: str | Path,
+    model_type: str = "qwen3_moe",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    fused: bool = False,
+    **shape: Any,
+) -> Path:
+    """Create a model directory with random weights and a byte-level tokenizer; return its path."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    eos = write_tokenizer(path)
+    raw = hf_config(model_type, eos_token_id=eos, **shape)
+    model = MoEForCausalLM(ModelConfig.from_dict(raw))
+    model.init_weights(seed=seed)
+    save_checkpoint(model.to(dtype), path, fused=fused)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a random-weight MoE checkpoint (Hugging Face layout).")
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--arch", default="qwen3_moe", choices=SUPPORTED_MODEL_TYPES)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--expert-width", type=int, default=256)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=320)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--fused", action="store_true", help="write fused experts.gate_up_proj tensors")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = write_random_checkpoint(
+        args.output,
+        args.arch,
+        seed=args.seed,
+        dtype=getattr(torch, args.dtype),
+        fused=args.fused,
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        num_experts=args.experts,
+        expert_width=args.expert_width,
+        top_k=args.top_k,
+        vocab_size=args.vocab,
+    )
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Per-request sampling settings, named and defaulted as vLLM's SamplingParams."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request. temperature 0 is greedy; top_k <= 0 and top_p 1 disable those filters."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k < 0:
+            self.top_k = 0
+        checks = [
+            (self.n >= 1, "n", "must be at least 1"),
+            (0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]"),
+            (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
+            (self.max_tokens is None or self.max_tokens >= 0, "max_tokens", "must be at least 0"),
+            (self.min_tokens >= 0, "min_tokens", "must be at least 0"),
+            (
+                self.max_tokens is None or self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                "must not exceed max_tokens",
+            ),
+            (self.logprobs is None or self.logprobs >= 0, "logprobs", "must be at least 0"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs", "must be at least 0"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids"),
+        ]
+        for ok, name, message in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name} {message}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def stop_holdback(self) -> int:
+        """Characters to hold back from streamed text so a partial stop string is never emitted."""
+        if self.include_stop_str_in_output or not self.stop:
+            return 0
+        return max(len(s) for s in self.stop) - 1

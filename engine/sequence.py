@@ -1,0 +1,74 @@
+"""State of one sequence (one completion of a request) as it moves through the scheduler."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+from engine.outputs import TokenLogprobs
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import IncrementalDetokenizer
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Tokens (prompt then output), how many of them the KV cache holds, its blocks and its sampling state.
+
+    A preempted sequence drops its blocks and resets num_computed_tokens; it is recomputed from its tokens.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        index: int,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        detokenizer: IncrementalDetokenizer,
+        max_output_tokens: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.index = index
+        self.params = params
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.max_output_tokens = max_output_tokens
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.detokenizer = detokenizer
+        self.output_text = ""
+        self.output_logprobs: list[TokenLogprobs] = []
+        self.cumulative_logprob = 0.0
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None
+        self.generator = generator
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Only the first completion of a request computes prompt logprobs; they are shared by all."""
+        return self.params.prompt_logprobs is not None and self.index == 0
