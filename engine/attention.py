@@ -69,8 +69,8 @@ def attend(
     out = torch.empty_like(q)
     if meta.decode_rows is not None:
         assert meta.decode_block_tables is not None
-        keys = k_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
-        values = v_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+        keys = _gather_blocks(k_cache, meta.decode_block_tables).transpose(1, 2)
+        values = _gather_blocks(v_cache, meta.decode_block_tables).transpose(1, 2)
         queries = q[meta.decode_rows].unsqueeze(2)
         decoded = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
@@ -82,8 +82,8 @@ def attend(
         if chunk.context_len == chunk.length:
             keys, values, mask, causal = k[rows].transpose(0, 1), v[rows].transpose(0, 1), None, True
         else:
-            keys = k_cache[chunk.block_table].flatten(0, 1)[: chunk.context_len].transpose(0, 1)
-            values = v_cache[chunk.block_table].flatten(0, 1)[: chunk.context_len].transpose(0, 1)
+            keys = _gather_blocks(k_cache, chunk.block_table)[: chunk.context_len].transpose(0, 1)
+            values = _gather_blocks(v_cache, chunk.block_table)[: chunk.context_len].transpose(0, 1)
             first_pos = chunk.context_len - chunk.length
             query_pos = torch.arange(first_pos, chunk.context_len, device=q.device)
             mask = torch.arange(chunk.context_len, device=q.device)[None, :] <= query_pos[:, None]
@@ -92,3 +92,12 @@ def attend(
             queries, keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
         ).transpose(0, 1)
     return out
+
+
+def _gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """The cached tokens of the listed blocks, [..., blocks * block_size, kv_heads, head_dim].
+
+    index_select is several times faster than advanced indexing for this gather on CPU.
+    """
+    gathered = cache.index_select(0, block_table.reshape(-1))
+    return gathered.view(*block_table.shape[:-1], -1, *cache.shape[2:])

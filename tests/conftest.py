@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny checkpoints of every supported architecture, written by transformers itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from engine.random_checkpoint import hf_config, write_tokenizer
+
+torch.set_num_threads(2)
+
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+# Per-architecture extras that exercise each variant's special parts.
+ARCH_EXTRAS: dict[str, dict[str, Any]] = {
+    "mixtral": {},
+    "qwen2_moe": {"mlp_only_layers": [1], "intermediate_size": 96},  # a dense layer between MoE layers
+    "qwen3_moe": {},
+    "olmoe": {"clip_qkv": 4.0},
+}
+
+
+def write_hf_checkpoint(path: Path, model_type: str, seed: int = 0, **shape: Any) -> Path:
+    """Create a random model with transformers' own classes and save_pretrained, plus our tokenizer files."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    eos = write_tokenizer(path)
+    raw = hf_config(model_type, eos_token_id=eos, num_layers=3, **shape)
+    raw.update(ARCH_EXTRAS[model_type])
+    raw["initializer_range"] = 0.1  # peaked distributions: greedy parity is not decided by float noise
+    config = AutoConfig.for_model(**raw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Factory: the (cached) tiny transformers-written checkpoint directory of a model_type."""
+    cache: dict[str, Path] = {}
+
+    def make(model_type: str) -> Path:
+        if model_type not in cache:
+            cache[model_type] = write_hf_checkpoint(tmp_path_factory.mktemp(model_type), model_type)
+        return cache[model_type]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(hf_checkpoint: Callable[[str], Path]) -> Path:
+    """The default tiny checkpoint for tests that do not care about the architecture."""
+    return hf_checkpoint("qwen3_moe")
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """A writable copy of a checkpoint directory, to corrupt in a test."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for file in src.iterdir():
+        (dst / file.name).write_bytes(file.read_bytes())
+    return dst
+
+
+def edit_config(path: Path, **changes: Any) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))

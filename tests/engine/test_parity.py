@@ -1,0 +1,67 @@
+"""Numerical parity with transformers on tiny random models of every supported architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from tests.conftest import ARCHS
+
+PROMPT_LENGTHS = (5, 17, 40)
+CONTINUATION = 32
+
+
+def prompts() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 256, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_pair(request: pytest.FixtureRequest, hf_checkpoint: Callable[[str], Path]):
+    from transformers import AutoModelForCausalLM
+
+    path = hf_checkpoint(request.param)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = LLM(path, dtype="float32", device="cpu", max_model_len=256)
+    return ours, reference
+
+
+def test_prompt_logprobs_match_transformers(arch_pair) -> None:
+    ours, reference = arch_pair
+    batch = prompts()
+    outputs = ours.generate(batch, SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+    for prompt, output in zip(batch, outputs):
+        with torch.inference_mode():
+            logits = reference(torch.tensor([prompt])).logits[0]
+        expected = torch.log_softmax(logits.float(), dim=-1)
+        assert output.prompt_logprobs is not None and output.prompt_logprobs[0] is None
+        assert len(output.prompt_logprobs) == len(prompt)
+        for pos in range(1, len(prompt)):
+            entry = output.prompt_logprobs[pos]
+            assert entry is not None and prompt[pos] in entry
+            for token_id, logprob in entry.items():
+                assert abs(logprob.logprob - expected[pos - 1, token_id].item()) < 1e-4, (pos, token_id)
+            top_token = int(expected[pos - 1].argmax())
+            assert top_token in entry and entry[top_token].rank == 1
+
+
+def test_greedy_continuations_match_transformers(arch_pair) -> None:
+    ours, reference = arch_pair
+    batch = prompts()
+    params = SamplingParams(temperature=0.0, max_tokens=CONTINUATION, ignore_eos=True)
+    outputs = ours.generate(batch, params, use_tqdm=False)
+    for prompt, output in zip(batch, outputs):
+        with torch.inference_mode():
+            generated = reference.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=CONTINUATION,
+                min_new_tokens=CONTINUATION,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        assert output.outputs[0].token_ids == generated[0, len(prompt) :].tolist()
+        assert output.outputs[0].finish_reason == "length"
