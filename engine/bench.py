@@ -1,0 +1,245 @@
+"""Offline throughput against transformers, and decode step time against the memory-bandwidth floor.
+
+`python -m engine.bench MODEL_DIR [--batch-sizes 1,8,32] [--prompt-len 64] [--output-len 128] [--no-hf]`
+`python -m engine.bench --make-model DIR` first writes a random qwen3_moe checkpoint of the issue's shape.
+Prints markdown tables (paste into docs/performance.md); `--json PATH` also saves the raw numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.llm import LLM
+from engine.llm_engine import DTYPES, resolve_device
+from engine.model import MoEForCausalLM
+from engine.random_checkpoint import write_random_checkpoint
+from engine.sampling_params import SamplingParams
+
+COPY_BYTES = 512 << 20
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work, so wall-clock timers cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Equal-length random token-id prompts, identical for both engines."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=generator).tolist()
+
+
+def memory_bandwidth(device: torch.device, repeats: int = 5) -> float:
+    """Best-of-N bytes/s of copying a 512 MiB fp32 tensor, counting bytes read only (read+write is twice this)."""
+    src = torch.ones(COPY_BYTES // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return COPY_BYTES / best
+
+
+def ours_throughput(llm: LLM, prompts: list[list[int]], output_len: int, device: torch.device) -> float:
+    """Output tokens/s of one whole `generate` call (prefill + decode), exactly output_len tokens per prompt."""
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    sync(device)
+    start = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    sync(device)
+    return len(prompts) * output_len / (time.perf_counter() - start)
+
+
+def hf_throughput(model: Any, prompts: list[list[int]], output_len: int, device: torch.device) -> float:
+    """transformers' batched greedy `generate`, forced to exactly output_len new tokens, in output tokens/s."""
+    input_ids = torch.tensor(prompts, device=device)
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=output_len,
+            min_new_tokens=output_len,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    sync(device)
+    return len(prompts) * output_len / (time.perf_counter() - start)
+
+
+def load_hf(model_dir: Path, dtype: torch.dtype, device: torch.device) -> Any:
+    """transformers' own implementation of the checkpoint, with its loading noise silenced."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+
+def expected_experts(num_experts: int, top_k: int, batch: int) -> float:
+    """U(B) = E(1 - (1 - k/E)^B): distinct experts B tokens touch per layer under independent uniform routing."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** batch)
+
+
+def dense_bytes(model: MoEForCausalLM) -> int:
+    """Weights every decode step reads in full: attention, norms, routers, shared/dense MLPs and the LM head."""
+    experts = {id(p) for block in model.moe_blocks() for p in block.experts.parameters()}
+    params = [*model.model.layers.parameters(), *model.model.norm.parameters(), model.lm_head.weight]
+    return sum(p.numel() * p.element_size() for p in params if id(p) not in experts)
+
+
+def expert_bytes(model: MoEForCausalLM) -> int:
+    """One routed expert's gate, up and down projections: 3 * hidden * expert_width elements."""
+    experts = model.moe_blocks()[0].experts
+    return (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * experts.down_proj.element_size()
+
+
+def decode_step(llm: LLM, prompts: list[list[int]], steps: int, device: torch.device) -> dict[str, float]:
+    """Mean seconds of a pure decode `engine.step()` (every sequence adds one token), and the measured union
+    of routed experts per MoE layer, from expert_load() differences taken between the timed steps."""
+    engine, warmup = llm.engine, 2
+    params = SamplingParams(temperature=0, max_tokens=steps + warmup + 2, ignore_eos=True)
+    ids = [f"decode-{len(prompts)}-{i}" for i in range(len(prompts))]
+    for request_id, prompt in zip(ids, prompts):
+        engine.add_request(request_id, prompt, params)
+    seqs = [seq for request_id in ids for seq in engine.requests[request_id].seqs]
+    while engine.scheduler.waiting or any(s.num_tokens - s.num_computed_tokens > 1 for s in seqs):
+        engine.step()
+    for _ in range(warmup):
+        engine.step()
+    moe_layers = [block.layer_idx for block in engine.model.moe_blocks()]
+    elapsed, unions = 0.0, 0.0
+    for _ in range(steps):
+        before = engine.expert_load().copy()  # on CPU the snapshot aliases the live counters
+        sync(device)
+        start = time.perf_counter()
+        engine.step()
+        sync(device)
+        elapsed += time.perf_counter() - start
+        unions += float(((engine.expert_load() - before)[moe_layers] > 0).sum(axis=1).mean())
+    context = sum(s.num_tokens for s in seqs) - len(seqs) * steps / 2  # mean attended tokens, all sequences
+    for request_id in ids:
+        engine.abort_request(request_id)
+    return {"step_s": elapsed / steps, "measured_experts": unions / steps, "context_tokens": context}
+
+
+def floor_row(llm: LLM, batch: int, decode: dict[str, float], bandwidth: float) -> dict[str, float]:
+    """Bytes a decode step at this batch must read (measured expert union, dense weights, embedding rows,
+    KV cache), and the time that takes at the measured bandwidth."""
+    model = llm.engine.model
+    config = model.config
+    element = model.lm_head.weight.element_size()
+    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * element * decode["context_tokens"]
+    experts = len(model.moe_blocks()) * decode["measured_experts"] * expert_bytes(model)
+    total = experts + dense_bytes(model) + batch * config.hidden_size * element + kv
+    floor = total / bandwidth
+    return {"batch": batch, "step_ms": 1e3 * decode["step_s"], "floor_ms": 1e3 * floor,
+            "fraction_of_floor": floor / decode["step_s"], "bytes": total, "kv_bytes": kv,
+            "expected_experts": expected_experts(config.num_experts, config.top_k, batch),
+            "measured_experts": decode["measured_experts"]}
+
+
+def run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    """Every measurement, ours first and then transformers, so only one model is resident at a time."""
+    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
+    torch.set_num_threads(args.threads)
+    bandwidth = memory_bandwidth(device)
+    longest = args.prompt_len + max(args.output_len, args.decode_steps + 4)
+    llm = LLM(model_dir, dtype=args.dtype, device=str(device), max_model_len=longest,
+              max_num_seqs=max(args.batch_sizes), moe_backend=args.moe_backend)
+    config = llm.engine.model.config
+    prompts = {b: make_prompts(b, args.prompt_len, config.vocab_size) for b in args.batch_sizes}
+    ours_throughput(llm, make_prompts(1, 4, config.vocab_size), 2, device)
+    ours = {b: ours_throughput(llm, prompts[b], args.output_len, device) for b in args.batch_sizes}
+    floors = [floor_row(llm, b, decode_step(llm, prompts[b], args.decode_steps, device), bandwidth)
+              for b in args.batch_sizes]
+    del llm
+    hf: dict[int, float] = {}
+    if not args.no_hf:
+        model = load_hf(model_dir, dtype, device)
+        hf_throughput(model, make_prompts(1, 4, config.vocab_size), 2, device)
+        hf = {b: hf_throughput(model, prompts[b], args.output_len, device) for b in args.batch_sizes}
+    throughput = [{"batch": b, "ours_tok_s": ours[b], "hf_tok_s": hf.get(b)} for b in args.batch_sizes]
+    shape = {k: getattr(config, k) for k in ("num_layers", "hidden_size", "num_experts", "moe_intermediate_size",
+                                             "top_k", "num_heads", "num_kv_heads", "head_dim", "vocab_size")}
+    return {"model": str(model_dir), "device": str(device), "dtype": args.dtype, "threads": args.threads,
+            "prompt_len": args.prompt_len, "output_len": args.output_len, "shape": shape,
+            "bandwidth_read_bytes_s": bandwidth, "throughput": throughput, "decode": floors}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Header and two markdown tables: throughput side by side, decode step against its floor."""
+    bw = result["bandwidth_read_bytes_s"] / 1e9
+    shape = ", ".join(f"{k} {v}" for k, v in result["shape"].items())
+    lines = [f"model {result['model']}: {shape}",
+             f"device {result['device']}, dtype {result['dtype']}, threads {result['threads']}, "
+             f"prompt {result['prompt_len']} tokens, output {result['output_len']} tokens",
+             f"memory bandwidth (512 MiB copy): {bw:.1f} GB/s read, {2 * bw:.1f} GB/s read+write", "",
+             "| batch | ours tok/s | transformers tok/s | ours/transformers |", "|---:|---:|---:|---:|"]
+    for row in result["throughput"]:
+        hf = row["hf_tok_s"]
+        ratio = "-" if hf is None else f"{row['ours_tok_s'] / hf:.2f}x"
+        lines.append(f"| {row['batch']} | {row['ours_tok_s']:.1f} | {'-' if hf is None else f'{hf:.1f}'} | {ratio} |")
+    lines += ["", "| batch | decode step ms | experts/layer U(B) formula | measured | MiB read | floor ms "
+              "| fraction of floor |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in result["decode"]:
+        lines.append(f"| {row['batch']} | {row['step_ms']:.2f} | {row['expected_experts']:.1f} | "
+                     f"{row['measured_experts']:.1f} | {row['bytes'] / 2**20:.1f} | {row['floor_ms']:.2f} | "
+                     f"{row['fraction_of_floor']:.0%} |")
+    lines.append("\nFloor: measured expert union + dense weights + KV cache, at the read-only copy bandwidth.")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Path]:
+    """The options, and the model directory to benchmark (written first when --make-model is given)."""
+    parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", type=Path, metavar="MODEL_DIR", help="Hugging Face model directory")
+    parser.add_argument("--make-model", type=Path, metavar="DIR", help="write a random qwen3_moe model here, use it")
+    parser.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8, 32])
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--decode-steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--moe-backend", default="grouped", choices=("grouped", "loop"))
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    shape = parser.add_argument_group("--make-model shape (default: the issue's realistic CPU shape)")
+    for flag, default in (("layers", 8), ("hidden", 512), ("heads", 8), ("kv-heads", 4), ("experts", 32),
+                          ("expert-width", 512), ("top-k", 4), ("vocab", 4096)):
+        shape.add_argument(f"--{flag}", type=int, default=default)
+    args = parser.parse_args(argv)
+    if (args.model is None) == (args.make_model is None):
+        parser.error("give either MODEL_DIR or --make-model DIR")
+    if args.make_model is None:
+        return args, args.model
+    return args, write_random_checkpoint(
+        args.make_model, "qwen3_moe", num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
+        num_kv_heads=args.kv_heads, num_experts=args.experts, expert_width=args.expert_width, top_k=args.top_k,
+        vocab_size=args.vocab)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, model_dir = parse_args(argv)
+    result = run(args, model_dir)
+    print(markdown(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

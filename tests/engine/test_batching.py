@@ -1,0 +1,99 @@
+"""Continuous batching, chunked prefill, preemption and aborts change no tokens and leak no blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM, LLMEngine, ModelConfig, SamplingParams
+from engine.llm_engine import EngineConfig
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+def prompts(count: int, seed: int = 2) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (int(n),), generator=generator).tolist() for n in torch.randint(3, 60, (count,), generator=generator)]
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_model: Path) -> dict[tuple[int, ...], list[int]]:
+    """Greedy tokens of each prompt run by itself."""
+    llm = LLM(tiny_model, dtype="float32", device="cpu", max_model_len=128)
+    return {tuple(p): llm.generate([p], GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in prompts(8)}
+
+
+def run_until_done(engine: LLMEngine) -> dict[str, list[int]]:
+    finished: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output.outputs[0].token_ids
+    return finished
+
+
+def test_requests_added_while_others_run(tiny_model: Path, alone: dict) -> None:
+    engine = LLMEngine(tiny_model, EngineConfig(dtype="float32", device="cpu", max_model_len=128))
+    batch = prompts(8)
+    finished: dict[str, list[int]] = {}
+    for i, prompt in enumerate(batch):
+        engine.add_request(str(i), prompt, GREEDY)
+        for _ in range(3):  # a few steps between arrivals: new prefills join running decodes
+            for output in engine.step():
+                if output.finished:
+                    finished[output.request_id] = output.outputs[0].token_ids
+    finished.update(run_until_done(engine))
+    assert [finished[str(i)] for i in range(len(batch))] == [alone[tuple(p)] for p in batch]
+
+
+def test_chunked_prefill_and_preemption(tiny_model: Path, alone: dict) -> None:
+    model = ModelConfig.from_dir(tiny_model)
+    block_bytes = 2 * model.num_layers * 4 * model.num_kv_heads * model.head_dim * 4
+    config = EngineConfig(
+        dtype="float32",
+        device="cpu",
+        max_model_len=96,
+        block_size=4,
+        max_num_batched_tokens=16,  # prompts of up to 60 tokens prefill in chunks
+        kv_cache_memory_bytes=30 * block_bytes,  # 120 tokens for 8 sequences of up to 84: preemption
+    )
+    engine = LLMEngine(tiny_model, config)
+    assert engine.block_manager.num_blocks == 30
+    batch = prompts(8)
+    for i, prompt in enumerate(batch):
+        engine.add_request(str(i), prompt, GREEDY)
+    finished = run_until_done(engine)
+    assert engine.scheduler.num_preemptions > 0
+    assert [finished[str(i)] for i in range(len(batch))] == [alone[tuple(p)] for p in batch]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_abort_frees_blocks_at_once(tiny_model: Path) -> None:
+    engine = LLMEngine(tiny_model, EngineConfig(dtype="float32", device="cpu", max_model_len=128))
+    for i, prompt in enumerate(prompts(4)):
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
+    for i in range(4):
+        engine.abort_request(str(i))
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert not engine.has_unfinished_requests() and engine.step() == []
+
+
+def test_prompt_that_cannot_fit_is_rejected(tiny_model: Path) -> None:
+    engine = LLMEngine(tiny_model, EngineConfig(dtype="float32", device="cpu", max_model_len=64))
+    with pytest.raises(ValueError, match=r"prompt \(60 tokens\) plus max_tokens \(10\) is 70 tokens, more than .* 64"):
+        engine.add_request("long", list(range(60)), SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.add_request("empty", [], SamplingParams())
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.add_request("oov", [1, 10**6], SamplingParams())
+    assert not engine.has_unfinished_requests()
+
+
+def test_kv_cache_smaller_than_one_sequence_is_refused(tiny_model: Path) -> None:
+    config = EngineConfig(dtype="float32", device="cpu", max_model_len=128, kv_cache_memory_bytes=4096)
+    with pytest.raises(ValueError, match=r"the KV cache holds \d+ tokens, fewer than max_model_len 128"):
+        LLMEngine(tiny_model, config)
