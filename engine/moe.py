@@ -59,8 +59,8 @@ class ExpertLoad:
             self.counts[layer].index_add_(0, flat, torch.ones_like(flat))
 
     def snapshot(self) -> torch.Tensor:
-        """[layers, experts] int64 on the CPU (one host sync)."""
-        return self.counts[:, :-1].cpu()
+        """A copy, [layers, experts] int64 on the CPU (one host sync)."""
+        return self.counts[:, :-1].to("cpu", copy=True)
 
     def reset(self) -> None:
         self.counts.zero_()
