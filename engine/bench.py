@@ -154,61 +154,123 @@ def floor_row(llm: LLM, batch: int, decode: dict[str, float], bandwidth: float) 
     experts = len(model.moe_blocks()) * decode["measured_experts"] * expert_bytes(model)
     total = experts + dense_bytes(model) + batch * config.hidden_size * element + kv
     floor = total / bandwidth
-    return {"batch": batch, "step_ms": 1e3 * decode["step_s"], "floor_ms": 1e3 * floor,
-            "fraction_of_floor": floor / decode["step_s"], "bytes": total, "kv_bytes": kv,
-            "expected_experts": expected_experts(config.num_experts, config.top_k, batch),
-            "measured_experts": decode["measured_experts"]}
+    return {
+        "batch": batch,
+        "step_ms": 1e3 * decode["step_s"],
+        "floor_ms": 1e3 * floor,
+        "fraction_of_floor": floor / decode["step_s"],
+        "bytes": total,
+        "kv_bytes": kv,
+        "expected_experts": expected_experts(config.num_experts, config.top_k, batch),
+        "measured_experts": decode["measured_experts"],
+    }
 
 
 def run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
-    """Every measurement, ours first and then transformers, so only one model is resident at a time."""
+    """Every measurement. Both models stay loaded and each batch size alternates ours / transformers for
+    --repeats rounds (best of each kept), so drift in this machine's speed cannot favour either side."""
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     torch.set_num_threads(args.threads)
     bandwidth = memory_bandwidth(device)
-    progress(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; timing our engine")
+    progress(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     longest = args.prompt_len + max(args.output_len, args.decode_steps + 4)
-    llm = LLM(model_dir, dtype=args.dtype, device=str(device), max_model_len=longest,
-              max_num_seqs=max(args.batch_sizes), moe_backend=args.moe_backend)
+    llm = LLM(
+        model_dir,
+        dtype=args.dtype,
+        device=str(device),
+        max_model_len=longest,
+        max_num_seqs=max(args.batch_sizes),
+        moe_backend=args.moe_backend,
+    )
     config = llm.engine.model.config
-    prompts = {b: make_prompts(b, args.prompt_len, config.vocab_size) for b in args.batch_sizes}
-    ours_throughput(llm, make_prompts(1, 4, config.vocab_size), 2, device)
-    ours = {b: ours_throughput(llm, prompts[b], args.output_len, device) for b in args.batch_sizes}
-    floors = [floor_row(llm, b, decode_step(llm, prompts[b], args.decode_steps, device), bandwidth)
-              for b in args.batch_sizes]
-    del llm
-    hf: dict[int, float] = {}
-    if not args.no_hf:
-        progress("timing transformers")
-        model = load_hf(model_dir, dtype, device)
-        hf_throughput(model, make_prompts(1, 4, config.vocab_size), 2, device)
-        hf = {b: hf_throughput(model, prompts[b], args.output_len, device) for b in args.batch_sizes}
-    throughput = [{"batch": b, "ours_tok_s": ours[b], "hf_tok_s": hf.get(b)} for b in args.batch_sizes]
-    shape = {k: getattr(config, k) for k in ("num_layers", "hidden_size", "num_experts", "moe_intermediate_size",
-                                             "top_k", "num_heads", "num_kv_heads", "head_dim", "vocab_size")}
-    return {"model": str(model_dir), "device": str(device), "dtype": args.dtype, "threads": args.threads,
-            "prompt_len": args.prompt_len, "output_len": args.output_len, "shape": shape,
-            "copy_bandwidth_bytes_s": bandwidth, "throughput": throughput, "decode": floors}
+    hf_model = None if args.no_hf else load_hf(model_dir, dtype, device)
+    warmup = make_prompts(1, 4, config.vocab_size)
+    ours_throughput(llm, warmup, 2, device)
+    if hf_model is not None:
+        hf_throughput(hf_model, warmup, 2, device)
+    throughput = []
+    for batch in args.batch_sizes:
+        prompts = make_prompts(batch, args.prompt_len, config.vocab_size)
+        ours, hf = 0.0, 0.0
+        for round_ in range(args.repeats):
+            progress(f"batch {batch}, round {round_ + 1}/{args.repeats}")
+            ours = max(ours, ours_throughput(llm, prompts, args.output_len, device))
+            if hf_model is not None:
+                hf = max(hf, hf_throughput(hf_model, prompts, args.output_len, device))
+        throughput.append({"batch": batch, "ours_tok_s": ours, "hf_tok_s": hf if hf_model is not None else None})
+    progress("decode steps against the memory floor")
+    floors = [
+        floor_row(
+            llm,
+            b,
+            decode_step(llm, make_prompts(b, args.prompt_len, config.vocab_size), args.decode_steps, device),
+            bandwidth,
+        )
+        for b in args.batch_sizes
+    ]
+    shape = {
+        k: getattr(config, k)
+        for k in (
+            "num_layers",
+            "hidden_size",
+            "num_experts",
+            "moe_intermediate_size",
+            "top_k",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "vocab_size",
+        )
+    }
+    return {
+        "model": str(model_dir),
+        "device": str(device),
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "prompt_len": args.prompt_len,
+        "output_len": args.output_len,
+        "repeats": args.repeats,
+        "shape": shape,
+        "copy_bandwidth_bytes_s": bandwidth,
+        "throughput": throughput,
+        "decode": floors,
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
     """Header and two markdown tables: throughput side by side, decode step against its floor."""
     bw = result["copy_bandwidth_bytes_s"] / 1e9
     shape = ", ".join(f"{k} {v}" for k, v in result["shape"].items())
-    lines = [f"model {result['model']}: {shape}",
-             f"device {result['device']}, dtype {result['dtype']}, threads {result['threads']}, "
-             f"prompt {result['prompt_len']} tokens, output {result['output_len']} tokens",
-             f"memory-copy bandwidth (512 MiB, read + write): {bw:.1f} GB/s", "",
-             "| batch | ours tok/s | transformers tok/s | ours/transformers |", "|---:|---:|---:|---:|"]
+    lines = [
+        f"model {result['model']}: {shape}",
+        (
+            f"device {result['device']}, dtype {result['dtype']}, threads {result['threads']}, "
+            f"prompt {result['prompt_len']} tokens, output {result['output_len']} tokens, "
+            f"best of {result['repeats']} alternating rounds"
+        ),
+        f"memory-copy bandwidth (512 MiB, read + write): {bw:.1f} GB/s",
+        "",
+        "| batch | ours tok/s | transformers tok/s | ours/transformers |",
+        "|---:|---:|---:|---:|",
+    ]
     for row in result["throughput"]:
         hf = row["hf_tok_s"]
         ratio = "-" if hf is None else f"{row['ours_tok_s'] / hf:.2f}x"
         lines.append(f"| {row['batch']} | {row['ours_tok_s']:.1f} | {'-' if hf is None else f'{hf:.1f}'} | {ratio} |")
-    lines += ["", "| batch | decode step ms | experts/layer U(B) formula | measured | MiB read | floor ms "
-              "| fraction of floor |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        (
+            "| batch | decode step ms | experts/layer U(B) formula | measured | MiB read | floor ms "
+            "| fraction of floor |"
+        ),
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in result["decode"]:
-        lines.append(f"| {row['batch']} | {row['step_ms']:.2f} | {row['expected_experts']:.1f} | "
-                     f"{row['measured_experts']:.1f} | {row['bytes'] / 2**20:.1f} | {row['floor_ms']:.2f} | "
-                     f"{row['fraction_of_floor']:.0%} |")
+        lines.append(
+            f"| {row['batch']} | {row['step_ms']:.2f} | {row['expected_experts']:.1f} | "
+            f"{row['measured_experts']:.1f} | {row['bytes'] / 2**20:.1f} | {row['floor_ms']:.2f} | "
+            f"{row['fraction_of_floor']:.0%} |"
+        )
     lines.append("\nFloor: bytes of the measured expert union + dense weights + KV cache, at the copy bandwidth.")
     return "\n".join(lines)
 
@@ -222,6 +284,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Path]:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--decode-steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating rounds per batch size, best kept")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="auto")
@@ -229,8 +292,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Path]:
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     shape = parser.add_argument_group("--make-model shape (default: the issue's realistic CPU shape)")
-    for flag, default in (("layers", 8), ("hidden", 512), ("heads", 8), ("kv-heads", 4), ("experts", 32),
-                          ("expert-width", 512), ("top-k", 4), ("vocab", 4096)):
+    for flag, default in (
+        ("layers", 8),
+        ("hidden", 512),
+        ("heads", 8),
+        ("kv-heads", 4),
+        ("experts", 32),
+        ("expert-width", 512),
+        ("top-k", 4),
+        ("vocab", 4096),
+    ):
         shape.add_argument(f"--{flag}", type=int, default=default)
     args = parser.parse_args(argv)
     if (args.model is None) == (args.make_model is None):
@@ -238,9 +309,17 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Path]:
     if args.make_model is None:
         return args, args.model
     return args, write_random_checkpoint(
-        args.make_model, "qwen3_moe", num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
-        num_kv_heads=args.kv_heads, num_experts=args.experts, expert_width=args.expert_width, top_k=args.top_k,
-        vocab_size=args.vocab)
+        args.make_model,
+        "qwen3_moe",
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        num_experts=args.experts,
+        expert_width=args.expert_width,
+        top_k=args.top_k,
+        vocab_size=args.vocab,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

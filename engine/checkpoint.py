@@ -58,7 +58,7 @@ def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                     if name in tensors:
                         raise CheckpointError(f"{file}: tensor {name} also appears in {tensors[name][0].name}")
                     tensors[name] = (file, tuple(handle.get_slice(name).get_shape()))
@@ -98,7 +98,9 @@ def _plan(
         if config.tie_word_embeddings and assignment.param == "lm_head.weight":
             continue
         if assignment.param not in expected:
-            raise CheckpointError(f"{file}: unexpected tensor {name} (no such parameter in a {config.model_type} model)")
+            raise CheckpointError(
+                f"{file}: unexpected tensor {name} (no such parameter in a {config.model_type} model)"
+            )
         param_shape = expected[assignment.param]
         if assignment.expert is not None and assignment.expert >= param_shape[0]:
             raise CheckpointError(

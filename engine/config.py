@@ -67,7 +67,7 @@ class ModelConfig:
         return self.shared_expert_intermediate_size > 0
 
     @classmethod
-    def from_dir(cls, path: Path) -> "ModelConfig":
+    def from_dir(cls, path: Path) -> ModelConfig:
         config_path = path / "config.json"
         if not path.is_dir():
             raise CheckpointError(f"{path}: model directory does not exist")
@@ -82,7 +82,7 @@ class ModelConfig:
         return cls.from_dict(raw, source=str(config_path))
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
         reader = _ConfigReader(raw, source)
         model_type = reader.get("model_type", str)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -98,53 +98,53 @@ class ModelConfig:
         num_experts = raw.get("num_local_experts", raw.get("num_experts"))
         if not isinstance(num_experts, int) or num_experts < 1:
             raise CheckpointError(f"{source}: 'num_experts' (or 'num_local_experts') must be a positive integer")
-        common: dict[str, Any] = dict(
-            model_type=model_type,
-            vocab_size=reader.get("vocab_size", int),
-            hidden_size=hidden,
-            num_layers=num_layers,
-            num_heads=heads,
-            num_kv_heads=reader.get("num_key_value_heads", int, heads) or heads,
-            head_dim=reader.get("head_dim", int, hidden // heads) or hidden // heads,
-            num_experts=num_experts,
-            top_k=reader.get("num_experts_per_tok", int),
-            rms_norm_eps=reader.get("rms_norm_eps", float, 1e-6),
-            rope_theta=_rope_theta(raw, source),
-            max_position_embeddings=reader.get("max_position_embeddings", int, 4096),
-            tie_word_embeddings=reader.get("tie_word_embeddings", bool, False),
-            eos_token_ids=_token_ids(raw.get("eos_token_id")),
-            bos_token_id=raw.get("bos_token_id") if isinstance(raw.get("bos_token_id"), int) else None,
-            torch_dtype=raw.get("torch_dtype", raw.get("dtype")),
-            router_balancing=_router_balancing(raw.get("router_balancing"), source),
-            raw=raw,
-        )
+        common: dict[str, Any] = {
+            "model_type": model_type,
+            "vocab_size": reader.get("vocab_size", int),
+            "hidden_size": hidden,
+            "num_layers": num_layers,
+            "num_heads": heads,
+            "num_kv_heads": reader.get("num_key_value_heads", int, heads) or heads,
+            "head_dim": reader.get("head_dim", int, hidden // heads) or hidden // heads,
+            "num_experts": num_experts,
+            "top_k": reader.get("num_experts_per_tok", int),
+            "rms_norm_eps": reader.get("rms_norm_eps", float, 1e-6),
+            "rope_theta": _rope_theta(raw, source),
+            "max_position_embeddings": reader.get("max_position_embeddings", int, 4096),
+            "tie_word_embeddings": reader.get("tie_word_embeddings", bool, False),
+            "eos_token_ids": _token_ids(raw.get("eos_token_id")),
+            "bos_token_id": raw.get("bos_token_id") if isinstance(raw.get("bos_token_id"), int) else None,
+            "torch_dtype": raw.get("torch_dtype", raw.get("dtype")),
+            "router_balancing": _router_balancing(raw.get("router_balancing"), source),
+            "raw": raw,
+        }
         if model_type == "mixtral":
-            arch = dict(
-                moe_intermediate_size=reader.get("intermediate_size", int),
-                norm_topk_prob=True,
-                sliding_window=raw.get("sliding_window"),
-            )
+            arch = {
+                "moe_intermediate_size": reader.get("intermediate_size", int),
+                "norm_topk_prob": True,
+                "sliding_window": raw.get("sliding_window"),
+            }
         elif model_type == "olmoe":
             bias = reader.get("attention_bias", bool, False)
-            arch = dict(
-                moe_intermediate_size=reader.get("intermediate_size", int),
-                norm_topk_prob=reader.get("norm_topk_prob", bool, False),
-                qkv_bias=bias,
-                o_bias=bias,
-                qk_norm="full",
-                clip_qkv=raw.get("clip_qkv"),
-            )
+            arch = {
+                "moe_intermediate_size": reader.get("intermediate_size", int),
+                "norm_topk_prob": reader.get("norm_topk_prob", bool, False),
+                "qkv_bias": bias,
+                "o_bias": bias,
+                "qk_norm": "full",
+                "clip_qkv": raw.get("clip_qkv"),
+            }
         else:
             sparse_step = reader.get("decoder_sparse_step", int, 1)
             mlp_only = raw.get("mlp_only_layers") or []
             dense = tuple(i for i in range(num_layers) if i in mlp_only or (i + 1) % sparse_step != 0)
-            arch = dict(
-                moe_intermediate_size=reader.get("moe_intermediate_size", int),
-                norm_topk_prob=reader.get("norm_topk_prob", bool, False),
-                dense_layers=dense,
-                dense_intermediate_size=reader.get("intermediate_size", int) if dense else 0,
-                sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window") else None,
-            )
+            arch = {
+                "moe_intermediate_size": reader.get("moe_intermediate_size", int),
+                "norm_topk_prob": reader.get("norm_topk_prob", bool, False),
+                "dense_layers": dense,
+                "dense_intermediate_size": reader.get("intermediate_size", int) if dense else 0,
+                "sliding_window": raw.get("sliding_window") if raw.get("use_sliding_window") else None,
+            }
             if model_type == "qwen2_moe":
                 arch.update(
                     qkv_bias=reader.get("qkv_bias", bool, True),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence as SequenceOf
 from pathlib import Path
-from typing import Any, Sequence as SequenceOf
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm

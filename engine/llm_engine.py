@@ -28,8 +28,15 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 logger = logging.getLogger(__name__)
 
 MAX_LOGPROBS = 20
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
 
 
 @dataclass
@@ -54,7 +61,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """"auto" is bf16 on CUDA and fp32 on CPU, where fp32 matmuls measured faster than bf16 on this project's CPUs."""
+    """ "auto" is bf16 on CUDA and fp32 on CPU, where fp32 matmuls measured faster than bf16 on this project's CPUs."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -107,7 +114,13 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         logger.info(
             "loaded %s (%s) on %s in %s: %d KV blocks of %d tokens, max_model_len %d",
-            path, model_config.model_type, self.device, self.dtype, num_blocks, config.block_size, self.max_model_len,
+            path,
+            model_config.model_type,
+            self.device,
+            self.dtype,
+            num_blocks,
+            config.block_size,
+            self.max_model_len,
         )
 
     def _max_model_len(self, model_config: ModelConfig) -> int:

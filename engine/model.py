@@ -8,7 +8,6 @@ the attention metadata says whether they form dense causal sequences or paged-ca
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata, attend
@@ -31,7 +30,9 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def rotary_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
     """cos and sin [T, head_dim] for rotate-half RoPE at the given positions."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions.float()[:, None] * inv_freq[None, :]
@@ -113,7 +114,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv_cache: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor | None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -169,7 +174,7 @@ class MoEForCausalLM(nn.Module):
             policy = policies.get(layer)
             block.policy = None if policy is None else policy.to(device)
 
-    def to_device(self, device: torch.device) -> "MoEForCausalLM":
+    def to_device(self, device: torch.device) -> MoEForCausalLM:
         self.to(device)
         self.expert_load.counts = self.expert_load.counts.to(device)
         return self

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -40,7 +40,9 @@ class ModelRunner:
         weight = model.lm_head.weight
         shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
         # Zeroed, not empty: padded decode gathers read unused slots, and 0 * NaN would poison attention.
-        self.kv_caches = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(config.num_layers)]
+        self.kv_caches = [
+            torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(config.num_layers)
+        ]
         self.device = weight.device
 
     @torch.inference_mode()

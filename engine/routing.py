@@ -53,8 +53,8 @@ class RoutingPolicy:
         if not 0.0 <= self.min_prob < 1.0:
             raise ValueError(f"min_prob must be in [0, 1), got {self.min_prob}")
 
-    def to(self, device: torch.device) -> "RoutingPolicy":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    def to(self, device: torch.device) -> RoutingPolicy:
+        move = lambda t: None if t is None else t.to(device)
         return RoutingPolicy(move(self.kept_experts), move(self.redirect), self.top_k, self.min_prob)
 
 

@@ -7,7 +7,7 @@ Logprobs are those of the raw model distribution, before temperature and filters
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -29,8 +29,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k < 0:
-            self.top_k = 0
+        self.top_k = max(self.top_k, 0)
         checks = [
             (self.n >= 1, "n", "must be at least 1"),
             (0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]"),

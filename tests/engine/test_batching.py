@@ -15,7 +15,10 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 def prompts(count: int, seed: int = 2) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (int(n),), generator=generator).tolist() for n in torch.randint(3, 60, (count,), generator=generator)]
+    return [
+        torch.randint(0, 256, (int(n),), generator=generator).tolist()
+        for n in torch.randint(3, 60, (count,), generator=generator)
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,12 @@ def fuse_experts(path: Path) -> None:
     for prefix in layers:
         count = len({n for n in tensors if n.startswith(f"{prefix}.experts.") and n.endswith("down_proj.weight")})
         gate_up = [
-            torch.cat([tensors.pop(f"{prefix}.experts.{e}.gate_proj.weight"), tensors.pop(f"{prefix}.experts.{e}.up_proj.weight")])
+            torch.cat(
+                [
+                    tensors.pop(f"{prefix}.experts.{e}.gate_proj.weight"),
+                    tensors.pop(f"{prefix}.experts.{e}.up_proj.weight"),
+                ]
+            )
             for e in range(count)
         ]
         down = [tensors.pop(f"{prefix}.experts.{e}.down_proj.weight") for e in range(count)]

@@ -56,7 +56,9 @@ def test_dispatch_matches_dense_reference() -> None:
         for slot in range(K):
             e = int(routing.expert_ids[t, slot])
             gate, up = (x[t] @ block.experts.gate_up_proj[e].T).chunk(2)
-            expected[t] += routing.weights[t, slot] * ((torch.nn.functional.silu(gate) * up) @ block.experts.down_proj[e].T)
+            expected[t] += routing.weights[t, slot] * (
+                (torch.nn.functional.silu(gate) * up) @ block.experts.down_proj[e].T
+            )
     torch.testing.assert_close(dispatch(x, routing, block.experts, "grouped"), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
 import pytest
 import torch
-
 from safetensors.torch import load_file, save_file
 
 from engine import LLM, SamplingParams
@@ -32,7 +32,9 @@ def test_seed_gives_same_tokens_whatever_the_batch(llm: LLM) -> None:
     seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=20, ignore_eos=True)
     alone = tokens(llm, seeded)
     others = [SamplingParams(temperature=0.8, max_tokens=n, ignore_eos=True) for n in (5, 30, 12)]
-    batch = llm.generate([[7, 8, 9], PROMPT, list(range(100, 140)), [1]], [others[0], seeded, others[1], others[2]], use_tqdm=False)
+    batch = llm.generate(
+        [[7, 8, 9], PROMPT, list(range(100, 140)), [1]], [others[0], seeded, others[1], others[2]], use_tqdm=False
+    )
     assert batch[1].outputs[0].token_ids == alone
     assert tokens(llm, SamplingParams(temperature=1.0, seed=99, max_tokens=20, ignore_eos=True)) != alone
 
@@ -54,7 +56,9 @@ def test_top_k_top_p_masks() -> None:
 def test_stop_token_ids_and_eos(llm: LLM) -> None:
     greedy = tokens(llm, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
     stop_at = greedy[4]
-    output = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=[stop_at]), use_tqdm=False)
+    output = llm.generate(
+        [PROMPT], SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=[stop_at]), use_tqdm=False
+    )
     completion = output[0].outputs[0]
     assert completion.token_ids == greedy[: greedy.index(stop_at) + 1]
     assert completion.finish_reason == "stop" and completion.stop_reason == stop_at
@@ -110,7 +114,9 @@ def test_max_tokens_and_zero_tokens(llm: LLM) -> None:
 
 
 def test_logprobs_hold_chosen_token_and_top_n(llm: LLM) -> None:
-    out = llm.generate([PROMPT], SamplingParams(temperature=1.0, seed=3, max_tokens=6, logprobs=3, ignore_eos=True), use_tqdm=False)
+    out = llm.generate(
+        [PROMPT], SamplingParams(temperature=1.0, seed=3, max_tokens=6, logprobs=3, ignore_eos=True), use_tqdm=False
+    )
     completion = out[0].outputs[0]
     assert len(completion.logprobs) == 6
     total = 0.0
@@ -118,21 +124,28 @@ def test_logprobs_hold_chosen_token_and_top_n(llm: LLM) -> None:
         assert token in entry and 3 <= len(entry) <= 4
         ranked = sorted((lp.rank, lp.logprob) for t, lp in entry.items() if lp.rank <= 3)
         assert [r for r, _ in ranked[:3]] == [1, 2, 3]
-        assert all(a >= b for (_, a), (_, b) in zip(ranked, ranked[1:]))
+        assert all(a >= b for (_, a), (_, b) in itertools.pairwise(ranked))
         assert all(lp.logprob <= 0 for lp in entry.values())
         total += entry[token].logprob
     assert math.isclose(completion.cumulative_logprob, total, rel_tol=1e-6)
 
 
 def test_n_completions(llm: LLM) -> None:
-    out = llm.generate([PROMPT], SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    out = llm.generate(
+        [PROMPT], SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
 
 
 def test_invalid_params_name_the_field() -> None:
-    for kwargs, field in [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": -1}, "max_tokens"),
-                          ({"n": 0}, "n"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens")]:
+    for kwargs, field in [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"n": 0}, "n"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ]:
         with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
             SamplingParams(**kwargs)
 
