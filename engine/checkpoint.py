@@ -111,7 +111,7 @@ def _plan(
             raise CheckpointError(f"{file}: tensor {name} has shape {list(shape)}, expected {list(want)}")
         pieces = covered.setdefault(assignment.param, set())
         key = (assignment.expert, assignment.part)
-        if key in pieces or ("all" in {p for _, p in pieces}) or (assignment.part == "all" and pieces):
+        if key in pieces or (None, "all") in pieces or (assignment.part == "all" and pieces):
             raise CheckpointError(f"{file}: tensor {name} duplicates weights already given for {assignment.param}")
         pieces.add(key)
         plan[name] = assignment
@@ -119,9 +119,10 @@ def _plan(
         if config.tie_word_embeddings and param == "lm_head.weight":
             continue
         pieces = covered.get(param, set())
-        if ("all" in {p for _, p in pieces}) or _stacked_complete(param, shape, pieces):
+        if (None, "all") in pieces or _stacked_complete(param, shape, pieces):
             continue
-        raise CheckpointError(f"{_missing_name(param, shape, pieces)}: tensor missing from the checkpoint")
+        files = ", ".join(sorted({file.name for file, _ in tensors.values()}))
+        raise CheckpointError(f"{files}: tensor {_missing_name(param, shape, pieces)} is missing")
     return plan
 
 
@@ -141,10 +142,15 @@ def _missing_name(param: str, shape: tuple[int, ...], pieces: set[tuple[int | No
     return f"{prefix}.{expert}.{part}_proj.weight"
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device) -> MoEForCausalLM:
-    """Build the model of a checkpoint directory on `device` in `dtype`; CheckpointError on any defect."""
+def load_model(
+    path: str | Path, dtype: torch.dtype, device: torch.device, config: ModelConfig | None = None
+) -> MoEForCausalLM:
+    """Build the model of a checkpoint directory on `device` in `dtype`; CheckpointError on any defect.
+
+    `config` skips re-reading config.json when the caller has already parsed it.
+    """
     path = Path(path)
-    config = ModelConfig.from_dir(path)
+    config = config or ModelConfig.from_dir(path)
     tensors = _read_headers(weight_files(path))
     with torch.device("meta"):
         meta_model = MoEForCausalLM(config)

@@ -96,7 +96,7 @@ class LLMEngine:
             )
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model = load_model(path, self.dtype, self.device)
+        self.model = load_model(path, self.dtype, self.device, model_config)
         self.model.set_moe_backend(
             select_backend(config.moe_backend, model_config.hidden_size, model_config.moe_intermediate_size, self.dtype)
         )

@@ -175,7 +175,7 @@ BAD_CHECKPOINTS = [
     (break_bad_json, r"config\.json: not valid JSON"),
     (break_model_type, r"unsupported model_type 'llama'"),
     (break_missing_key, r"required key 'hidden_size' is missing"),
-    (break_missing_tensor, r"model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight: tensor missing"),
+    (break_missing_tensor, r"model\.safetensors: tensor model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight is missing"),
     (break_unexpected_tensor, r"model\.safetensors: unexpected tensor model\.layers\.0\.mlp\.surprise\.weight"),
     (break_extra_expert, r"unexpected tensor model\.layers\.0\.mlp\.experts\.99\.down_proj\.weight: expert 99"),
     (break_shape, r"tensor model\.layers\.0\.self_attn\.q_proj\.weight has shape \[64, 63\], expected \[64, 64\]"),
