@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -118,7 +119,7 @@ def expert_bytes(model: MoEForCausalLM) -> int:
 
 
 def decode_step(llm: LLM, prompts: list[list[int]], steps: int, device: torch.device) -> dict[str, float]:
-    """Mean seconds of a pure decode `engine.step()` (every sequence adds one token), and the measured union
+    """Median seconds of a pure decode `engine.step()` (every sequence adds one token), and the measured union
     of routed experts per MoE layer, from expert_load() differences taken between the timed steps."""
     engine, warmup = llm.engine, 2
     params = SamplingParams(temperature=0, max_tokens=steps + warmup + 2, ignore_eos=True)
@@ -131,23 +132,23 @@ def decode_step(llm: LLM, prompts: list[list[int]], steps: int, device: torch.de
     for _ in range(warmup):
         engine.step()
     moe_layers = [block.layer_idx for block in engine.model.moe_blocks()]
-    elapsed, unions = 0.0, 0.0
+    times, unions = [], 0.0
     for _ in range(steps):
         before = engine.expert_load()
         sync(device)
         start = time.perf_counter()
         engine.step()
         sync(device)
-        elapsed += time.perf_counter() - start
+        times.append(time.perf_counter() - start)
         unions += float(((engine.expert_load() - before)[moe_layers] > 0).sum(axis=1).mean())
     context = sum(s.num_tokens for s in seqs) - len(seqs) * steps / 2  # mean attended tokens, all sequences
     for request_id in ids:
         engine.abort_request(request_id)
-    return {"step_s": elapsed / steps, "measured_experts": unions / steps, "context_tokens": context}
+    return {"step_s": statistics.median(times), "measured_experts": unions / steps, "context_tokens": context}
 
 
 def expert_gemm_seconds(model: MoEForCausalLM, batch: int, repeats: int, device: torch.device) -> float:
-    """Mean seconds of the expert dispatch alone (grouped GEMMs and combine) over every MoE layer, for B tokens
+    """Median seconds of the expert dispatch alone (grouped GEMMs and combine) over every MoE layer, for B tokens
     routed to random distinct top-k experts: the part of a decode step that torch's GEMM kernels bound."""
     config = model.config
     generator = torch.Generator().manual_seed(batch)
@@ -165,13 +166,15 @@ def expert_gemm_seconds(model: MoEForCausalLM, batch: int, repeats: int, device:
     with torch.inference_mode():
         for block, routing in zip(blocks, routings):
             dispatch(x, routing, block.experts, block.backend)
-        sync(device)
-        start = time.perf_counter()
+        times = []
         for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
             for block, routing in zip(blocks, routings):
                 dispatch(x, routing, block.experts, block.backend)
-        sync(device)
-    return (time.perf_counter() - start) / repeats
+            sync(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def floor_row(llm: LLM, batch: int, decode: dict[str, float], bandwidth: float) -> dict[str, float]:

@@ -53,6 +53,19 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     moe_backend: str = "grouped"
 
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_model_len is None or self.max_model_len >= 1, "max_model_len", "must be at least 1"),
+            (self.max_num_seqs >= 1, "max_num_seqs", "must be at least 1"),
+            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be at least 1"),
+            (self.block_size >= 1, "block_size", "must be at least 1"),
+            (self.kv_cache_memory_bytes >= 1, "kv_cache_memory_bytes", "must be positive"),
+            (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]"),
+        ]
+        for ok, name, message in checks:
+            if not ok:
+                raise ValueError(f"EngineConfig.{name} {message}, got {getattr(self, name)!r}")
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":

@@ -100,3 +100,10 @@ def test_kv_cache_smaller_than_one_sequence_is_refused(tiny_model: Path) -> None
     config = EngineConfig(dtype="float32", device="cpu", max_model_len=128, kv_cache_memory_bytes=4096)
     with pytest.raises(ValueError, match=r"the KV cache holds \d+ tokens, fewer than max_model_len 128"):
         LLMEngine(tiny_model, config)
+
+
+def test_engine_config_rejects_impossible_settings() -> None:
+    with pytest.raises(ValueError, match="EngineConfig.max_num_batched_tokens must be at least 1"):
+        EngineConfig(max_num_batched_tokens=0)
+    with pytest.raises(ValueError, match="EngineConfig.gpu_memory_utilization"):
+        EngineConfig(gpu_memory_utilization=1.5)
