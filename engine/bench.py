@@ -22,11 +22,21 @@ from engine.llm import LLM
 from engine.llm_engine import DTYPES, resolve_device
 from engine.model import MoEForCausalLM
 from engine.moe import dispatch
-from engine.random_checkpoint import write_random_checkpoint
+from engine.random_checkpoint import add_shape_arguments, shape_from_args, write_random_checkpoint
 from engine.routing import Routing
 from engine.sampling_params import SamplingParams
 
 COPY_BYTES = 512 << 20
+BENCH_SHAPE = {
+    "layers": 8,
+    "hidden": 512,
+    "heads": 8,
+    "kv-heads": 4,
+    "experts": 32,
+    "expert-width": 512,
+    "top-k": 4,
+    "vocab": 4096,
+}
 
 
 def sync(device: torch.device) -> None:
@@ -329,34 +339,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Path]:
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     shape = parser.add_argument_group("--make-model shape (default: the issue's realistic CPU shape)")
-    for flag, default in (
-        ("layers", 8),
-        ("hidden", 512),
-        ("heads", 8),
-        ("kv-heads", 4),
-        ("experts", 32),
-        ("expert-width", 512),
-        ("top-k", 4),
-        ("vocab", 4096),
-    ):
-        shape.add_argument(f"--{flag}", type=int, default=default)
+    add_shape_arguments(shape, BENCH_SHAPE)
     args = parser.parse_args(argv)
     if (args.model is None) == (args.make_model is None):
         parser.error("give either MODEL_DIR or --make-model DIR")
     if args.make_model is None:
         return args, args.model
-    return args, write_random_checkpoint(
-        args.make_model,
-        "qwen3_moe",
-        num_layers=args.layers,
-        hidden_size=args.hidden,
-        num_heads=args.heads,
-        num_kv_heads=args.kv_heads,
-        num_experts=args.experts,
-        expert_width=args.expert_width,
-        top_k=args.top_k,
-        vocab_size=args.vocab,
-    )
+    return args, write_random_checkpoint(args.make_model, "qwen3_moe", **shape_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -111,37 +111,51 @@ def write_random_checkpoint(
     return path
 
 
+# Command-line flag -> hf_config argument, for every CLI that writes a random checkpoint.
+SHAPE_FLAGS = {
+    "layers": "num_layers",
+    "hidden": "hidden_size",
+    "heads": "num_heads",
+    "kv-heads": "num_kv_heads",
+    "experts": "num_experts",
+    "expert-width": "expert_width",
+    "top-k": "top_k",
+    "vocab": "vocab_size",
+}
+DEMO_SHAPE = {
+    "layers": 4,
+    "hidden": 256,
+    "heads": 8,
+    "kv-heads": 4,
+    "experts": 16,
+    "expert-width": 256,
+    "top-k": 2,
+    "vocab": 320,
+}
+
+
+def add_shape_arguments(parser: argparse._ActionsContainer, defaults: dict[str, int]) -> None:
+    """Add the --layers/--hidden/... flags with the given defaults."""
+    for flag, default in defaults.items():
+        parser.add_argument(f"--{flag}", type=int, default=default)
+
+
+def shape_from_args(args: argparse.Namespace) -> dict[str, int]:
+    """The hf_config keyword arguments the shape flags name."""
+    return {name: getattr(args, flag.replace("-", "_")) for flag, name in SHAPE_FLAGS.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a random-weight MoE checkpoint (Hugging Face layout).")
     parser.add_argument("output", type=Path)
     parser.add_argument("--arch", default="qwen3_moe", choices=SUPPORTED_MODEL_TYPES)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--experts", type=int, default=16)
-    parser.add_argument("--expert-width", type=int, default=256)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=320)
+    add_shape_arguments(parser, DEMO_SHAPE)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--fused", action="store_true", help="write fused experts.gate_up_proj tensors")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    path = write_random_checkpoint(
-        args.output,
-        args.arch,
-        seed=args.seed,
-        dtype=getattr(torch, args.dtype),
-        fused=args.fused,
-        num_layers=args.layers,
-        hidden_size=args.hidden,
-        num_heads=args.heads,
-        num_kv_heads=args.kv_heads,
-        num_experts=args.experts,
-        expert_width=args.expert_width,
-        top_k=args.top_k,
-        vocab_size=args.vocab,
-    )
+    dtype = getattr(torch, args.dtype)
+    path = write_random_checkpoint(args.output, args.arch, args.seed, dtype, args.fused, **shape_from_args(args))
     print(path)
 
 
