@@ -26,6 +26,18 @@ _PART = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class _TensorHeader:
+    """What a safetensors header says of one tensor."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
 @dataclass(frozen=True)
 class _Assignment:
     """Where one checkpoint tensor goes: a parameter, optionally one expert's row block of it."""
@@ -43,25 +55,32 @@ def weight_files(path: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' ({exc!r})") from exc
-        files = sorted({path / name for name in weight_map.values()})
-        for file in files:
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: 'weight_map' must be a non-empty object of tensor name -> file name")
+        files = set()
+        for name, shard in weight_map.items():
+            file = (path / shard).resolve() if isinstance(shard, str) else None
+            if file is None or file.parent != path.resolve():
+                raise CheckpointError(f"{index}: tensor {name} maps to {shard!r}; expected a file name in {path}")
             if not file.is_file():
-                raise CheckpointError(f"{index}: lists shard {file.name}, which does not exist")
-        return files
+                raise CheckpointError(f"{index}: lists shard {shard}, which does not exist")
+            files.add(file)
+        return sorted(files)
     if single.is_file():
         return [single]
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json found")
 
 
-def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    tensors: dict[str, tuple[Path, tuple[int, ...]]] = {}
+def _read_headers(files: list[Path]) -> dict[str, _TensorHeader]:
+    tensors: dict[str, _TensorHeader] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                     if name in tensors:
-                        raise CheckpointError(f"{file}: tensor {name} also appears in {tensors[name][0].name}")
-                    tensors[name] = (file, tuple(handle.get_slice(name).get_shape()))
+                        raise CheckpointError(f"{file}: tensor {name} also appears in {tensors[name].file.name}")
+                    header = handle.get_slice(name)
+                    tensors[name] = _TensorHeader(file, tuple(header.get_shape()), header.get_dtype())
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{file}: unreadable safetensors file ({exc})") from exc
     return tensors
@@ -87,11 +106,12 @@ def _expected_piece_shape(assignment: _Assignment, param_shape: tuple[int, ...])
 
 
 def _plan(
-    config: ModelConfig, tensors: dict[str, tuple[Path, tuple[int, ...]]], expected: dict[str, tuple[int, ...]]
+    config: ModelConfig, tensors: dict[str, _TensorHeader], expected: dict[str, tuple[int, ...]]
 ) -> dict[str, _Assignment]:
     plan: dict[str, _Assignment] = {}
     covered: dict[str, set[tuple[int | None, str]]] = {}
-    for name, (file, shape) in sorted(tensors.items()):
+    for name, header in sorted(tensors.items()):
+        file, shape = header.file, header.shape
         if _IGNORED.search(name):
             continue
         assignment = _assign(name)
@@ -106,6 +126,8 @@ def _plan(
             raise CheckpointError(
                 f"{file}: unexpected tensor {name}: expert {assignment.expert} but num_experts is {param_shape[0]}"
             )
+        if header.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name} has dtype {header.dtype}, expected a floating-point dtype")
         want = _expected_piece_shape(assignment, param_shape)
         if shape != want:
             raise CheckpointError(f"{file}: tensor {name} has shape {list(shape)}, expected {list(want)}")
@@ -121,7 +143,7 @@ def _plan(
         pieces = covered.get(param, set())
         if (None, "all") in pieces or _stacked_complete(param, shape, pieces):
             continue
-        files = ", ".join(sorted({file.name for file, _ in tensors.values()}))
+        files = ", ".join(sorted({header.file.name for header in tensors.values()})) or "the checkpoint"
         raise CheckpointError(f"{files}: tensor {_missing_name(param, shape, pieces)} is missing")
     return plan
 
@@ -160,13 +182,13 @@ def load_model(
     plan = _plan(config, tensors, expected)
 
     model = meta_model.to(dtype).to_empty(device=device)
-    model.to_device(device)
+    model.expert_load.reset()
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     params = dict(model.named_parameters())
     by_file: dict[Path, list[str]] = {}
     for name in plan:
-        by_file.setdefault(tensors[name][0], []).append(name)
+        by_file.setdefault(tensors[name].file, []).append(name)
     with torch.no_grad():
         for file, names in by_file.items():
             with safe_open(str(file), framework="pt", device="cpu") as handle:

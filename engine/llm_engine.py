@@ -173,7 +173,7 @@ class LLMEngine:
             generator = None
             if params.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
-            detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+            detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
             seq = Sequence(request_id, index, token_ids, params, detokenizer, max_output, generator)
             if seq.wants_prompt_logprobs:
                 seq.prompt_logprobs = [None]
@@ -189,10 +189,14 @@ class LLMEngine:
         bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad!r} is outside the vocabulary (0..{vocab - 1})")
+        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"stop_token_ids holds {bad}, outside the vocabulary (0..{vocab - 1})")
+        most = min(MAX_LOGPROBS, vocab)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
-            if value is not None and value > MAX_LOGPROBS:
-                raise ValueError(f"{name} must be at most {MAX_LOGPROBS}, got {value}")
+            if value is not None and value > most:
+                raise ValueError(f"{name} must be at most {most}, got {value}")
         wanted = len(token_ids) + (params.max_tokens if params.max_tokens is not None else 1)
         if wanted > self.max_model_len:
             raise ValueError(
@@ -224,6 +228,7 @@ class LLMEngine:
         for item, result in zip(scheduled, results):
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
+            seq.num_counted_tokens = max(seq.num_counted_tokens, seq.num_computed_tokens)
             if result.prompt_logprobs and seq.prompt_logprobs is not None:
                 seq.prompt_logprobs.extend(result.prompt_logprobs)
             if result.token is not None:
@@ -259,10 +264,9 @@ class LLMEngine:
             seq.output_text = seq.detokenizer.text
 
     def _hit_stop_string(self, seq: Sequence, new_chars: int) -> bool:
+        """Find a stop string that the newest characters complete (each searched only as far back as it needs)."""
         text = seq.detokenizer.text
-        longest = max(len(s) for s in seq.params.stop)
-        search_from = max(0, len(text) - new_chars - longest + 1)
-        hits = [(text.find(s, search_from), s) for s in seq.params.stop]
+        hits = [(text.find(s, max(0, len(text) - new_chars - len(s) + 1)), s) for s in seq.params.stop]
         hits = [(pos, s) for pos, s in hits if pos >= 0]
         if not hits:
             return False
@@ -302,7 +306,11 @@ class LLMEngine:
     # ----- expert routing -----
 
     def expert_load(self) -> np.ndarray:
-        """Routed (token, expert) pairs per [layer, expert] since start or the last reset."""
+        """Routed (token, expert) pairs per [layer, expert] since start or the last reset.
+
+        Each token's routing counts once: tokens recomputed after a preemption and the shared prompt of a
+        request's n > 1 completions are not counted again.
+        """
         return self.model.expert_load.snapshot().numpy()
 
     def reset_expert_load(self) -> None:

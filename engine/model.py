@@ -146,7 +146,7 @@ class MoEForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.expert_load = ExpertLoad(config.num_layers, config.num_experts)
         for block in self.moe_blocks():
-            block.load = self.expert_load
+            block.record_load = self.expert_load.record
 
     @property
     def router_balancing(self) -> dict[str, object] | None:
@@ -173,11 +173,6 @@ class MoEForCausalLM(nn.Module):
         for layer, block in blocks.items():
             policy = policies.get(layer)
             block.policy = None if policy is None else policy.to(device)
-
-    def to_device(self, device: torch.device) -> MoEForCausalLM:
-        self.to(device)
-        self.expert_load.counts = self.expert_load.counts.to(device)
-        return self
 
     def forward(
         self,

@@ -60,6 +60,7 @@ class ModelRunner:
         sample_items: list[int] = []
         prompt_rows: list[int] = []
         prompt_targets: list[tuple[int, int]] = []  # (batch item, target token)
+        counted: list[int] = []  # 1 where this token's expert routing is counted in the load statistics
         bs = self.block_size
         for item, scheduled in enumerate(batch):
             seq, n = scheduled.seq, scheduled.num_new_tokens
@@ -68,6 +69,7 @@ class ModelRunner:
             table = seq.block_table
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
+            counted += [int(p >= seq.first_uncounted_token) for p in range(start, end)]
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             if n == 1:
                 decode_rows.append(row)
@@ -92,6 +94,7 @@ class ModelRunner:
             decode_mask=self._decode_mask(decode_lens) if decode_rows else None,
             prefills=tuple(prefills),
         )
+        self.model.expert_load.token_mask = None if all(counted) else self._tensor(counted)
         hidden = self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_caches)
         results = [SequenceStepResult() for _ in batch]
         if sample_rows:

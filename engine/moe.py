@@ -45,18 +45,26 @@ class Experts(nn.Module):
         return self.gate_up_proj.shape[0]
 
 
-class ExpertLoad:
-    """Routed-token counts per (layer, expert), accumulated on the device with no host sync per step."""
+class ExpertLoad(nn.Module):
+    """Routed (token, expert) counts per [layer, expert], accumulated on the device with no host sync per step.
 
-    def __init__(self, num_layers: int, num_experts: int, device: torch.device | str = "cpu") -> None:
+    `token_mask` ([T] int64, 0 or 1; None counts all) lets the caller leave out tokens whose routing was
+    already counted: those recomputed after a preemption, or the shared prompt of a request's n > 1 copies.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int) -> None:
+        super().__init__()
         # One extra column absorbs dropped slots (sentinel id == num_experts).
-        self.counts = torch.zeros(num_layers, num_experts + 1, dtype=torch.int64, device=device)
-        self.enabled = True
+        self.register_buffer("counts", torch.zeros(num_layers, num_experts + 1, dtype=torch.int64), persistent=False)
+        self.token_mask: torch.Tensor | None = None
 
     def record(self, layer: int, expert_ids: torch.Tensor) -> None:
-        if self.enabled:
-            flat = expert_ids.reshape(-1)
-            self.counts[layer].index_add_(0, flat, torch.ones_like(flat))
+        flat = expert_ids.reshape(-1)
+        if self.token_mask is None:
+            weights = torch.ones_like(flat)
+        else:
+            weights = self.token_mask[:, None].expand_as(expert_ids).reshape(-1)
+        self.counts[layer].index_add_(0, flat, weights)
 
     def snapshot(self) -> torch.Tensor:
         """A copy, [layers, experts] int64 on the CPU (one host sync)."""
@@ -139,7 +147,8 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
         self.backend = "grouped"
         self.policy: RoutingPolicy | None = None
-        self.load: ExpertLoad | None = None
+        # A bound ExpertLoad.record (a plain attribute: the counters belong to the model, not to each block).
+        self.record_load: Callable[[int, torch.Tensor], None] | None = None
 
     def set_backend(self, backend: str) -> None:
         if backend not in BACKENDS:
@@ -149,8 +158,8 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_logits = self.gate(x)
         routing = route(router_logits, self.top_k, self.norm_topk_prob, self.policy)
-        if self.load is not None:
-            self.load.record(self.layer_idx, routing.expert_ids)
+        if self.record_load is not None:
+            self.record_load(self.layer_idx, routing.expert_ids)
         out = dispatch(x, routing, self.experts, self.backend)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             out = out + (torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)).float()

@@ -25,7 +25,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    # Rows with top_p == 1 are left alone: float rounding can push mass_before to 1.0 in a long tail.
+    outside_nucleus = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    sorted_logits = sorted_logits.masked_fill(outside_nucleus, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 

@@ -40,6 +40,8 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.max_output_tokens = max_output_tokens
         self.num_computed_tokens = 0
+        # High-water mark of tokens whose expert routing was counted: recomputation is not counted twice.
+        self.num_counted_tokens = 0
         self.block_table: list[int] = []
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
@@ -67,6 +69,11 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    @property
+    def first_uncounted_token(self) -> int:
+        """Position from which this step's routing is new: completions after the first share its prompt."""
+        return self.num_counted_tokens if self.index == 0 else max(self.num_counted_tokens, self.num_prompt_tokens)
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -62,11 +62,18 @@ class Tokenizer:
 
 
 class IncrementalDetokenizer:
-    """Appends one token at a time and never emits half of a multi-byte character."""
+    """Appends one token at a time and never emits half of a multi-byte character.
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+    The last few prompt tokens seed the stream, so decoders that strip a leading space from the start of a
+    text (SentencePiece's Metaspace) keep the space of the first generated word.
+    """
+
+    PROMPT_CONTEXT = 5
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
-        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        context = prompt_token_ids[-self.PROMPT_CONTEXT :]
+        self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
         self.text = ""
 
     def add(self, token_id: int) -> str:

@@ -71,13 +71,20 @@ def test_chunked_prefill_and_preemption(tiny_model: Path, alone: dict) -> None:
     assert engine.scheduler.num_preemptions > 0
     assert [finished[str(i)] for i in range(len(batch))] == [alone[tuple(p)] for p in batch]
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    # Routing of recomputed tokens is not counted again: every token that fed the model counts once per layer.
+    fed_tokens = sum(len(p) + len(finished[str(i)]) - 1 for i, p in enumerate(batch))
+    assert (engine.expert_load().sum(axis=1) == fed_tokens * model.top_k).all()
 
 
 def test_abort_frees_blocks_at_once(tiny_model: Path) -> None:
-    engine = LLMEngine(tiny_model, EngineConfig(dtype="float32", device="cpu", max_model_len=128))
-    for i, prompt in enumerate(prompts(4)):
-        engine.add_request(str(i), prompt, SamplingParams(max_tokens=50, ignore_eos=True))
+    config = EngineConfig(dtype="float32", device="cpu", max_model_len=128, max_num_batched_tokens=40, max_num_seqs=2)
+    engine = LLMEngine(tiny_model, config)
+    for i, length in enumerate((30, 50, 20, 20)):
+        engine.add_request(str(i), list(range(1, length + 1)), SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
+    states = {(seq.status.value, seq.num_computed_tokens < seq.num_prompt_tokens) for seq in engine.scheduler.running}
+    assert ("running", True) in states  # a partially prefilled request
+    assert engine.scheduler.waiting  # and requests still waiting
     assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
     for i in range(4):
         engine.abort_request(str(i))

@@ -169,6 +169,20 @@ def break_index(path: Path) -> None:
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-2.safetensors"}}))
 
 
+def break_index_escape(path: Path) -> None:
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../model.safetensors"}}))
+
+
+def break_index_types(path: Path) -> None:
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+
+
+def break_integer_weights(path: Path) -> None:
+    tensors = _tensors(path)
+    tensors["model.norm.weight"] = torch.ones(64, dtype=torch.int64)
+    _save(path, tensors)
+
+
 BAD_CHECKPOINTS = [
     (break_missing_dir, r"model directory does not exist"),
     (break_missing_config, r"config\.json: config\.json is missing"),
@@ -184,6 +198,9 @@ BAD_CHECKPOINTS = [
     (break_tokenizer, r"tokenizer\.json: tokenizer\.json is missing"),
     (break_tokenizer_json, r"tokenizer\.json: unreadable tokenizer"),
     (break_index, r"index\.json: lists shard model-2\.safetensors, which does not exist"),
+    (break_index_escape, r"index\.json: tensor x maps to '\.\./model\.safetensors'; expected a file name in"),
+    (break_index_types, r"index\.json: 'weight_map' must be a non-empty object"),
+    (break_integer_weights, r"tensor model\.norm\.weight has dtype I64, expected a floating-point dtype"),
 ]
 
 

@@ -126,6 +126,9 @@ def test_expert_load_counts_routed_pairs() -> None:
     assert snapshot[1].tolist() == [1, 0, 0, 2, 0, 0, 0, 0] and snapshot[0].sum() == 0
     load.reset()
     assert load.snapshot().sum() == 0 and snapshot.sum() == 3  # a snapshot is a copy, not a live view
+    load.token_mask = torch.tensor([0, 1])
+    load.record(0, torch.tensor([[0, 3], [3, 5]]))
+    assert load.snapshot()[0].tolist() == [0, 0, 0, 1, 0, 1, 0, 0]
 
 
 def test_llm_expert_load_and_policies(tiny_model: Path) -> None:
@@ -146,5 +149,10 @@ def test_llm_expert_load_and_policies(tiny_model: Path) -> None:
     assert llm.expert_load()[:, :4].sum() == 0 and llm.expert_load().sum() > 0
     llm.set_routing_policies({})
     assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == baseline
+    llm.reset_expert_load()
+    llm.set_routing_policies({})
+    llm.generate([prompt], SamplingParams(n=3, temperature=1.0, seed=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    # The prompt is counted once for the request, each completion's fed-back tokens once each.
+    assert (llm.expert_load().sum(axis=1) == (len(prompt) + 3 * 4) * config.top_k).all()
     with pytest.raises(ValueError, match="no MoE block"):
         llm.set_routing_policies({99: RoutingPolicy()})

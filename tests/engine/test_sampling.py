@@ -155,8 +155,39 @@ def test_detokenizer_never_emits_half_a_character(tmp_path: Path) -> None:
     tokenizer = Tokenizer(tmp_path)
     text = "naïve café 日本語 🙂"
     ids = tokenizer.encode(text)
-    detokenizer = IncrementalDetokenizer(tokenizer)
+    detokenizer = IncrementalDetokenizer(tokenizer, [])
     pieces = [detokenizer.add(token) for token in ids]
     assert "".join(pieces) == text == detokenizer.text
     assert all("\ufffd" not in piece for piece in pieces)
     assert pieces.count("") >= len(ids) - len(text)  # multi-byte characters wait for their last byte
+
+
+def test_detokenizer_keeps_the_first_word_space_of_metaspace_tokenizers(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    sentencepiece_like = HFTokenizer(models.WordLevel({"▁The": 0, "▁capital": 1, "▁Paris": 2, "<unk>": 3}, "<unk>"))
+    sentencepiece_like.pre_tokenizer = pre_tokenizers.Metaspace()
+    sentencepiece_like.decoder = decoders.Metaspace()
+    sentencepiece_like.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = Tokenizer(tmp_path)
+    prompt = tokenizer.encode("The capital")
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt)
+    assert detokenizer.add(2) == " Paris"
+    assert tokenizer.decode(prompt) + detokenizer.text == "The capital Paris"
+
+
+def test_filters_of_one_row_leave_unfiltered_rows_alone() -> None:
+    long_tail = torch.log_softmax(torch.randn(1, 150_000, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
+    logits = long_tail.repeat(2, 1)
+    masked = apply_top_k_top_p(logits, torch.tensor([5, 0]), torch.tensor([1.0, 1.0]))
+    assert torch.isfinite(masked[0]).sum() == 5
+    assert torch.equal(masked[1], logits[1])
+
+
+def test_request_fields_outside_the_vocabulary_are_rejected(llm: LLM) -> None:
+    vocab = llm.engine.model.config.vocab_size
+    with pytest.raises(ValueError, match="stop_token_ids holds"):
+        llm.engine.add_request("bad-stop", PROMPT, SamplingParams(min_tokens=2, stop_token_ids=[vocab]))
+    assert not llm.engine.has_unfinished_requests()
+    assert tokens(llm, SamplingParams(max_tokens=3, ignore_eos=True))  # the engine still serves others
