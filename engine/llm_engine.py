@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.attention import DenseCausal
 from engine.block_manager import BlockManager
 from engine.checkpoint import load_model
 from engine.config import CheckpointError, ModelConfig
@@ -148,14 +149,26 @@ class LLMEngine:
 
     def _num_kv_blocks(self) -> int:
         per_block = kv_cache_bytes_per_block(self.model, self.config.block_size, self.dtype)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * self.config.gpu_memory_utilization)
-        else:
-            budget = self.config.kv_cache_memory_bytes
+        budget = self._cuda_kv_budget() if self.device.type == "cuda" else self.config.kv_cache_memory_bytes
         # Never more than every sequence at full length could use.
         most = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size)
-        return min(budget // per_block, most)
+        return max(0, min(budget // per_block, most))
+
+    @torch.inference_mode()
+    def _cuda_kv_budget(self) -> int:
+        """vLLM's rule: gpu_memory_utilization of total memory, less memory outside torch and the peak of a
+        forward pass over a full token budget (weights plus activations, logits and logprobs of every row)."""
+        tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        positions = torch.arange(tokens, device=self.device)
+        hidden = self.model(torch.zeros_like(positions), positions, DenseCausal(1, tokens))
+        torch.log_softmax(self.model.compute_logits(hidden), dim=-1)
+        torch.cuda.synchronize(self.device)
+        self.model.expert_load.reset()
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside_torch = total - free - torch.cuda.memory_reserved(self.device)
+        return int(total * self.config.gpu_memory_utilization) - outside_torch - peak
 
     # ----- requests -----
 
