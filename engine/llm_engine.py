@@ -53,6 +53,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int = 1 << 30
     gpu_memory_utilization: float = 0.9
     moe_backend: str = "grouped"
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -122,7 +123,7 @@ class LLMEngine:
                 f"the KV cache holds {num_blocks * config.block_size} tokens, fewer than max_model_len "
                 f"{self.max_model_len}: raise the KV cache budget or lower max_model_len"
             )
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.tokenizer.eos_token_ids)
         self.requests: dict[str, _Request] = {}
@@ -242,6 +243,7 @@ class LLMEngine:
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
             seq.num_counted_tokens = max(seq.num_counted_tokens, seq.num_computed_tokens)
+            self.block_manager.register_full_blocks(seq)
             if result.prompt_logprobs and seq.prompt_logprobs is not None:
                 seq.prompt_logprobs.extend(result.prompt_logprobs)
             if result.token is not None:
@@ -330,4 +332,8 @@ class LLMEngine:
         self.model.expert_load.reset()
 
     def set_routing_policies(self, policies: dict[int, RoutingPolicy]) -> None:
+        """Change routing between requests; cached prefixes computed under the old routing are dropped."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("routing policies can change only while no request is in flight")
         self.model.set_routing_policies(policies)
+        self.block_manager.reset_prefix_cache()

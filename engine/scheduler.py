@@ -79,11 +79,12 @@ class Scheduler:
             i += 1
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, num_new):
+            cached = self.block_manager.cached_prefix(seq)
+            num_new = min(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
+            if not self.block_manager.can_admit(seq, cached, num_new):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq, num_new)
+            self.block_manager.admit(seq, cached, num_new)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSequence(seq, num_new))

@@ -43,6 +43,8 @@ class Sequence:
         # High-water mark of tokens whose expert routing was counted: recomputation is not counted twice.
         self.num_counted_tokens = 0
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # prefix digests of full token blocks (tokens only grow: never stale)
+        self.num_registered_blocks = 0  # leading blocks of block_table already offered for prefix reuse
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import LLM, LLMEngine, ModelConfig, SamplingParams
+from engine import LLM, LLMEngine, ModelConfig, RoutingPolicy, SamplingParams
 from engine.llm_engine import EngineConfig
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -114,3 +114,52 @@ def test_engine_config_rejects_impossible_settings() -> None:
         EngineConfig(max_num_batched_tokens=0)
     with pytest.raises(ValueError, match="EngineConfig.gpu_memory_utilization"):
         EngineConfig(gpu_memory_utilization=1.5)
+
+
+def test_prefix_caching_reuses_blocks_and_changes_no_tokens(tiny_model: Path, alone: dict) -> None:
+    engine = LLMEngine(tiny_model, EngineConfig(dtype="float32", device="cpu", max_model_len=128, block_size=4))
+    shared = prompts(1, seed=7)[0][:40]
+    batch = [shared + p[:10] for p in prompts(4)]
+    reference = LLM(tiny_model, dtype="float32", device="cpu", max_model_len=128, enable_prefix_caching=False)
+    expected = [o.outputs[0].token_ids for o in reference.generate(batch, GREEDY, use_tqdm=False)]
+    engine.add_request("first", batch[0], GREEDY)
+    first = run_until_done(engine)
+    assert engine.block_manager.prefix_hit_tokens == 0
+    for i, prompt in enumerate(batch[1:], start=1):
+        engine.add_request(str(i), prompt, GREEDY)
+    later = run_until_done(engine)
+    assert engine.block_manager.prefix_hit_tokens == 3 * 40  # 10 shared blocks of 4 tokens, three times
+    assert [first["first"], *(later[str(i)] for i in range(1, 4))] == expected
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_prefix_caching_under_preemption(tiny_model: Path) -> None:
+    model = ModelConfig.from_dir(tiny_model)
+    block_bytes = 2 * model.num_layers * 4 * model.num_kv_heads * model.head_dim * 4
+    common = {"dtype": "float32", "device": "cpu", "max_model_len": 96, "block_size": 4, "max_num_batched_tokens": 16}
+    shared = prompts(1, seed=9)[0][:24]
+    batch = [shared + p[:12] for p in prompts(8)]
+    expected = [
+        o.outputs[0].token_ids
+        for o in LLM(tiny_model, enable_prefix_caching=False, **common).generate(batch, GREEDY, use_tqdm=False)
+    ]
+    engine = LLMEngine(tiny_model, EngineConfig(kv_cache_memory_bytes=30 * block_bytes, **common))
+    for i, prompt in enumerate(batch):
+        engine.add_request(str(i), prompt, GREEDY)
+    finished = run_until_done(engine)
+    assert engine.scheduler.num_preemptions > 0 and engine.block_manager.prefix_hit_tokens > 0
+    assert [finished[str(i)] for i in range(len(batch))] == expected
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_routing_change_drops_cached_prefixes(tiny_model: Path) -> None:
+    llm = LLM(tiny_model, dtype="float32", device="cpu", max_model_len=128, block_size=4)
+    prompt = prompts(1, seed=11)[0][:30]
+    llm.generate([prompt], GREEDY, use_tqdm=False)
+    llm.set_routing_policies({0: RoutingPolicy(top_k=1)})
+    hits = llm.engine.block_manager.prefix_hit_tokens
+    llm.generate([prompt], GREEDY, use_tqdm=False)
+    assert llm.engine.block_manager.prefix_hit_tokens == hits  # recomputed under the new routing
+    llm.engine.add_request("busy", prompt, GREEDY)
+    with pytest.raises(RuntimeError, match="no request is in flight"):
+        llm.set_routing_policies({})
