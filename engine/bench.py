@@ -225,6 +225,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         max_model_len=longest,
         max_num_seqs=max(args.batch_sizes),
         moe_backend=args.moe_backend,
+        enable_prefix_caching=False,  # repeated rounds reuse prompts: both sides must prefill every time
     )
     config = llm.engine.model.config
     hf_model = None if args.no_hf else load_hf(model_dir, dtype, device)
