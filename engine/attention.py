@@ -57,9 +57,8 @@ def attend(
     gqa = q.shape[1] != k.shape[1]
     if isinstance(meta, DenseCausal):
         shape = (meta.batch_size, meta.seq_len, -1, q.shape[-1])
-        out = F.scaled_dot_product_attention(
-            *(t.reshape(shape).transpose(1, 2) for t in (q, k, v)), is_causal=True, scale=scale, enable_gqa=gqa
-        )
+        queries, keys, values = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(q.shape)
     assert kv_cache is not None, "paged attention needs the layer's KV cache"
     k_cache, v_cache = kv_cache[0], kv_cache[1]

@@ -107,7 +107,8 @@ def load_hf(model_dir: Path, dtype: torch.dtype, device: torch.device) -> Any:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.to(device=device).eval()  # type: ignore[call-arg]  # transformers' wrapped .to() confuses mypy
 
 
 def expected_experts(num_experts: int, top_k: int, batch: int) -> float:
@@ -346,7 +347,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Path]:
         parser.error("give either MODEL_DIR or --make-model DIR")
     if args.make_model is None:
         return args, args.model
-    return args, write_random_checkpoint(args.make_model, "qwen3_moe", **shape_from_args(args))
+    return args, write_random_checkpoint(args.make_model, "qwen3_moe", shape=shape_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -167,12 +167,11 @@ class MoEForCausalLM(nn.Module):
         unknown = sorted(set(policies) - set(blocks))
         if unknown:
             raise ValueError(f"layers {unknown} have no MoE block (MoE layers: {sorted(blocks)})")
-        for layer, policy in policies.items():
+        for policy in policies.values():
             policy.validate(self.config.num_experts, self.config.top_k)
         device = self.lm_head.weight.device
         for layer, block in blocks.items():
-            policy = policies.get(layer)
-            block.policy = None if policy is None else policy.to(device)
+            block.policy = policies[layer].to(device) if layer in policies else None
 
     def forward(
         self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,21 @@ class SequenceStepResult:
     token: int | None = None
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
+class _StepBatch:
+    """One step's tokens flattened into rows, with what the forward pass and the sampler need to know."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    counted: list[int] = field(default_factory=list)  # 1 where the token's expert routing is counted
+    decode_rows: list[int] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
+    sample_items: list[int] = field(default_factory=list)
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_targets: list[tuple[int, int]] = field(default_factory=list)  # (batch item, target token)
 
 
 def kv_cache_bytes_per_block(model: MoEForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -49,63 +64,61 @@ class ModelRunner:
     def execute(
         self, batch: list[ScheduledSequence], decode_token: Callable[[int], str | None]
     ) -> list[SequenceStepResult]:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        decode_rows: list[int] = []
+        """One forward pass over the scheduled tokens; sample where a sequence reached its last token."""
+        step, meta = self._prepare(batch)
+        self.model.expert_load.token_mask = None if all(step.counted) else self._tensor(step.counted)
+        hidden = self.model(self._tensor(step.input_ids), self._tensor(step.positions), meta, self.kv_caches)
+        results = [SequenceStepResult() for _ in batch]
+        if step.sample_rows:
+            self._sample(batch, hidden, step.sample_rows, step.sample_items, results, decode_token)
+        if step.prompt_rows:
+            logits = self.model.compute_logits(hidden[self._tensor(step.prompt_rows)])
+            top_n = [batch[item].seq.params.prompt_logprobs or 0 for item, _ in step.prompt_targets]
+            entries = token_logprobs(logits, [t for _, t in step.prompt_targets], top_n, decode_token)
+            for (item, _), entry in zip(step.prompt_targets, entries):
+                results[item].prompt_logprobs = (results[item].prompt_logprobs or []) + [entry]
+        return results
+
+    def _prepare(self, batch: list[ScheduledSequence]) -> tuple[_StepBatch, PagedMetadata]:
+        """Flatten the scheduled tokens and say where their keys go, what they attend to, what is sampled."""
+        step = _StepBatch()
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
-        sample_rows: list[int] = []
-        sample_items: list[int] = []
-        prompt_rows: list[int] = []
-        prompt_targets: list[tuple[int, int]] = []  # (batch item, target token)
-        counted: list[int] = []  # 1 where this token's expert routing is counted in the load statistics
         bs = self.block_size
         for item, scheduled in enumerate(batch):
             seq, n = scheduled.seq, scheduled.num_new_tokens
-            start, row = seq.num_computed_tokens, len(input_ids)
+            start, row = seq.num_computed_tokens, len(step.input_ids)
             end = start + n
             table = seq.block_table
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            counted += [int(p >= seq.first_uncounted_token) for p in range(start, end)]
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            step.input_ids += seq.token_ids[start:end]
+            step.positions += range(start, end)
+            first_uncounted = seq.first_uncounted_token
+            step.counted += [int(p >= first_uncounted) for p in range(start, end)]
+            step.slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             if n == 1:
-                decode_rows.append(row)
+                step.decode_rows.append(row)
                 decode_tables.append(table[: -(-end // bs)])
                 decode_lens.append(end)
             else:
                 block_table = torch.tensor(table[: -(-end // bs)], dtype=torch.long, device=self.device)
                 prefills.append(PrefillChunk(row, n, end, block_table))
             if end == seq.num_tokens:
-                sample_rows.append(row + n - 1)
-                sample_items.append(item)
+                step.sample_rows.append(row + n - 1)
+                step.sample_items.append(item)
             if seq.wants_prompt_logprobs:
                 recorded = len(seq.prompt_logprobs or [None])
                 for target in range(max(start + 1, recorded), min(end + 1, seq.num_prompt_tokens)):
-                    prompt_rows.append(row + target - 1 - start)
-                    prompt_targets.append((item, seq.token_ids[target]))
-
+                    step.prompt_rows.append(row + target - 1 - start)
+                    step.prompt_targets.append((item, seq.token_ids[target]))
         meta = PagedMetadata(
-            slot_mapping=self._tensor(slots),
-            decode_rows=self._tensor(decode_rows) if decode_rows else None,
-            decode_block_tables=self._padded(decode_tables) if decode_rows else None,
-            decode_mask=self._decode_mask(decode_lens) if decode_rows else None,
+            slot_mapping=self._tensor(step.slots),
+            decode_rows=self._tensor(step.decode_rows) if step.decode_rows else None,
+            decode_block_tables=self._padded(decode_tables) if decode_tables else None,
+            decode_mask=self._decode_mask(decode_lens) if decode_lens else None,
             prefills=tuple(prefills),
         )
-        self.model.expert_load.token_mask = None if all(counted) else self._tensor(counted)
-        hidden = self.model(self._tensor(input_ids), self._tensor(positions), meta, self.kv_caches)
-        results = [SequenceStepResult() for _ in batch]
-        if sample_rows:
-            self._sample(batch, hidden, sample_rows, sample_items, results, decode_token)
-        if prompt_rows:
-            logits = self.model.compute_logits(hidden[self._tensor(prompt_rows)])
-            top_n = [batch[item].seq.params.prompt_logprobs or 0 for item, _ in prompt_targets]
-            entries = token_logprobs(logits, [t for _, t in prompt_targets], top_n, decode_token)
-            for (item, _), entry in zip(prompt_targets, entries):
-                results[item].prompt_logprobs = (results[item].prompt_logprobs or []) + [entry]
-        return results
+        return step, meta
 
     def _sample(
         self,
@@ -133,7 +146,8 @@ class ModelRunner:
 
     def _padded(self, tables: list[list[int]]) -> torch.Tensor:
         width = max(len(t) for t in tables)
-        return self._tensor([t + [0] * (width - len(t)) for t in tables]).view(len(tables), width)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        return torch.tensor(padded, dtype=torch.long, device=self.device)
 
     def _decode_mask(self, context_lens: list[int]) -> torch.Tensor:
         width = -(-max(context_lens) // self.block_size) * self.block_size

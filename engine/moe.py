@@ -52,6 +52,8 @@ class ExpertLoad(nn.Module):
     already counted: those recomputed after a preemption, or the shared prompt of a request's n > 1 copies.
     """
 
+    counts: torch.Tensor
+
     def __init__(self, num_layers: int, num_experts: int) -> None:
         super().__init__()
         # One extra column absorbs dropped slots (sentinel id == num_experts).

@@ -98,13 +98,16 @@ def write_random_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     fused: bool = False,
-    **shape: Any,
+    shape: dict[str, Any] | None = None,
 ) -> Path:
-    """Create a model directory with random weights and a byte-level tokenizer; return its path."""
+    """Create a model directory with random weights and a byte-level tokenizer; return its path.
+
+    `shape` holds hf_config's keyword arguments (num_layers, hidden_size, ...).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     eos = write_tokenizer(path)
-    raw = hf_config(model_type, eos_token_id=eos, **shape)
+    raw = hf_config(model_type, eos_token_id=eos, **(shape or {}))
     model = MoEForCausalLM(ModelConfig.from_dict(raw))
     model.init_weights(seed=seed)
     save_checkpoint(model.to(dtype), path, fused=fused)
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    path = write_random_checkpoint(args.output, args.arch, args.seed, dtype, args.fused, **shape_from_args(args))
+    path = write_random_checkpoint(args.output, args.arch, args.seed, dtype, args.fused, shape_from_args(args))
     print(path)
 
 
