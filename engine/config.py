@@ -53,18 +53,12 @@ class ModelConfig:
     dense_intermediate_size: int = 0
     dense_layers: tuple[int, ...] = ()
     eos_token_ids: tuple[int, ...] = ()
-    bos_token_id: int | None = None
     sliding_window: int | None = None
-    torch_dtype: str | None = None
     router_balancing: RouterBalancing | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers
-
-    @property
-    def has_shared_expert(self) -> bool:
-        return self.shared_expert_intermediate_size > 0
 
     @classmethod
     def from_dir(cls, path: Path) -> ModelConfig:
@@ -113,8 +107,6 @@ class ModelConfig:
             "max_position_embeddings": reader.get("max_position_embeddings", int, 4096),
             "tie_word_embeddings": reader.get("tie_word_embeddings", bool, False),
             "eos_token_ids": _token_ids(raw.get("eos_token_id")),
-            "bos_token_id": raw.get("bos_token_id") if isinstance(raw.get("bos_token_id"), int) else None,
-            "torch_dtype": raw.get("torch_dtype", raw.get("dtype")),
             "router_balancing": _router_balancing(raw.get("router_balancing"), source),
             "raw": raw,
         }

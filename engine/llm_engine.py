@@ -101,7 +101,6 @@ class LLMEngine:
     def __init__(self, model: str | Path, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         path = Path(model)
-        self.model_path = path
         model_config = ModelConfig.from_dir(path)
         self.tokenizer = Tokenizer(path, model_config.eos_token_ids)
         if self.tokenizer.vocab_size > model_config.vocab_size:

@@ -54,7 +54,6 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None
         self.generator = generator
-        self.num_preemptions = 0
 
     @property
     def num_tokens(self) -> int:
