@@ -114,13 +114,14 @@ def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, backend: str =
     counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=x.device)
     counts.index_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
     offs = torch.cumsum(counts[:num_experts], dim=0, dtype=torch.int32)
-    xs = x[token_idx]
+    xs = x.index_select(0, token_idx)
     rows = (_expert_rows_grouped if backend == "grouped" else _expert_rows_loop)(xs, offs, experts)
     # Rows past offs[-1] (dropped slots) are never written by grouped_mm: zero them before weighting.
     valid = (flat_ids[order] < num_experts).unsqueeze(-1)
     weighted = torch.where(valid, rows.float(), 0.0) * routing.weights.reshape(-1)[order].unsqueeze(-1)
-    out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
-    return out.index_add_(0, token_idx, weighted)
+    # Undo the sort and sum each token's k slots in slot order: deterministic on every device (no atomics).
+    by_slot = torch.empty_like(weighted).index_copy_(0, order, weighted)
+    return by_slot.view(num_tokens, k, -1).sum(dim=1)
 
 
 class SparseMoE(nn.Module):
