@@ -236,7 +236,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule().scheduled
         if not scheduled:
             return []
-        results = self.runner.execute(scheduled, self.tokenizer.id_to_token)
+        results = self.runner.execute(scheduled, self.tokenizer.decode_token)
         touched: dict[str, None] = {}
         for item, result in zip(scheduled, results):
             seq = item.seq

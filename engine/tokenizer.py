@@ -57,8 +57,9 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def id_to_token(self, token_id: int) -> str | None:
-        return self.hf.id_to_token(token_id)
+    def decode_token(self, token_id: int) -> str:
+        """One token's text as a logprob entry shows it (' the', not the byte-level symbol 'Ġthe')."""
+        return self.hf.decode([token_id], skip_special_tokens=False)
 
 
 class IncrementalDetokenizer:

@@ -128,6 +128,13 @@ def test_logprobs_hold_chosen_token_and_top_n(llm: LLM) -> None:
         assert all(lp.logprob <= 0 for lp in entry.values())
         total += entry[token].logprob
     assert math.isclose(completion.cumulative_logprob, total, rel_tol=1e-6)
+    tokenizer = llm.get_tokenizer()
+    assert all(
+        lp.decoded_token == tokenizer.decode([t], skip_special_tokens=False)
+        for e in completion.logprobs
+        for t, lp in e.items()
+    )
+    assert tokenizer.decode_token(tokenizer.encode(" ")[0]) == " "
 
 
 def test_n_completions(llm: LLM) -> None:
