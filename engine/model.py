@@ -12,7 +12,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, attend
 from engine.config import ModelConfig
-from engine.moe import DenseMLP, ExpertLoad, SparseMoE
+from engine.moe import DenseMLP, ExpertLoad, RoutingObserver, SparseMoE
 from engine.routing import RoutingPolicy
 
 
@@ -172,6 +172,11 @@ class MoEForCausalLM(nn.Module):
         device = self.lm_head.weight.device
         for layer, block in blocks.items():
             block.policy = policies[layer].to(device) if layer in policies else None
+
+    def set_routing_observer(self, observer: RoutingObserver | None) -> None:
+        """Install (or remove, with None) the callback every MoE block calls with its routing decision."""
+        for block in self.moe_blocks():
+            block.observer = observer
 
     def forward(
         self,

@@ -14,6 +14,9 @@ from engine.routing import Routing, RoutingPolicy, route
 logger = logging.getLogger(__name__)
 
 GroupedMM = Callable[..., torch.Tensor]
+# Sees every routing decision: (block, block input [T, H], router logits [T, E], routing). Training reads the
+# logits for its balancing losses, calibration runs all experts on the input; inference installs none.
+RoutingObserver = Callable[["SparseMoE", torch.Tensor, torch.Tensor, Routing], None]
 _grouped_mm: GroupedMM | None = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 BACKENDS = ("grouped", "loop")
@@ -43,6 +46,11 @@ class Experts(nn.Module):
     @property
     def num_experts(self) -> int:
         return self.gate_up_proj.shape[0]
+
+    def apply_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert's output for every token, [E, T, H]: the dense pass that redundancy measures need."""
+        gate, up = torch.einsum("th,eih->eti", x, self.gate_up_proj).chunk(2, dim=-1)
+        return torch.einsum("eti,ehi->eth", F.silu(gate) * up, self.down_proj)
 
 
 class ExpertLoad(nn.Module):
@@ -152,6 +160,7 @@ class SparseMoE(nn.Module):
         self.policy: RoutingPolicy | None = None
         # A bound ExpertLoad.record (a plain attribute: the counters belong to the model, not to each block).
         self.record_load: Callable[[int, torch.Tensor], None] | None = None
+        self.observer: RoutingObserver | None = None
 
     def set_backend(self, backend: str) -> None:
         if backend not in BACKENDS:
@@ -163,6 +172,8 @@ class SparseMoE(nn.Module):
         routing = route(router_logits, self.top_k, self.norm_topk_prob, self.policy)
         if self.record_load is not None:
             self.record_load(self.layer_idx, routing.expert_ids)
+        if self.observer is not None:
+            self.observer(self, x, router_logits, routing)
         out = dispatch(x, routing, self.experts, self.backend)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             out = out + (torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)).float()
