@@ -1,0 +1,132 @@
+"""Validation metrics for MoE training: perplexity and the routing measures the SimBal paper reports.
+
+Per MoE layer: experts that received tokens, load imbalance (max/mean routed tokens), router orthogonality
+(mean squared deviation of W W^T from I) and PES (every expert applied to sampled tokens; the mean pairwise
+cosine of their outputs, averaged over tokens), with the minimum PES over layers as the headline.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from engine.attention import DenseCausal
+from engine.checkpoint import load_model
+from engine.model import MoEForCausalLM
+from engine.moe import SparseMoE
+from engine.routing import Routing
+from training.corpus import DEFAULT_CORPUS_DIR
+from training.data import eval_windows, split_tokens
+from training.losses import router_orthogonality
+
+
+def expert_cosines(outputs: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarity of expert outputs [E, T, H] per token: [T, E, E]."""
+    unit = F.normalize(outputs.float(), dim=-1)
+    return torch.einsum("eth,fth->tef", unit, unit)
+
+
+def pes_per_token(cosines: torch.Tensor) -> torch.Tensor:
+    """C(x) = 2 / (N (N - 1)) * sum_{i<j} cos(f_i(x), f_j(x)) from [T, E, E] cosines: [T]."""
+    n = cosines.shape[-1]
+    off_diagonal = cosines.sum(dim=(-1, -2)) - cosines.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return off_diagonal / (n * (n - 1))
+
+
+class _PESProbe:
+    """Routing observer that applies all experts to a fixed number of each layer's tokens (evenly sampled)."""
+
+    def __init__(self, every: int, budget: int) -> None:
+        self.every, self.budget = every, budget
+        self.sums: dict[int, float] = {}
+        self.counts: dict[int, int] = {}
+
+    def __call__(self, block: SparseMoE, x: torch.Tensor, logits: torch.Tensor, routing: Routing) -> None:
+        layer = block.layer_idx
+        left = self.budget - self.counts.get(layer, 0)
+        if left <= 0:
+            return
+        sample = x[:: self.every][:left]
+        values = pes_per_token(expert_cosines(block.experts.apply_all(sample)))
+        self.sums[layer] = self.sums.get(layer, 0.0) + float(values.sum())
+        self.counts[layer] = self.counts.get(layer, 0) + len(sample)
+
+
+@torch.no_grad()
+def evaluate(
+    model: MoEForCausalLM, windows: torch.Tensor, batch_size: int = 16, pes_tokens: int = 1024
+) -> dict[str, Any]:
+    """Loss, perplexity and routing measures over [N, seq_len + 1] token windows."""
+    seq_len = windows.shape[1] - 1
+    device = model.lm_head.weight.device
+    num_batches = math.ceil(len(windows) / batch_size)
+    probe = _PESProbe(every=max(1, (len(windows) * seq_len) // max(pes_tokens, 1)), budget=pes_tokens)
+    model.set_routing_observer(probe)
+    model.expert_load.reset()
+    total_loss, total_tokens = 0.0, 0
+    try:
+        for b in range(num_batches):
+            batch = windows[b * batch_size : (b + 1) * batch_size].to(device)
+            rows = len(batch)
+            inputs, targets = batch[:, :-1].reshape(-1), batch[:, 1:].reshape(-1)
+            positions = torch.arange(seq_len, device=device).repeat(rows)
+            logits = model.compute_logits(model(inputs, positions, DenseCausal(rows, seq_len)))
+            total_loss += float(F.cross_entropy(logits, targets, reduction="sum"))
+            total_tokens += targets.numel()
+    finally:
+        model.set_routing_observer(None)
+    load = model.expert_load.snapshot().double()
+    model.expert_load.reset()
+    blocks = model.moe_blocks()
+    layers = [block.layer_idx for block in blocks]
+    loss = total_loss / total_tokens
+    pes = [probe.sums[layer] / probe.counts[layer] for layer in layers]
+    return {
+        "loss": loss,
+        "ppl": math.exp(loss),
+        "tokens": total_tokens,
+        "experts_in_use": [int((load[layer] > 0).sum()) for layer in layers],
+        "imbalance": [float(load[layer].max() / load[layer].mean()) for layer in layers],
+        "router_orthogonality": [router_orthogonality(block.gate.weight) for block in blocks],
+        "pes": pes,
+        "min_pes": min(pes),
+    }
+
+
+def unigram_perplexity(train_tokens: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> float:
+    """Perplexity of an add-one-smoothed unigram model fit on train_tokens, on the target tokens."""
+    counts = torch.bincount(train_tokens, minlength=vocab_size).double() + 1.0
+    log_probs = torch.log(counts / counts.sum())
+    return math.exp(-float(log_probs[targets].mean()))
+
+
+def evaluate_checkpoint(
+    model_dir: Path,
+    split: str = "test",
+    corpus_dir: Path = DEFAULT_CORPUS_DIR,
+    batch_size: int = 8,
+    pes_tokens: int = 2048,
+) -> dict[str, Any]:
+    """A saved model's metrics on a whole corpus split, in windows of its context length, beside the unigram
+    baseline and bits per byte (comparable across tokenizers)."""
+    model = load_model(model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokens = split_tokens(tokenizer, split, corpus_dir)
+    seq_len = model.config.max_position_embeddings
+    windows = eval_windows(tokens, seq_len)
+    result = evaluate(model, windows, batch_size, pes_tokens)
+    targets = windows[:, 1:].reshape(-1)
+    text_bytes = len(tokenizer.decode(targets.tolist(), skip_special_tokens=False).encode())
+    result.update(
+        split=split,
+        seq_len=seq_len,
+        unigram_ppl=unigram_perplexity(split_tokens(tokenizer, "train", corpus_dir), targets, model.config.vocab_size),
+        bits_per_byte=result["loss"] * result["tokens"] / math.log(2) / text_bytes,
+        router_balancing=model.router_balancing,
+    )
+    return result
