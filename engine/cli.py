@@ -6,14 +6,19 @@ import argparse
 import logging
 import sys
 
-from engine.config import CheckpointError
+from engine.config import DEFAULT_MODEL_DIR, CheckpointError
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Generate text with an MoE checkpoint (Hugging Face layout).")
-    parser.add_argument("model", help="model directory: config.json, safetensors, tokenizer.json")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=str(DEFAULT_MODEL_DIR),
+        help="model directory: config.json, safetensors, tokenizer.json (default: the bundled SimBal model)",
+    )
     parser.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); default: stdin lines")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+# The bundled SimBal-trained model (trained by `moe-train`, see its model card): what commands serve by default.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "tiny-simbal"
 
 
 class CheckpointError(ValueError):

@@ -11,11 +11,11 @@ from training.corpus import DEFAULT_CORPUS_DIR
 from training.trainer import TrainConfig
 
 
-def train_command(model_dir: Path, config: dict[str, Any]) -> str:
+def train_command(model_dir: Path, config: dict[str, Any], threads: int) -> str:
     """The `moe-train train` command that reproduces a run: the settings that differ from the defaults."""
     defaults = dataclasses.asdict(TrainConfig())
     flags = [f"--{k.replace('_', '-')} {v}" for k, v in config.items() if k != "method" and defaults.get(k) != v]
-    return " ".join(["moe-train train", str(model_dir), "--method", config["method"], *flags])
+    return " ".join(["moe-train train", str(model_dir), "--method", config["method"], *flags, f"--threads {threads}"])
 
 
 def _join(values: list[float], spec: str) -> str:
@@ -50,7 +50,8 @@ balancing loss. It exists to be served, pruned and measured by this project; it 
   {c["warmup_steps"]} warmup steps from 10% of peak, cosine to {c["min_lr_ratio"]:.0%}, gradient clipping
   {c["grad_clip"]}, seed {c["seed"]}.
 - Steps: {c["steps"]} x {c["batch_size"]} sequences x {c["seq_len"]} tokens = {tokens:,} training tokens;
-  wall time {trained["train_wall_s"] / 60:.1f} min on {trained["device"]}. Weights saved in {c["save_dtype"]}.
+  wall time {trained["train_wall_s"] / 60:.1f} min on {trained["device"]} with {trained["threads"]} torch thread(s).
+  Weights saved in {c["save_dtype"]}.
 
 ## Data
 moe-serve's corpus ({train_mb:.1f} MB of training text), split by document into train / validation / test
@@ -64,11 +65,14 @@ moe-serve's corpus ({train_mb:.1f} MB of training text), split by document into 
 - Experts receiving tokens per layer: {r["experts_in_use"]}; load imbalance (max/mean): {_join(r["imbalance"], ".2f")}.
 - Router orthogonality (mean squared deviation of W W^T from I): {_join(r["router_orthogonality"], ".2e")}.
 - PES per layer: {_join(r["pes"], ".4f")}; min PES {r["min_pes"]:.4f}.
+- Correlation over experts between load and the router logit of the mean layer input:
+  {_join(r["load_vs_mean_input_logit"], "+.2f")} (near 1: load follows the input's mean direction, which
+  carries {_join(r["mean_input_energy"], ".0%")} of the inputs' energy).
 
 ## Reproduce
 ```bash
 moe-train corpus && moe-train tokenizer
-{train_command(model_dir, c)}
+{train_command(model_dir, c, trained["threads"])}
 moe-train eval {model_dir} --split test --write-card
 ```
 

@@ -39,15 +39,22 @@ def pes_per_token(cosines: torch.Tensor) -> torch.Tensor:
 
 
 class _PESProbe:
-    """Routing observer that applies all experts to a fixed number of each layer's tokens (evenly sampled)."""
+    """Routing observer that applies all experts to a fixed number of each layer's tokens (evenly sampled),
+    and sums every token's input (the mean input direction explains much of a router's load imbalance)."""
 
     def __init__(self, every: int, budget: int) -> None:
         self.every, self.budget = every, budget
         self.sums: dict[int, float] = {}
         self.counts: dict[int, int] = {}
+        self.input_sums: dict[int, torch.Tensor] = {}
+        self.input_energy: dict[int, float] = {}
+        self.inputs: dict[int, int] = {}
 
     def __call__(self, block: SparseMoE, x: torch.Tensor, logits: torch.Tensor, routing: Routing) -> None:
         layer = block.layer_idx
+        self.input_sums[layer] = self.input_sums.get(layer, 0) + x.double().sum(0)
+        self.input_energy[layer] = self.input_energy.get(layer, 0.0) + float(x.double().pow(2).sum())
+        self.inputs[layer] = self.inputs.get(layer, 0) + x.shape[0]
         left = self.budget - self.counts.get(layer, 0)
         if left <= 0:
             return
@@ -86,6 +93,15 @@ def evaluate(
     layers = [block.layer_idx for block in blocks]
     loss = total_loss / total_tokens
     pes = [probe.sums[layer] / probe.counts[layer] for layer in layers]
+    # Correlation, over experts, between a router row's logit for the mean input and the expert's load.
+    alignment = [
+        float(
+            torch.corrcoef(
+                torch.stack([block.gate.weight.double() @ probe.input_sums[block.layer_idx], load[block.layer_idx]])
+            )[0, 1]
+        )
+        for block in blocks
+    ]
     return {
         "loss": loss,
         "ppl": math.exp(loss),
@@ -95,6 +111,12 @@ def evaluate(
         "router_orthogonality": [router_orthogonality(block.gate.weight) for block in blocks],
         "pes": pes,
         "min_pes": min(pes),
+        "load_vs_mean_input_logit": alignment,
+        # Share of the MoE inputs' energy along their mean: |mean x|^2 / mean |x|^2.
+        "mean_input_energy": [
+            float((probe.input_sums[i] / probe.inputs[i]).pow(2).sum()) / (probe.input_energy[i] / probe.inputs[i])
+            for i in layers
+        ],
     }
 
 
@@ -110,7 +132,7 @@ def evaluate_checkpoint(
     split: str = "test",
     corpus_dir: Path = DEFAULT_CORPUS_DIR,
     batch_size: int = 8,
-    pes_tokens: int = 2048,
+    pes_tokens: int = 16384,
 ) -> dict[str, Any]:
     """A saved model's metrics on a whole corpus split, in windows of its context length, beside the unigram
     baseline and bits per byte (comparable across tokenizers)."""

@@ -330,5 +330,10 @@ class Trainer:
         """The Hugging Face model directory: config.json, model.safetensors, tokenizer files, train_config.json."""
         exported = copy.deepcopy(model).to("cpu", getattr(torch, self.config.save_dtype))
         save_checkpoint(exported, self.out)
-        summary = {"config": dataclasses.asdict(self.config), "train_wall_s": elapsed, "device": str(self.device)}
+        summary = {
+            "config": dataclasses.asdict(self.config),
+            "train_wall_s": elapsed,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+        }
         (self.out / "train_config.json").write_text(json.dumps(summary, indent=2) + "\n")
