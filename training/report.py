@@ -64,6 +64,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 def plot(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
     """One PNG per measure, the runs overlaid; per-layer measures drawn as the mean with a min-max band."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -98,6 +99,10 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[Path]:
         ax.set_ylabel(label)
         if log:
             ax.set_yscale("log")
+            if name == "imbalance":
+                ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+                ax.set_yticks([1, 1.5, 2, 3, 4, 6])
         if name == "val_loss":
             ax.set_ylim(top=min(max(e["loss"] for ev in runs.values() for e in ev[1:]) + 0.2, 8))
         ax.grid(alpha=0.3)

@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer
 
 from engine import LLM, SamplingParams
+from engine.attention import DenseCausal
 from engine.checkpoint import load_model
 from training.corpus import REPO_ROOT
 from training.data import eval_windows, split_tokens
@@ -52,3 +53,16 @@ def test_moe_generate_serves_the_bundled_simbal_model_by_default() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("And the king said") and "[8 tokens" in result.stdout
+
+
+def test_transformers_loads_the_bundled_model_with_the_same_logits() -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = REPO_ROOT / "models" / "tiny-simbal"
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ours = load_model(path, torch.float32, torch.device("cpu"))
+    ids = torch.tensor([Tokenizer.from_file(str(path / "tokenizer.json")).encode("And the king said unto them").ids])
+    with torch.no_grad():
+        expected = reference(ids).logits[0]
+        got = ours.compute_logits(ours(ids[0], torch.arange(ids.shape[1]), DenseCausal(1, ids.shape[1])))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
