@@ -20,6 +20,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 from training.rdata import read_lazyload
 
@@ -175,12 +176,12 @@ def user_documents(paths: Iterable[Path]) -> Iterator[Document]:
                 yield Document(f"file/{file.relative_to(root).as_posix()}", "user", text.strip())
 
 
-def write_corpus(documents: Iterable[Document], out: Path, sources: list[dict[str, str]]) -> dict[str, object]:
+def write_corpus(documents: Iterable[Document], out: Path, sources: list[dict[str, str]]) -> dict[str, Any]:
     """Write {split}.jsonl and manifest.json into out (through a temporary directory: never half-written)."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    stats = {split: {"documents": 0, "bytes": 0} for split in SPLITS}
+    stats: dict[str, dict[str, Any]] = {split: {"documents": 0, "bytes": 0} for split in SPLITS}
     seen: set[str] = set()
     with ExitStack() as stack:
         handles = {split: stack.enter_context(open(tmp / f"{split}.jsonl", "w", encoding="utf-8")) for split in SPLITS}
@@ -197,15 +198,15 @@ def write_corpus(documents: Iterable[Document], out: Path, sources: list[dict[st
         shutil.rmtree(tmp)
         raise CorpusError(f"splits {empty} got no documents ({len(seen)} in all); give more, smaller documents")
     for split in SPLITS:
-        stats[split]["sha256"] = hashlib.sha256((tmp / f"{split}.jsonl").read_bytes()).hexdigest()  # type: ignore[assignment]
-    manifest: dict[str, object] = {"sources": sources, "splits": stats}
+        stats[split]["sha256"] = hashlib.sha256((tmp / f"{split}.jsonl").read_bytes()).hexdigest()
+    manifest: dict[str, Any] = {"sources": sources, "splits": stats}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return manifest
 
 
-def build_corpus(out: Path, cache_dir: Path = DEFAULT_CACHE_DIR, files: list[Path] | None = None) -> dict[str, object]:
+def build_corpus(out: Path, cache_dir: Path = DEFAULT_CACHE_DIR, files: list[Path] | None = None) -> dict[str, Any]:
     """Build the corpus from user files, or else from the offline package sources; return the manifest."""
     if files:
         return write_corpus(user_documents(files), out, [{"name": "user", "paths": ", ".join(map(str, files))}])

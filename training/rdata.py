@@ -24,7 +24,8 @@ class RDataError(ValueError):
 
 class _Reader:
     def __init__(self, data: bytes, source: str) -> None:
-        self.data, self.pos, self.source, self.refs = data, 0, source, []  # type: ignore[var-annotated]
+        self.data, self.pos, self.source = data, 0, source
+        self.refs: list[Any] = []
 
     def _take(self, n: int) -> bytes:
         if self.pos + n > len(self.data):
@@ -104,7 +105,7 @@ class _Reader:
             has_attr, has_tag = bool(flags & (1 << 9)), bool(flags & (1 << 10))
 
 
-class _Named(list):  # type: ignore[type-arg]
+class _Named(list[Any]):
     """An R vector with a names attribute (a data frame or named list)."""
 
     def __init__(self, values: list[Any], attributes: dict[str, Any]) -> None:

@@ -51,7 +51,7 @@ def test_user_files_and_directories(tmp_path: Path) -> None:
         (texts / ("sub" if i % 2 else "") / f"{i}.txt").write_text(f"Document number {i}.\n")
     (texts / "ignored.bin").write_bytes(b"\x00\x01")
     manifest = build_corpus(tmp_path / "c", files=[texts])
-    counts = {s: v["documents"] for s, v in manifest["splits"].items()}  # type: ignore[union-attr]
+    counts = {s: v["documents"] for s, v in manifest["splits"].items()}
     assert sum(counts.values()) == 80 and all(counts.values())
     again = build_corpus(tmp_path / "c2", files=[texts])
     assert again["splits"] == manifest["splits"]
