@@ -65,7 +65,8 @@ def _eval(args: argparse.Namespace) -> None:
     result = evaluate_checkpoint(args.model, args.split, args.corpus)
     if args.write_card:
         (args.model / f"eval_{args.split}.json").write_text(json.dumps(result, indent=2) + "\n")
-        write_model_card(args.model, args.corpus)
+        if args.split == "test":  # the card reports the test split
+            write_model_card(args.model, args.corpus)
     print(json.dumps(result, indent=2))
 
 
@@ -102,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("--split", default="test", choices=SPLITS)
     evaluate.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS_DIR)
     evaluate.add_argument("--threads", type=int, default=torch.get_num_threads())
-    evaluate.add_argument("--write-card", action="store_true", help="save eval_<split>.json and README.md in MODEL")
+    evaluate.add_argument(
+        "--write-card", action="store_true", help="save eval_<split>.json in MODEL (and README.md, for the test split)"
+    )
     evaluate.set_defaults(run=_eval)
 
     args = parser.parse_args(argv)

@@ -235,5 +235,11 @@ def read_split(split: str, corpus_dir: Path = DEFAULT_CORPUS_DIR) -> list[str]:
     file = corpus_dir / f"{split}.jsonl"
     if not file.is_file():
         raise CorpusError(f"{file}: missing; build the corpus with `moe-train corpus --out {corpus_dir}`")
+    texts = []
     with open(file, encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f]
+        for number, line in enumerate(f, 1):
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CorpusError(f"{file}:{number}: not a document record ({exc!r})") from exc
+    return texts

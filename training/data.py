@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,22 +36,30 @@ def split_tokens(tokenizer: Tokenizer, split: str, corpus_dir: Path = DEFAULT_CO
     tokens = encode_documents(tokenizer, read_split(split, corpus_dir))
     cache.parent.mkdir(exist_ok=True)
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.int32
-    np.save(cache, tokens.numpy().astype(dtype))
+    tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npy")  # concurrent runs each write their own
+    np.save(tmp, tokens.numpy().astype(dtype))
+    os.replace(tmp, cache)
     return tokens
 
 
 def train_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int, step: int) -> torch.Tensor:
     """[batch, seq_len + 1] windows at random offsets, a function of (seed, step) only, so a resumed run
     draws exactly the batches the killed run would have."""
+    if len(tokens) < seq_len + 2:
+        raise ValueError(f"the train split has {len(tokens)} tokens, too few for sequences of {seq_len}")
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size,), generator=generator)
     return torch.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()])
 
 
-def eval_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+def eval_windows(
+    tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None, split: str = "evaluation"
+) -> torch.Tensor:
     """Consecutive non-overlapping [n, seq_len + 1] windows (each predicts seq_len tokens) from the start."""
     usable = len(tokens) - 1
     if max_tokens is not None:
         usable = min(usable, max_tokens)
     n = usable // seq_len
+    if n == 0:
+        raise ValueError(f"the {split} split has {len(tokens)} tokens, too few for one window of {seq_len}")
     return torch.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)])

@@ -54,11 +54,13 @@ class _PESProbe:
         layer = block.layer_idx
         self.input_sums[layer] = self.input_sums.get(layer, 0) + x.double().sum(0)
         self.input_energy[layer] = self.input_energy.get(layer, 0.0) + float(x.double().pow(2).sum())
-        self.inputs[layer] = self.inputs.get(layer, 0) + x.shape[0]
+        seen = self.inputs.get(layer, 0)
+        self.inputs[layer] = seen + x.shape[0]
         left = self.budget - self.counts.get(layer, 0)
         if left <= 0:
             return
-        sample = x[:: self.every][:left]
+        # Every `every`-th token of the whole evaluation, counted across batches.
+        sample = x[(-seen) % self.every :: self.every][:left]
         values = pes_per_token(expert_cosines(block.experts.apply_all(sample)))
         self.sums[layer] = self.sums.get(layer, 0.0) + float(values.sum())
         self.counts[layer] = self.counts.get(layer, 0) + len(sample)
@@ -69,6 +71,8 @@ def evaluate(
     model: MoEForCausalLM, windows: torch.Tensor, batch_size: int = 16, pes_tokens: int = 1024
 ) -> dict[str, Any]:
     """Loss, perplexity and routing measures over [N, seq_len + 1] token windows."""
+    if len(windows) == 0 or pes_tokens < 1:
+        raise ValueError(f"evaluation needs windows and pes_tokens >= 1 (got {len(windows)}, {pes_tokens})")
     seq_len = windows.shape[1] - 1
     device = model.lm_head.weight.device
     num_batches = math.ceil(len(windows) / batch_size)
@@ -140,10 +144,10 @@ def evaluate_checkpoint(
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     tokens = split_tokens(tokenizer, split, corpus_dir)
     seq_len = model.config.max_position_embeddings
-    windows = eval_windows(tokens, seq_len)
+    windows = eval_windows(tokens, seq_len, split=split)
     result = evaluate(model, windows, batch_size, pes_tokens)
     targets = windows[:, 1:].reshape(-1)
-    text_bytes = len(tokenizer.decode(targets.tolist(), skip_special_tokens=False).encode())
+    text_bytes = len(tokenizer.decode(targets.tolist(), skip_special_tokens=True).encode())
     result.update(
         split=split,
         seq_len=seq_len,

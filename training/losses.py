@@ -2,8 +2,10 @@
 
 Choices the paper leaves open, each a setting of the trainer: per-layer losses are averaged over MoE layers
 (`layer_reduction="mean"`, as transformers' load_balancing_loss_func does for LBL), LBL's statistics are taken
-per sequence and averaged (the paper's snippet; `lbl_scope="batch"` pools all tokens), LBL's P_i is the mean of
-the full softmax (Switch/OLMoE), and the z-loss is on the LM head's output logits ("output z-loss").
+per sequence and averaged (the paper's snippet; `lbl_scope="batch"` pools all tokens), and the z-loss is on the
+LM head's output logits ("output z-loss"). LBL's P_i is "the mean routing probability" in the paper's text; its
+snippet averages the sparse top-k gate weights (`lbl_prob="gates"`), while Switch and OLMoE average the full
+softmax (`lbl_prob="softmax"`, the default, which the bundled LBL model was trained with).
 """
 
 from __future__ import annotations
@@ -18,16 +20,17 @@ def simbal_loss(router_weight: torch.Tensor) -> torch.Tensor:
     return (gram - torch.eye(w.shape[0], device=w.device)).abs().sum()
 
 
-def lbl_loss(router_logits: torch.Tensor, expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+def lbl_loss(prob: str, router_logits: torch.Tensor, expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """alpha-free LBL, E * sum_i f_i P_i, averaged over the leading (sequence) dimension.
 
     router_logits [S, T, E] and expert_ids [S, T, k]: f_i is the fraction of a sequence's tokens routed to i
-    (sum_i f_i = k), P_i the mean routing probability of i. Perfectly uniform routing gives exactly k.
+    (sum_i f_i = k), P_i the mean probability of i: of the full softmax (prob="softmax") or of the top-k gates,
+    zero where not selected (prob="gates"). Perfectly uniform routing gives exactly k with "softmax".
     """
     probs = torch.softmax(router_logits.float(), dim=-1)
     routed = torch.zeros_like(probs).scatter_(-1, expert_ids, 1.0)
     f = routed.mean(dim=-2)
-    p = probs.mean(dim=-2)
+    p = (probs if prob == "softmax" else probs * routed).mean(dim=-2)
     return num_experts * (f * p).sum(dim=-1).mean()
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 _NIL, _REF, _SYM, _LIST, _CHAR, _LGL, _INT, _REAL, _STR, _VEC, _ALTREP = 254, 255, 1, 2, 9, 10, 13, 14, 16, 19, 238
 _PAIRLIST_TYPES = {2, 3, 5, 6, 17}  # pairlist, closure, promise, language, dots
-_SINGLETONS = {242, 241, 253, 252, 251, 250, 247}  # empty/base/global env, unbound, missing, base namespace
+_SINGLETONS = {242, 241, 253, 252, 251, 250}  # empty, base, global env; unbound; missing arg; base namespace
 
 
 class RDataError(ValueError):
@@ -39,7 +39,7 @@ class _Reader:
 
     def length(self) -> int:
         n = self.read_int()
-        return n if n != -1 else (self.read_int() << 32) + self.read_int()
+        return n if n != -1 else (self.read_int() << 32) + (self.read_int() & 0xFFFFFFFF)
 
     def header(self) -> None:
         if self._take(2) != b"X\n":
@@ -58,6 +58,8 @@ class _Reader:
             return None
         if kind == _REF:
             index = flags >> 8 or self.read_int()
+            if not 1 <= index <= len(self.refs):
+                raise RDataError(f"{self.source}: reference {index} at byte {self.pos} points nowhere")
             return self.refs[index - 1]
         if kind == _SYM:
             symbol = self.item()
@@ -66,10 +68,7 @@ class _Reader:
         if kind in _PAIRLIST_TYPES:
             return self._pairlist(has_attr, has_tag)
         if kind == _ALTREP:
-            self.item()
-            state = self.item()
-            self.item()
-            return state
+            return self._altrep()
         if kind == _CHAR:
             n = self.read_int()
             return None if n == -1 else self._take(n).decode("utf-8", errors="replace")
@@ -88,6 +87,18 @@ class _Reader:
             if isinstance(value, list) and isinstance(attributes, dict) and "names" in attributes:
                 return _Named(value, attributes)
         return value
+
+    def _altrep(self) -> Any:
+        """Compact sequences and wrappers, the ALTREP classes R writes for plain data; others are refused."""
+        info, state = self.item(), self.item()
+        self.item()
+        name = next(iter(info.values())) if isinstance(info, dict) and info else None
+        if name in ("compact_intseq", "compact_realseq"):
+            n, start, step = state
+            return [start + i * step for i in range(int(n))]
+        if isinstance(name, str) and name.startswith("wrap_"):
+            return state[0]
+        raise RDataError(f"{self.source}: ALTREP class {name!r} at byte {self.pos} is not supported")
 
     def _pairlist(self, has_attr: bool, has_tag: bool) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -113,7 +124,10 @@ class _Named(list[Any]):
         self.attributes = attributes
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(zip(self.attributes["names"], self, strict=True))
+        names = self.attributes["names"]
+        if len(names) != len(self):
+            raise RDataError(f"{len(names)} names for {len(self)} values")
+        return dict(zip(names, self, strict=True))
 
 
 def _unserialize(data: bytes, source: str) -> Any:

@@ -45,7 +45,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "final_val_loss": last["loss"],
             "final_val_ppl": last["ppl"],
             "tokens": last["tokens"],
-            "min_experts_in_use": min(min(e["experts_in_use"]) for e in evals[1:] or evals),
+            "min_experts_in_use": min(min(e["experts_in_use"]) for e in evals),
             "final_experts_in_use": last["experts_in_use"],
             "final_imbalance": last["imbalance"],
             "final_min_pes": last["min_pes"],

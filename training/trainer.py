@@ -3,7 +3,8 @@
 The trainer uses the engine's own model definition, so what it trains is exactly what the server runs. A run
 is a pure function of its TrainConfig: batches depend only on (seed, step), the state is checkpointed
 atomically every `checkpoint_every` steps, and rerunning the same command after a kill resumes from the last
-checkpoint and produces the same weights as an uninterrupted run.
+checkpoint. On CPU the resumed run ends with exactly the weights of an uninterrupted one; on CUDA, kernels that
+accumulate with atomics make it equal only up to float rounding.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -52,6 +54,7 @@ class TrainConfig:
     z_loss_coef: float = 1e-5
     layer_reduction: str = "mean"  # balancing loss over MoE layers: "mean" or "sum"
     lbl_scope: str = "sequence"  # LBL's f and P per "sequence" (then averaged) or over the whole "batch"
+    lbl_prob: str = "softmax"  # LBL's P_i: mean of the full "softmax" (Switch, OLMoE) or of the sparse top-k "gates"
     router_init: str = "orthogonal"  # "orthogonal" (Saxe) or "normal" (std init_std)
     arch: str = "olmoe"
     layers: int = 4
@@ -92,6 +95,8 @@ class TrainConfig:
             "warmup_steps": 0 <= self.warmup_steps < self.steps,
             "top_k": 1 <= self.top_k <= self.experts,
             "min_lr_ratio": 0.0 <= self.min_lr_ratio <= 1.0,
+            "pes_tokens": self.pes_tokens >= 1,
+            "lbl_prob": self.lbl_prob in ("softmax", "gates"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -115,6 +120,7 @@ class TrainConfig:
             record["layer_reduction"] = self.layer_reduction
         if self.method == "lbl":
             record["lbl_scope"] = self.lbl_scope
+            record["lbl_prob"] = self.lbl_prob
         if self.method == "simbal":
             record["router_init"] = self.router_init
         return record
@@ -130,16 +136,17 @@ class _RouterCapture:
         self.records.append((block, logits, routing.expert_ids))
 
 
-def balancing_loss(config: TrainConfig, capture: _RouterCapture, batch_size: int) -> torch.Tensor:
+def balancing_loss(config: TrainConfig, capture: _RouterCapture) -> torch.Tensor:
     """The configured balancing loss (without its coefficient), reduced over the captured MoE layers."""
     losses = []
     for block, logits, expert_ids in capture.records:
         if config.method == "simbal":
             losses.append(simbal_loss(block.gate.weight))
         elif config.method == "lbl":
-            rows = batch_size if config.lbl_scope == "sequence" else 1
+            rows = config.batch_size if config.lbl_scope == "sequence" else 1
             losses.append(
                 lbl_loss(
+                    config.lbl_prob,
                     logits.view(rows, -1, logits.shape[-1]),
                     expert_ids.view(rows, -1, expert_ids.shape[-1]),
                     logits.shape[-1],
@@ -214,29 +221,49 @@ class Trainer:
         with open(self.out / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def _identity(self) -> dict[str, Any]:
+        """What a resumed run must share with the killed one besides its settings: tokenizer and data."""
+        manifest = self.corpus_dir / "manifest.json"
+        return {
+            "config": dataclasses.asdict(self.config),
+            "tokenizer_sha256": hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest(),
+            "corpus_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
+        }
+
     def _resume(self, model: MoEForCausalLM, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
         state_file = self.out / STATE_FILE
         if not state_file.is_file():
             (self.out / METRICS_FILE).unlink(missing_ok=True)
             return 0, 0.0
         state = torch.load(state_file, map_location=self.device, weights_only=True)
-        saved = state["config"]
-        differs = {k: (saved.get(k), v) for k, v in dataclasses.asdict(self.config).items() if saved.get(k) != v}
+        saved, now = state["identity"], self._identity()
+        differs = {k: (saved["config"].get(k), v) for k, v in now["config"].items() if saved["config"].get(k) != v}
+        differs |= {k: "changed" for k in ("tokenizer_sha256", "corpus_manifest_sha256") if saved[k] != now[k]}
         if differs:
-            raise ValueError(f"{state_file}: cannot resume with different settings (saved, now): {differs}")
+            raise ValueError(f"{state_file}: cannot resume with different settings or data (saved, now): {differs}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
-        # Drop what the killed run logged after its last checkpoint: those steps run again.
+        # Drop what the killed run logged after its last checkpoint (those steps run again), including a line
+        # the kill cut short.
         metrics = self.out / METRICS_FILE
         if metrics.is_file():
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-            metrics.write_text("".join(line + "\n" for line in kept))
+            kept = []
+            for line in metrics.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("step", 0) <= step:
+                    kept.append(line)
+            tmp = metrics.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, metrics)
         return step, float(state["elapsed_s"])
 
     def _checkpoint(self, model: MoEForCausalLM, optimizer: torch.optim.Optimizer, step: int, elapsed: float) -> None:
         state = {
-            "config": dataclasses.asdict(self.config),
+            "identity": self._identity(),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "step": step,
@@ -262,7 +289,10 @@ class Trainer:
 
         train_tokens = split_tokens(self.tokenizer, "train", self.corpus_dir)
         val_windows = eval_windows(
-            split_tokens(self.tokenizer, "validation", self.corpus_dir), config.seq_len, config.eval_tokens
+            split_tokens(self.tokenizer, "validation", self.corpus_dir),
+            config.seq_len,
+            config.eval_tokens,
+            "validation",
         )
         if start == 0:
             self._log({"step": 0, "config": dataclasses.asdict(config), "train_tokens": len(train_tokens)})
@@ -279,12 +309,14 @@ class Trainer:
             inputs, targets = batch[:, :-1].reshape(-1), batch[:, 1:].reshape(-1)
             capture.records.clear()
             model.set_routing_observer(capture)
-            with self._autocast():
-                logits = model.compute_logits(model(inputs, positions, meta))
-            model.set_routing_observer(None)
+            try:
+                with self._autocast():
+                    logits = model.compute_logits(model(inputs, positions, meta))
+            finally:
+                model.set_routing_observer(None)
             ce = F.cross_entropy(logits, targets)
             z = z_loss(logits)
-            balance = balancing_loss(config, capture, config.batch_size)
+            balance = balancing_loss(config, capture)
             loss = ce + config.coef * balance + config.z_loss_coef * z
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -318,7 +350,7 @@ class Trainer:
                     f"step {done}: val loss {result['loss']:.4f} ppl {result['ppl']:.2f}  experts in use "
                     f"{result['experts_in_use']}  min PES {result['min_pes']:.4f}"
                 )
-            if done % config.checkpoint_every == 0 and done < config.steps:
+            if (done % config.checkpoint_every == 0 and done < config.steps) or (done == config.steps and keep_state):
                 self._checkpoint(model, optimizer, done, elapsed())
         bar.close()
         self.save(model, elapsed())

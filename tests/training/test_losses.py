@@ -24,7 +24,7 @@ def test_lbl_gives_top_k_for_perfectly_balanced_routing() -> None:
     experts, k, seqs, tokens = 8, 2, 3, 16
     logits = torch.zeros(seqs, tokens, experts)  # uniform probabilities
     ids = torch.arange(tokens * k).remainder(experts).view(1, tokens, k).expand(seqs, -1, -1)  # equal counts
-    assert math.isclose(float(lbl_loss(logits, ids, experts)), k, rel_tol=1e-6)
+    assert math.isclose(float(lbl_loss("softmax", logits, ids, experts)), k, rel_tol=1e-6)
 
 
 def test_lbl_matches_the_formula_per_sequence_then_averaged() -> None:
@@ -38,11 +38,13 @@ def test_lbl_matches_the_formula_per_sequence_then_averaged() -> None:
         f = [sum(int(e in ids[s, t].tolist()) for t in range(10)) / 10 for e in range(experts)]
         p = probs.mean(0).tolist()
         expected += experts * sum(fi * pi for fi, pi in zip(f, p, strict=True)) / 2
-    assert math.isclose(float(lbl_loss(logits, ids, experts)), expected, rel_tol=1e-5)
+    assert math.isclose(float(lbl_loss("softmax", logits, ids, experts)), expected, rel_tol=1e-5)
     # All tokens on the same k experts with all probability there: E * sum f_i P_i = E * k * (1 / k) = E.
     collapsed = torch.full((1, 4, experts), -1e9)
     collapsed[..., :k] = 0.0
-    assert math.isclose(float(lbl_loss(collapsed, torch.arange(k).expand(1, 4, k), experts)), experts, rel_tol=1e-6)
+    assert math.isclose(
+        float(lbl_loss("softmax", collapsed, torch.arange(k).expand(1, 4, k), experts)), experts, rel_tol=1e-6
+    )
 
 
 def test_z_loss_and_orthogonality_measure() -> None:
@@ -50,3 +52,13 @@ def test_z_loss_and_orthogonality_measure() -> None:
     assert math.isclose(float(z_loss(logits)), (math.log(2) ** 2 + math.log(4) ** 2) / 2, rel_tol=1e-6)
     assert router_orthogonality(torch.eye(4, 8)) == 0.0
     assert math.isclose(router_orthogonality(2 * torch.eye(2, 3)), (9 + 9) / 4)
+
+
+def test_lbl_with_sparse_gates_averages_only_the_selected_probabilities() -> None:
+    logits = torch.tensor([[[2.0, 1.0, 0.0], [0.0, 2.0, 1.0]]])  # one sequence, two tokens, three experts
+    ids = torch.topk(logits, 1, dim=-1).indices
+    probs = torch.softmax(logits, -1)[0]
+    f = [0.5, 0.5, 0.0]
+    p = [float(probs[0, 0]) / 2, float(probs[1, 1]) / 2, 0.0]
+    expected = 3 * sum(a * b for a, b in zip(f, p, strict=True))
+    assert math.isclose(float(lbl_loss("gates", logits, ids, 3)), expected, rel_tol=1e-6)

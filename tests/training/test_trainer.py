@@ -4,6 +4,7 @@ checkpoint that our engine serves and transformers loads with the same logits.""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -132,3 +133,27 @@ def test_trained_directory_serves_and_matches_transformers(
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     completion = LLM(str(out)).generate(["The king"], SamplingParams(max_tokens=5, ignore_eos=True))[0]
     assert len(completion.outputs[0].token_ids) == 5
+
+
+def test_learning_rate_schedule_endpoints() -> None:
+    config = TrainConfig(steps=1000, warmup_steps=100, lr=1e-3, min_lr_ratio=0.1)
+    assert math.isclose(config.lr_at(0), 1e-4) and math.isclose(config.lr_at(100), 1e-3)
+    assert math.isclose(config.lr_at(1000), 1e-4) and config.lr_at(550) < config.lr_at(300)
+
+
+def test_resume_survives_a_log_line_cut_short_and_keeps_the_final_state(
+    small_corpus: Path, small_tokenizer: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "m"
+    Trainer(tiny_config(steps=4), out, small_tokenizer, small_corpus).run(keep_state=True)
+    assert int(torch.load(out / STATE_FILE, weights_only=True)["step"]) == 4
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.')  # a kill in the middle of a write
+    Trainer(tiny_config(steps=4), out, small_tokenizer, small_corpus).run()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["step"] <= 4 for line in lines)
+
+
+def test_corpus_too_small_for_the_context_is_named(small_corpus: Path, small_tokenizer: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="validation split has 10431 tokens, too few for one window of 100000"):
+        Trainer(tiny_config(seq_len=100_000), tmp_path / "m", small_tokenizer, small_corpus).run()
