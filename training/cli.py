@@ -42,7 +42,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _corpus(args: argparse.Namespace) -> None:
-    manifest = build_corpus(args.out, args.cache, args.files)
+    if args.files and args.out is None:
+        raise CorpusError(f"pass --out for a corpus of your own files ({DEFAULT_CORPUS_DIR} holds the bundled one)")
+    manifest = build_corpus(args.out or DEFAULT_CORPUS_DIR, args.cache, args.files)
     print(json.dumps(manifest["splits"], indent=2))
 
 
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
 
     corpus = commands.add_parser("corpus", help="assemble the corpus and its train/validation/test split")
-    corpus.add_argument("--out", type=Path, default=DEFAULT_CORPUS_DIR)
+    corpus.add_argument("--out", type=Path, help=f"default: {DEFAULT_CORPUS_DIR} (required with --files)")
     corpus.add_argument("--cache", type=Path, default=DEFAULT_CACHE_DIR, help="where source packages are unpacked")
     corpus.add_argument("--files", type=Path, nargs="+", help="your own text files or directories instead")
     corpus.set_defaults(run=_corpus)

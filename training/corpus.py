@@ -183,16 +183,22 @@ def write_corpus(documents: Iterable[Document], out: Path, sources: list[dict[st
     tmp.mkdir(parents=True)
     stats: dict[str, dict[str, Any]] = {split: {"documents": 0, "bytes": 0} for split in SPLITS}
     seen: set[str] = set()
-    with ExitStack() as stack:
-        handles = {split: stack.enter_context(open(tmp / f"{split}.jsonl", "w", encoding="utf-8")) for split in SPLITS}
-        for doc in documents:
-            if doc.id in seen:
-                raise CorpusError(f"duplicate document id {doc.id!r}")
-            seen.add(doc.id)
-            split = split_of(doc.id)
-            handles[split].write(json.dumps({"id": doc.id, "source": doc.source, "text": doc.text}) + "\n")
-            stats[split]["documents"] += 1
-            stats[split]["bytes"] += len(doc.text.encode())
+    try:
+        with ExitStack() as stack:
+            files = {
+                split: stack.enter_context(open(tmp / f"{split}.jsonl", "w", encoding="utf-8")) for split in SPLITS
+            }
+            for doc in documents:
+                if doc.id in seen:
+                    raise CorpusError(f"duplicate document id {doc.id!r}")
+                seen.add(doc.id)
+                split = split_of(doc.id)
+                files[split].write(json.dumps({"id": doc.id, "source": doc.source, "text": doc.text}) + "\n")
+                stats[split]["documents"] += 1
+                stats[split]["bytes"] += len(doc.text.encode())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     empty = [split for split in SPLITS if not stats[split]["documents"]]
     if empty:
         shutil.rmtree(tmp)

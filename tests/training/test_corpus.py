@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,7 @@ def test_user_files_and_directories(tmp_path: Path) -> None:
 def test_bad_corpus_inputs_are_named(tmp_path: Path) -> None:
     with pytest.raises(CorpusError, match="absent.txt: no such file"):
         build_corpus(tmp_path / "c", files=[tmp_path / "absent.txt"])
+    assert not (tmp_path / "c.tmp").exists()
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(CorpusError, match="latin1.txt: not UTF-8"):
         build_corpus(tmp_path / "c", files=[tmp_path / "latin1.txt"])
@@ -83,3 +86,15 @@ def test_token_stream_batches_and_windows() -> None:
     assert a.shape == (4, 9) and (a == b).all() and not (a == train_batch(long, 4, 8, seed=1, step=6)).all()
     windows = eval_windows(long, 8)
     assert windows.shape[1] == 9 and (windows[1, 0] == windows[0, 8])
+
+
+def test_cli_refuses_to_overwrite_the_bundled_corpus_with_user_files(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("text")
+    result = subprocess.run(
+        [sys.executable, "-m", "training.cli", "corpus", "--files", str(tmp_path / "a.txt")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2 and "pass --out for a corpus of your own files" in result.stderr
+    assert json.loads((DEFAULT_CORPUS_DIR / "manifest.json").read_text())["sources"][0]["name"] == "shakespeare"
