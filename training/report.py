@@ -53,11 +53,11 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "final_router_orthogonality": sum(last["router_orthogonality"]) / len(last["router_orthogonality"]),
         }
     if "simbal" in runs and "lbl" in runs:
-        reached = tokens_to_reach(runs["simbal"], runs["lbl"][-1]["loss"])
-        lbl_tokens = runs["lbl"][-1]["tokens"]
-        summary["simbal_fraction_of_lbl_tokens_to_reach_lbl_final_loss"] = (
-            None if reached is None else reached / lbl_tokens
-        )
+        # The paper's convergence claim both ways round: None where a run never reaches the other's final loss.
+        for fast, slow in (("simbal", "lbl"), ("lbl", "simbal")):
+            reached = tokens_to_reach(runs[fast], runs[slow][-1]["loss"])
+            key = f"{fast}_fraction_of_{slow}_tokens_to_reach_{slow}_final_loss"
+            summary[key] = None if reached is None else reached / runs[slow][-1]["tokens"]
     return summary
 
 
