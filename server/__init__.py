@@ -1,0 +1,1 @@
+"""The HTTP front end: an asyncio-facing engine thread, the OpenAI-compatible API, Prometheus metrics."""
