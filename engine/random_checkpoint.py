@@ -7,7 +7,6 @@ Used for benchmarks (random weights time the same as trained ones), the quicksta
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from engine.checkpoint import save_checkpoint
 from engine.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from engine.model import MoEForCausalLM
-from engine.tokenizer import END_OF_TEXT, byte_level_tokenizer
+from engine.tokenizer import byte_level_tokenizer, save_tokenizer_files
 
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
@@ -84,12 +83,7 @@ def hf_config(
 
 def write_tokenizer(path: Path) -> int:
     """Write the byte-level tokenizer files; return the end-of-text id."""
-    tokenizer = byte_level_tokenizer()
-    tokenizer.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": END_OF_TEXT}) + "\n")
-    eos = tokenizer.token_to_id(END_OF_TEXT)
-    assert eos is not None
-    return eos
+    return save_tokenizer_files(byte_level_tokenizer(), path)
 
 
 def write_random_checkpoint(

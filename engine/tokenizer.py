@@ -103,3 +103,22 @@ def byte_level_tokenizer() -> HFTokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([END_OF_TEXT])
     return tokenizer
+
+
+def save_tokenizer_files(tokenizer: HFTokenizer, path: Path) -> int:
+    """Write tokenizer.json and a tokenizer_config.json that transformers' AutoTokenizer reads, with end of
+    text as the eos (and bos, unk) token; return its id."""
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": END_OF_TEXT,
+        "eos_token": END_OF_TEXT,
+        "unk_token": END_OF_TEXT,
+        "model_max_length": 1 << 30,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    eos = tokenizer.token_to_id(END_OF_TEXT)
+    if eos is None:
+        raise ValueError(f"the tokenizer has no {END_OF_TEXT} token")
+    return eos

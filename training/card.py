@@ -44,7 +44,8 @@ balancing loss. It exists to be served, pruned and measured by this project; it 
 ## Configuration
 - Architecture: `{model["model_type"]}` layout, {c["layers"]} layers, hidden {c["hidden"]}, {c["heads"]} heads,
   {c["experts"]} routed experts per layer of width {c["expert_width"]}, top-{c["top_k"]}, no shared experts,
-  vocabulary {model["vocab_size"]}, context {c["seq_len"]}.
+  vocabulary {model["vocab_size"]}, context {c["seq_len"]}; {r["parameters"]:,} parameters,
+  {r["active_parameters_per_token"]:,} active per token.
 - Balancing: `router_balancing` = `{json.dumps(model["router_balancing"])}`; router initialization {c["router_init"]}.
 - Optimization: AdamW (betas 0.9/0.95, weight decay {c["weight_decay"]} on matrices), peak LR {c["lr"]},
   {c["warmup_steps"]} warmup steps from 10% of peak, cosine to {c["min_lr_ratio"]:.0%}, gradient clipping

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from training.bpe import save_tokenizer, train_tokenizer
+from engine.tokenizer import save_tokenizer_files
+from training.bpe import train_tokenizer
 from training.card import write_model_card
 from training.corpus import (
     DEFAULT_CACHE_DIR,
@@ -50,7 +51,7 @@ def _corpus(args: argparse.Namespace) -> None:
 
 def _tokenizer(args: argparse.Namespace) -> None:
     tokenizer = train_tokenizer(read_split("train", args.corpus), args.vocab)
-    save_tokenizer(tokenizer, args.out)
+    save_tokenizer_files(tokenizer, args.out)
     print(f"{args.out}: vocabulary {tokenizer.get_vocab_size()}")
 
 

@@ -38,7 +38,7 @@ def pes_per_token(cosines: torch.Tensor) -> torch.Tensor:
     return off_diagonal / (n * (n - 1))
 
 
-class _PESProbe:
+class _RoutingProbe:
     """Routing observer that applies all experts to a fixed number of each layer's tokens (evenly sampled),
     and sums every token's input (the mean input direction explains much of a router's load imbalance)."""
 
@@ -76,7 +76,7 @@ def evaluate(
     seq_len = windows.shape[1] - 1
     device = model.lm_head.weight.device
     num_batches = math.ceil(len(windows) / batch_size)
-    probe = _PESProbe(every=max(1, (len(windows) * seq_len) // max(pes_tokens, 1)), budget=pes_tokens)
+    probe = _RoutingProbe(every=max(1, (len(windows) * seq_len) // pes_tokens), budget=pes_tokens)
     model.set_routing_observer(probe)
     model.expert_load.reset()
     total_loss, total_tokens = 0.0, 0
@@ -148,7 +148,11 @@ def evaluate_checkpoint(
     result = evaluate(model, windows, batch_size, pes_tokens)
     targets = windows[:, 1:].reshape(-1)
     text_bytes = len(tokenizer.decode(targets.tolist(), skip_special_tokens=True).encode())
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(b.experts.gate_up_proj.numel() + b.experts.down_proj.numel() for b in model.moe_blocks())
     result.update(
+        parameters=total,
+        active_parameters_per_token=round(total - expert * (1 - model.config.top_k / model.config.num_experts)),
         split=split,
         seq_len=seq_len,
         unigram_ppl=unigram_perplexity(split_tokens(tokenizer, "train", corpus_dir), targets, model.config.vocab_size),

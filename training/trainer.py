@@ -33,7 +33,7 @@ from engine.model import MoEForCausalLM
 from engine.moe import SparseMoE
 from engine.random_checkpoint import hf_config
 from engine.routing import Routing
-from training.bpe import save_tokenizer
+from engine.tokenizer import save_tokenizer_files
 from training.corpus import DEFAULT_CORPUS_DIR
 from training.data import eval_windows, split_tokens, train_batch
 from training.evaluate import evaluate
@@ -277,7 +277,7 @@ class Trainer:
         """Train (or resume) to config.steps, save the model directory, and return the trained model."""
         config = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        eos = save_tokenizer(self.tokenizer, self.out)
+        eos = save_tokenizer_files(self.tokenizer, self.out)
         torch.manual_seed(config.seed)
         model = build_model(config, self.tokenizer.get_vocab_size(), eos).to(self.device)
         optimizer = _optimizer(model, config)

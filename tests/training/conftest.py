@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from training.bpe import save_tokenizer, train_tokenizer
+from engine.tokenizer import save_tokenizer_files
+from training.bpe import train_tokenizer
 from training.corpus import DEFAULT_CORPUS_DIR, build_corpus, read_split
 from training.trainer import TrainConfig
 
@@ -51,5 +52,5 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_tokenizer(small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
-    save_tokenizer(train_tokenizer(read_split("train", small_corpus), vocab_size=400), out)
+    save_tokenizer_files(train_tokenizer(read_split("train", small_corpus), vocab_size=400), out)
     return out

@@ -47,12 +47,11 @@ def test_a_few_steps_lower_the_validation_loss(
 
 
 def test_simbal_keeps_the_router_orthogonal(small_corpus: Path, small_tokenizer: Path, tmp_path: Path) -> None:
-    simbal = Trainer(tiny_config(method="simbal"), tmp_path / "s", small_tokenizer, small_corpus).run()
-    free = Trainer(tiny_config(method="none"), tmp_path / "n", small_tokenizer, small_corpus).run()
+    Trainer(tiny_config(method="simbal"), tmp_path / "s", small_tokenizer, small_corpus).run()
+    Trainer(tiny_config(method="none"), tmp_path / "n", small_tokenizer, small_corpus).run()
     assert max(evals(tmp_path / "s")[-1]["router_orthogonality"]) < 0.1 * min(
         evals(tmp_path / "n")[-1]["router_orthogonality"]
     )
-    assert simbal.config.router_balancing is not None and free.config.router_balancing is not None
 
 
 def _train_cli(out: Path, corpus: Path, tokenizer: Path, steps: int) -> list[str]:
