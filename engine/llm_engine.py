@@ -7,7 +7,8 @@ has_unfinished_requests); `LLM` wraps it for offline batches.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ from engine.block_manager import BlockManager
 from engine.checkpoint import load_model
 from engine.config import CheckpointError, ModelConfig
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
-from engine.moe import select_backend
-from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from engine.moe import PendingSnapshot, select_backend
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
 from engine.routing import RoutingPolicy
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -93,6 +94,15 @@ class _Request:
     prompt: str | None
     prompt_token_ids: list[int]
     seqs: list[Sequence]
+    metrics: RequestMetrics
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What the last step computed: tokens run through the model (the batch size in tokens) and sequences."""
+
+    num_tokens: int = 0
+    num_sequences: int = 0
 
 
 class LLMEngine:
@@ -126,6 +136,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.tokenizer.eos_token_ids)
         self.requests: dict[str, _Request] = {}
+        self.last_step = StepStats()
         logger.info(
             "loaded %s (%s) on %s in %s: %d KV blocks of %d tokens, max_model_len %d",
             path,
@@ -191,7 +202,7 @@ class LLMEngine:
             if seq.wants_prompt_logprobs:
                 seq.prompt_logprobs = [None]
             seqs.append(seq)
-        self.requests[request_id] = _Request(text, token_ids, seqs)
+        self.requests[request_id] = _Request(text, token_ids, seqs, RequestMetrics(arrival_time=time.monotonic()))
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -234,9 +245,16 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; return outputs of requests that produced a token or finished."""
         scheduled = self.scheduler.schedule().scheduled
+        self.last_step = StepStats(sum(item.num_new_tokens for item in scheduled), len(scheduled))
         if not scheduled:
             return []
+        start = time.monotonic()
+        for item in scheduled:
+            metrics = self.requests[item.seq.request_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = start
         results = self.runner.execute(scheduled, self.tokenizer.decode_token)
+        now = time.monotonic()
         touched: dict[str, None] = {}
         for item, result in zip(scheduled, results):
             seq = item.seq
@@ -248,7 +266,7 @@ class LLMEngine:
             if result.token is not None:
                 self._append_token(seq, result.token, result.logprobs)
                 touched[seq.request_id] = None
-        outputs = [self._request_output(rid) for rid in touched]
+        outputs = [self._request_output(rid, now) for rid in touched]
         for output in outputs:
             if output.finished:
                 del self.requests[output.request_id]
@@ -289,8 +307,12 @@ class LLMEngine:
         seq.output_text = text[: pos + len(stop)] if seq.params.include_stop_str_in_output else text[:pos]
         return True
 
-    def _request_output(self, request_id: str) -> RequestOutput:
+    def _request_output(self, request_id: str, now: float) -> RequestOutput:
         request = self.requests[request_id]
+        metrics = request.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
         completions = []
         for seq in request.seqs:
             text = seq.output_text
@@ -308,13 +330,17 @@ class LLMEngine:
                     stop_reason=seq.stop_reason,
                 )
             )
+        finished = all(seq.is_finished for seq in request.seqs)
+        if finished:
+            metrics.finished_time = now
         return RequestOutput(
             request_id=request_id,
             prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids,
             prompt_logprobs=request.seqs[0].prompt_logprobs,
             outputs=completions,
-            finished=all(seq.is_finished for seq in request.seqs),
+            finished=finished,
+            metrics=replace(metrics),
         )
 
     # ----- expert routing -----
@@ -326,6 +352,10 @@ class LLMEngine:
         request's n > 1 completions are not counted again.
         """
         return self.model.expert_load.snapshot().numpy()
+
+    def expert_load_async(self) -> PendingSnapshot:
+        """The same counts as expert_load(), copied to the host without a device sync (for metrics)."""
+        return self.model.expert_load.snapshot_async()
 
     def reset_expert_load(self) -> None:
         self.model.expert_load.reset()

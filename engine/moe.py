@@ -80,8 +80,36 @@ class ExpertLoad(nn.Module):
         """A copy, [layers, experts] int64 on the CPU (one host sync)."""
         return self.counts[:, :-1].to("cpu", copy=True)
 
+    def snapshot_async(self) -> PendingSnapshot:
+        """Start copying the counts to the host without waiting for the device (pinned memory and an event on
+        CUDA); the copy holds the counts as of the work queued so far."""
+        if self.counts.device.type != "cuda":
+            return PendingSnapshot(self.snapshot(), None)
+        host = torch.empty(self.counts[:, :-1].shape, dtype=torch.int64, pin_memory=True)
+        host.copy_(self.counts[:, :-1], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingSnapshot(host, event)
+
     def reset(self) -> None:
         self.counts.zero_()
+
+
+class PendingSnapshot:
+    """Expert counts on their way to the host: poll `ready()`, then read `counts()` without a device sync."""
+
+    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None) -> None:
+        self._host = host
+        self._event = event
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def counts(self) -> torch.Tensor:
+        """[layers, experts] int64 on the CPU; waits for the copy if it is not ready yet."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host
 
 
 def grouped_mm_supported(hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> bool:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -31,10 +31,24 @@ class EngineDeadError(RuntimeError):
     """The engine thread stopped after an unexpected error; no request can be served."""
 
 
+class EngineObserver(Protocol):
+    """Sees the engine from its own thread (metrics): after every step, on every abort, and when it goes idle.
+
+    Calls run on the engine thread between steps, so they must be quick and must not block.
+    """
+
+    def on_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None: ...
+
+    def on_abort(self, engine: LLMEngine, request_id: str, num_completions: int) -> None: ...
+
+    def on_idle(self, engine: LLMEngine) -> None: ...
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput | BaseException]
+    num_completions: int
 
     def put(self, item: RequestOutput | BaseException) -> bool:
         """Hand an item to the request's coroutine; False when its event loop is gone (nobody will read it)."""
@@ -45,9 +59,17 @@ class AsyncEngine:
     """Serves many concurrent `generate` calls from one continuously batching LLMEngine.
 
     max_queue bounds the requests admitted but not yet running; beyond it `generate` raises QueueFullError.
+    `warmup(engine)` runs on the engine thread before the first request (requests sent meanwhile wait);
+    `ready` is set once it has.
     """
 
-    def __init__(self, engine: LLMEngine, max_queue: int = 256) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        max_queue: int = 256,
+        warmup: Callable[[LLMEngine], None] | None = None,
+        observers: list[EngineObserver] | None = None,
+    ) -> None:
         self.engine = engine
         self.max_queue = max_queue
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -57,7 +79,9 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._stopping = False
         self.error: BaseException | None = None
-        self.step_listeners: list[Callable[[list[RequestOutput]], None]] = []
+        self.observers = list(observers or [])
+        self._warmup = warmup
+        self.ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
@@ -80,7 +104,7 @@ class AsyncEngine:
                 raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests)")
             self._admitted += 1
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue())
+        stream = _Stream(loop, asyncio.Queue(), params.n)
         added: asyncio.Future[None] = loop.create_future()
 
         def add() -> None:
@@ -135,6 +159,11 @@ class AsyncEngine:
         """Requests accepted and not yet finished."""
         return self._admitted
 
+    @property
+    def is_alive(self) -> bool:
+        """The engine thread is running and has not failed."""
+        return self.error is None and self._thread.is_alive()
+
     def shutdown(self, grace: float = 0.0, timeout: float | None = None) -> None:
         """Refuse new requests, let those in flight finish for up to `grace` seconds, abort the rest (their
         streams end with QueueFullError), and stop the engine thread."""
@@ -158,8 +187,11 @@ class AsyncEngine:
 
     def _abort(self, request_id: str) -> None:
         self.engine.abort_request(request_id)
-        if self._streams.pop(request_id, None) is not None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
             self._release()
+            for observer in self.observers:
+                observer.on_abort(self.engine, request_id, stream.num_completions)
 
     def _abort_all(self) -> None:
         for request_id in list(self._streams):
@@ -169,6 +201,9 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
+            if self._warmup is not None:
+                self._warmup(self.engine)
+            self.ready.set()
             while True:
                 while True:
                     try:
@@ -178,6 +213,8 @@ class AsyncEngine:
                 if self._stopping and not self._streams:
                     return
                 if not self.engine.has_unfinished_requests():
+                    for observer in self.observers:
+                        observer.on_idle(self.engine)
                     self._wake.wait()
                     self._wake.clear()
                     continue
@@ -191,8 +228,8 @@ class AsyncEngine:
                         self._release()
                     if not stream.put(output):
                         self._abort(output.request_id)
-                for listener in self.step_listeners:
-                    listener(outputs)
+                for observer in self.observers:
+                    observer.on_step(self.engine, outputs)
         except Exception as exc:
             logger.exception("engine thread stopped")
             self.error = exc

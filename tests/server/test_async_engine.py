@@ -24,6 +24,22 @@ def async_engine(tiny_model: Path) -> Iterator[AsyncEngine]:
     engine.shutdown(timeout=30)
 
 
+class StepCounter:
+    """An observer that records how many requests advanced in each step."""
+
+    def __init__(self) -> None:
+        self.outputs_per_step: list[int] = []
+
+    def on_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
+        self.outputs_per_step.append(len(outputs))
+
+    def on_abort(self, engine: LLMEngine, request_id: str, num_completions: int) -> None:
+        pass
+
+    def on_idle(self, engine: LLMEngine) -> None:
+        pass
+
+
 async def collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
     last = None
     async for output in stream:
@@ -35,8 +51,8 @@ async def collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
 def test_concurrent_streams_get_the_offline_answers(async_engine: AsyncEngine, tiny_model: Path) -> None:
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     expected = [o.outputs[0].token_ids for o in LLM(str(tiny_model)).generate(PROMPTS, params)]
-    steps: list[int] = []
-    async_engine.step_listeners.append(lambda outputs: steps.append(len(outputs)))
+    steps = StepCounter()
+    async_engine.observers.append(steps)
 
     async def run() -> list[RequestOutput]:
         return await asyncio.gather(
@@ -45,7 +61,7 @@ def test_concurrent_streams_get_the_offline_answers(async_engine: AsyncEngine, t
 
     results = asyncio.run(run())
     assert [r.outputs[0].token_ids for r in results] == expected
-    assert max(steps) == 8  # batched up to max_num_seqs, not served one by one
+    assert max(steps.outputs_per_step) == 8  # batched up to max_num_seqs, not served one by one
     assert async_engine.num_requests == 0 and not async_engine.engine.has_unfinished_requests()
 
 

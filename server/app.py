@@ -1,0 +1,253 @@
+"""The FastAPI application: OpenAI-compatible generation, health, metrics and expert load over one engine.
+
+A request's path: the route validates its body (protocol), the completion or chat service submits it to the
+AsyncEngine (the engine thread batches it with every other live request) and turns the outputs into a
+response or a stream of server-sent events; the metrics observer watches each engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from server.async_engine import AsyncEngine, EngineObserver
+from server.chat import ChatService
+from server.chat_template import ChatTemplate
+from server.completions import CompletionService
+from server.errors import APIError, install_error_handlers
+from server.expert_load import ExpertLoadMonitor, layer_balance
+from server.metrics import ServerMetrics
+from server.middleware import ServerMiddleware
+from server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ExpertLoadResponse,
+    HealthResponse,
+    LayerLoad,
+    LoadPeriod,
+    ModelCard,
+    ModelList,
+)
+from server.streams import EventStreamResponse, cancel_on_disconnect
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Invalid parameters, malformed JSON, or a prompt too long for the context",
+        401: "Missing or wrong API key (when the server has one)",
+        404: "Unknown model name",
+        413: "Body larger than the server accepts",
+        503: "Waiting queue full (retry after Retry-After seconds) or server shutting down",
+    }.items()
+}
+STREAMING: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "JSON, or server-sent events (`data: {chunk}` lines, then `data: [DONE]`) when stream is true",
+    }
+}
+
+
+@dataclass
+class ServerSettings:
+    """How the server exposes the engine; the engine's own settings live in EngineConfig."""
+
+    model_name: str
+    model_path: Path
+    api_key: str | None = None
+    max_queue: int = 256
+    max_body_bytes: int = 4 << 20
+    shutdown_grace_s: float = 30.0
+    per_expert_series: bool | None = None  # None: on unless layers x experts is large
+    expert_read_every_steps: int = 16
+    expert_window_s: float = 60.0
+    warmup: bool = True
+
+
+def warm_up(engine: LLMEngine) -> None:
+    """Run one short request through prefill and decode, so first-use costs are paid before /ready; its
+    routing counts and cached prefix are then forgotten."""
+    prompt = list(range(min(16, engine.max_model_len - 4)))
+    engine.add_request("warmup", prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.reset_expert_load()
+    engine.block_manager.reset_prefix_cache()
+
+
+def model_info(engine: LLMEngine, settings: ServerSettings) -> dict[str, str]:
+    config = engine.model.config
+    balancing = config.router_balancing
+    return {
+        "balancing_method": balancing.method if balancing else "unknown",
+        "balancing_coef": "" if balancing is None or balancing.coef is None else f"{balancing.coef:g}",
+        "architecture": config.model_type,
+        "num_layers": str(config.num_layers),
+        "num_experts": str(config.num_experts),
+        "top_k": str(config.top_k),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "device": str(engine.device),
+        "max_model_len": str(engine.max_model_len),
+        "model_path": str(settings.model_path),
+    }
+
+
+def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
+    """The app for one loaded engine; the engine thread starts and stops with the app's lifespan."""
+    config = engine.model.config
+    monitor = ExpertLoadMonitor(
+        config.num_layers, config.num_experts, settings.expert_read_every_steps, settings.expert_window_s
+    )
+    metrics = ServerMetrics(
+        settings.model_name, engine, monitor, settings.per_expert_series, model_info(engine, settings)
+    )
+    observers: list[EngineObserver] = [metrics, monitor]
+    template = ChatTemplate.from_model_dir(settings.model_path, engine.tokenizer.tokenizer_config)
+    started_at = time.time()
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async_engine = AsyncEngine(engine, settings.max_queue, warm_up if settings.warmup else None, observers)
+        state["engine"] = async_engine
+        state["completions"] = CompletionService(async_engine, settings.model_name)
+        state["chat"] = ChatService(async_engine, settings.model_name, template)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(async_engine.shutdown, 0.0, settings.shutdown_grace_s)
+
+    app = FastAPI(
+        title="moe-serve",
+        summary="OpenAI-compatible serving of Mixture-of-Experts models, with expert-load metrics.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(
+        ServerMiddleware,
+        api_key=settings.api_key,
+        max_body_bytes=settings.max_body_bytes,
+        count=lambda method, route, status: metrics.observe_http(method, route, status),
+    )
+
+    def running_engine() -> AsyncEngine:
+        return state["engine"]
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != settings.model_name:
+            raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+
+    def refresh(engine: LLMEngine) -> None:
+        if not engine.has_unfinished_requests():
+            for observer in observers:
+                observer.on_idle(engine)
+
+    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    async def health() -> Any:
+        """Alive: the engine thread runs."""
+        if not running_engine().is_alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return HealthResponse(status="ok")
+
+    @app.get("/ready", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    async def ready() -> Any:
+        """Ready: the model is loaded and warmed up, and the engine runs."""
+        current = running_engine()
+        if not current.is_alive or not current.ready.is_set():
+            return JSONResponse({"status": "warming up" if current.is_alive else "engine stopped"}, status_code=503)
+        return HealthResponse(status="ready")
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    async def prometheus_metrics() -> Response:
+        """Prometheus text exposition: serving metrics and expert load."""
+        await running_engine().call(refresh)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    async def models() -> ModelList:
+        card = ModelCard(
+            id=settings.model_name,
+            created=int(started_at),
+            root=str(settings.model_path),
+            max_model_len=engine.max_model_len,
+        )
+        return ModelList(data=[card])
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, **STREAMING})
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        """Text completion, OpenAI's legacy endpoint (with vLLM's sampling extras)."""
+        check_model(body.model)
+        service: CompletionService = state["completions"]
+        request_id, firsts, streams = await cancel_on_disconnect(request, service.start(body))
+        if body.stream:
+            return EventStreamResponse(service.stream(body, request_id, firsts, streams))
+        return await cancel_on_disconnect(request, service.complete(body, request_id, firsts, streams))
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **STREAMING})
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        """Chat completion: messages rendered with the model's chat template (or the plain default)."""
+        check_model(body.model)
+        service: ChatService = state["chat"]
+        request_id, first, stream = await cancel_on_disconnect(request, service.start(body))
+        if body.stream:
+            return EventStreamResponse(service.stream(body, request_id, first, stream))
+        return await cancel_on_disconnect(request, service.complete(body, request_id, first, stream))
+
+    def period(counts: np.ndarray, since: float) -> LoadPeriod:
+        layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
+        balances = layer_balance(counts)
+        rows = []
+        for layer in layers:
+            b = balances[layer]
+            rows.append(
+                LayerLoad(
+                    layer=layer,
+                    routed_tokens=counts[layer].tolist(),
+                    max_over_mean=None if np.isnan(b.max_over_mean) else b.max_over_mean,
+                    coefficient_of_variation=None
+                    if np.isnan(b.coefficient_of_variation)
+                    else b.coefficient_of_variation,
+                    idle_experts=None if np.isnan(b.idle_experts) else int(b.idle_experts),
+                )
+            )
+        return LoadPeriod(since=since, total_routed=int(counts[layers].sum()), layers=rows)
+
+    @app.get("/v1/experts/load", response_model=ExpertLoadResponse, responses=ERRORS)
+    async def expert_load() -> ExpertLoadResponse:
+        """Routed-token counts per MoE layer and expert since start and since the last reset, with balance."""
+        await running_engine().call(refresh)
+        since_reset, reset_at = monitor.since_reset()
+        balancing = config.router_balancing
+        return ExpertLoadResponse(
+            model=settings.model_name,
+            balancing_method=balancing.method if balancing else None,
+            num_experts=config.num_experts,
+            top_k=config.top_k,
+            since_start=period(monitor.totals(), started_at),
+            since_reset=period(since_reset, reset_at),
+        )
+
+    @app.post("/v1/experts/load/reset", response_model=ExpertLoadResponse, responses=ERRORS)
+    async def reset_expert_load() -> ExpertLoadResponse:
+        """Start a new since-reset period (Prometheus counters keep counting from start)."""
+        await running_engine().call(refresh)
+        monitor.reset()
+        return await expert_load()
+
+    return app

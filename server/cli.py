@@ -1,0 +1,106 @@
+"""`moe-serve`: load a model and serve it over HTTP (the bundled SimBal model on 127.0.0.1:8000 by default).
+
+The model loads before the port is bound, so a bad checkpoint exits with an error naming the file and
+nothing listening. SIGTERM or Ctrl-C stops accepting, lets in-flight requests finish for --shutdown-grace
+seconds, aborts the rest and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from engine.config import DEFAULT_MODEL_DIR, CheckpointError
+from engine.llm_engine import EngineConfig, LLMEngine
+from engine.moe import BACKENDS
+from server.app import ServerSettings, build_app
+
+API_KEY_ENV = "MOE_SERVE_API_KEY"
+EXPERT_METRICS = {"auto": None, "per-expert": True, "per-layer": False}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="moe-serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="Hugging Face model directory")
+    parser.add_argument("--served-model-name", help="name clients send as `model` (default: the directory name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require this key (or ${API_KEY_ENV})")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    parser.add_argument("--max-num-seqs", type=int, default=128, help="sequences in one batch")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30, help="KV cache size on CPU")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use")
+    parser.add_argument("--moe-backend", choices=BACKENDS, default="grouped")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 503")
+    parser.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger bodies get 413")
+    parser.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get on stop")
+    parser.add_argument(
+        "--expert-metrics",
+        choices=sorted(EXPERT_METRICS),
+        default="auto",
+        help="per-expert series, or per-layer aggregates only (auto: per-expert up to 4096 layer x expert pairs)",
+    )
+    parser.add_argument("--expert-load-window", type=float, default=60.0, help="seconds the balance gauges cover")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        config = EngineConfig(
+            dtype=args.dtype,
+            device=args.device,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            block_size=args.block_size,
+            kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            moe_backend=args.moe_backend,
+            enable_prefix_caching=args.enable_prefix_caching,
+        )
+        engine = LLMEngine(args.model, config)
+        settings = ServerSettings(
+            model_name=args.served_model_name or args.model.resolve().name,
+            model_path=args.model,
+            api_key=args.api_key or None,
+            max_queue=args.max_queue,
+            max_body_bytes=args.max_body_bytes,
+            shutdown_grace_s=args.shutdown_grace,
+            per_expert_series=EXPERT_METRICS[args.expert_metrics],
+            expert_window_s=args.expert_load_window,
+        )
+        app = build_app(engine, settings)
+    except (CheckpointError, ValueError) as exc:
+        print(f"moe-serve: error: {exc}", file=sys.stderr)
+        return 1
+    uvicorn_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=max(1, round(args.shutdown_grace)),
+        access_log=args.log_level == "debug",
+    )
+    uvicorn.Server(uvicorn_config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

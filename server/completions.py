@@ -1,0 +1,182 @@
+"""POST /v1/completions: a batch of prompts to engine requests, their outputs to OpenAI's response or stream.
+
+Choice i of prompt p is choice p * n + i, as OpenAI and vLLM number them. With `echo`, each choice's text
+starts with its prompt, and `logprobs` covers the prompt's tokens too (the first has none): that is how
+evaluation harnesses score text, usually with max_tokens 0.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from engine.tokenizer import Tokenizer
+from server.async_engine import AsyncEngine
+from server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+)
+from server.streams import Stream, close_all, last, merged, sse, start_all
+
+
+def usage_of(outputs: list[RequestOutput]) -> Usage:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _logprobs(
+    token_ids: list[int], entries: list[TokenLogprobs | None], tokenizer: Tokenizer, offset: int
+) -> CompletionLogprobs:
+    result = CompletionLogprobs()
+    for token_id, entry in zip(token_ids, entries):
+        if entry is None:
+            text = tokenizer.decode_token(token_id)
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+        else:
+            chosen = entry[token_id]
+            text = chosen.decoded_token if chosen.decoded_token is not None else tokenizer.decode_token(token_id)
+            result.token_logprobs.append(chosen.logprob)
+            result.top_logprobs.append({lp.decoded_token or "": lp.logprob for lp in entry.values()})
+        result.tokens.append(text)
+        result.text_offset.append(offset)
+        offset += len(text)
+    return result
+
+
+def _merge_logprobs(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(
+        tokens=first.tokens + second.tokens,
+        token_logprobs=first.token_logprobs + second.token_logprobs,
+        top_logprobs=first.top_logprobs + second.top_logprobs,
+        text_offset=first.text_offset + second.text_offset,
+    )
+
+
+class CompletionService:
+    """Serves completion requests from the shared engine."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.tokenizer = engine.engine.tokenizer
+
+    async def start(self, request: CompletionRequest) -> tuple[str, list[RequestOutput], list[Stream]]:
+        """Submit every prompt and wait for each one's first output (errors surface here, before a response)."""
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        params = request.sampling_params()
+        streams = [
+            self.engine.generate(f"{request_id}-{i}", prompt, params) for i, prompt in enumerate(request.prompts())
+        ]
+        return request_id, await start_all(streams), streams
+
+    def _prompt_text(self, output: RequestOutput) -> str:
+        return output.prompt if output.prompt is not None else self.tokenizer.decode(output.prompt_token_ids)
+
+    def _echo(self, output: RequestOutput, with_logprobs: bool) -> tuple[str, CompletionLogprobs | None]:
+        text = self._prompt_text(output)
+        if not with_logprobs:
+            return text, None
+        entries = output.prompt_logprobs or [None] * len(output.prompt_token_ids)
+        return text, _logprobs(output.prompt_token_ids, entries, self.tokenizer, 0)
+
+    def _choice_logprobs(self, completion: CompletionOutput, start: int, offset: int) -> CompletionLogprobs:
+        entries: list[TokenLogprobs | None] = list((completion.logprobs or [])[start:])
+        return _logprobs(completion.token_ids[start:], entries, self.tokenizer, offset)
+
+    async def complete(
+        self, request: CompletionRequest, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
+    ) -> CompletionResponse:
+        try:
+            finals = [await last(first, stream) for first, stream in zip(firsts, streams)]
+        finally:
+            await close_all(streams)
+        choices = []
+        wants_logprobs = request.logprobs is not None
+        for p, output in enumerate(finals):
+            echo_text, echo_logprobs = self._echo(output, wants_logprobs) if request.echo else ("", None)
+            for completion in output.outputs:
+                logprobs = None
+                if wants_logprobs:
+                    logprobs = self._choice_logprobs(completion, 0, len(echo_text))
+                    if echo_logprobs is not None:
+                        logprobs = _merge_logprobs(echo_logprobs, logprobs)
+                choices.append(
+                    CompletionChoice(
+                        index=p * request.n + completion.index,
+                        text=echo_text + completion.text,
+                        logprobs=logprobs,
+                        finish_reason=completion.finish_reason,  # type: ignore[arg-type]
+                        stop_reason=completion.stop_reason,
+                    )
+                )
+        return CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage_of(finals))
+
+    async def stream(
+        self, request: CompletionRequest, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        wants_logprobs = request.logprobs is not None
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        text_offset: dict[int, int] = {}
+        finals: dict[int, RequestOutput] = {}
+        done: set[int] = set()
+        try:
+            async for p, output in merged(firsts, streams):
+                for completion in output.outputs:
+                    index = p * request.n + completion.index
+                    if index in done:
+                        continue
+                    prefix, prefix_logprobs = "", None
+                    if index not in sent_text:
+                        sent_text[index] = sent_tokens[index] = text_offset[index] = 0
+                        if request.echo:
+                            prefix, prefix_logprobs = self._echo(output, wants_logprobs)
+                    text = prefix + completion.text[sent_text[index] :]
+                    new_tokens = len(completion.token_ids) - sent_tokens[index]
+                    if completion.finish_reason is not None:
+                        done.add(index)
+                    elif not text and not new_tokens and prefix_logprobs is None:
+                        continue
+                    logprobs = None
+                    if wants_logprobs:
+                        start = text_offset[index] + len(prefix)
+                        logprobs = self._choice_logprobs(completion, sent_tokens[index], start)
+                        if prefix_logprobs is not None:
+                            logprobs = _merge_logprobs(prefix_logprobs, logprobs)
+                    text_offset[index] += len(text)
+                    sent_text[index] = len(completion.text)
+                    sent_tokens[index] = len(completion.token_ids)
+                    chunk = CompletionResponse(
+                        id=request_id,
+                        created=created,
+                        model=self.model_name,
+                        choices=[
+                            CompletionChoice(
+                                index=index,
+                                text=text,
+                                logprobs=logprobs,
+                                finish_reason=completion.finish_reason,  # type: ignore[arg-type]
+                                stop_reason=completion.stop_reason,
+                            )
+                        ],
+                    )
+                    yield sse(chunk.model_dump_json(exclude={"usage"}))
+                if output.finished:
+                    finals[p] = output
+            if request.include_usage:
+                usage = usage_of([finals[p] for p in sorted(finals)])
+                chunk = CompletionResponse(
+                    id=request_id, created=created, model=self.model_name, choices=[], usage=usage
+                )
+                yield sse(chunk.model_dump_json())
+            yield sse("[DONE]")
+        finally:
+            await close_all(streams)

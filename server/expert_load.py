@@ -1,0 +1,107 @@
+"""Expert load as the server reports it: routed-token counts per (layer, expert), read from the engine's
+device-side counters every few steps without a host sync, with balance figures per layer.
+
+The monitor is an engine observer: it starts an asynchronous copy of the counters every `read_every_steps`
+steps and publishes it once the copy has landed, and reads them directly when the engine goes idle (so a
+quiet server's figures are exact). Published counts keep the model's original expert ids.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.llm_engine import LLMEngine
+from engine.moe import PendingSnapshot
+from engine.outputs import RequestOutput
+
+
+@dataclass(frozen=True)
+class LayerBalance:
+    """How evenly one layer's routed tokens spread over its experts."""
+
+    max_over_mean: float  # 1.0 is perfect balance; NaN with no tokens
+    coefficient_of_variation: float  # std / mean of per-expert counts; NaN with no tokens
+    idle_experts: float  # experts that received no tokens; NaN with no tokens at all (idleness is undefined)
+
+
+def layer_balance(counts: np.ndarray) -> list[LayerBalance]:
+    """Balance figures of each row of a [layers, experts] count matrix."""
+    result = []
+    for row in counts.astype(np.float64):
+        mean = row.mean()
+        if mean == 0:
+            result.append(LayerBalance(float("nan"), float("nan"), float("nan")))
+            continue
+        result.append(LayerBalance(float(row.max() / mean), float(row.std() / mean), float((row == 0).sum())))
+    return result
+
+
+class ExpertLoadMonitor:
+    """Engine observer that keeps recent snapshots of the expert counters (thread-safe to read)."""
+
+    def __init__(self, num_layers: int, num_experts: int, read_every_steps: int = 16, window_s: float = 60.0) -> None:
+        if read_every_steps < 1:
+            raise ValueError(f"read_every_steps must be at least 1, got {read_every_steps}")
+        self.read_every_steps = read_every_steps
+        self.window_s = window_s
+        zeros = np.zeros((num_layers, num_experts), dtype=np.int64)
+        self._lock = threading.Lock()
+        self._history: deque[tuple[float, np.ndarray]] = deque([(time.monotonic(), zeros)])
+        self._baseline = zeros
+        self._baseline_time = time.time()
+        self._steps = 0
+        self._pending: PendingSnapshot | None = None
+
+    # ----- engine thread -----
+
+    def on_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
+        self._steps += 1
+        if self._pending is not None and self._pending.ready():
+            self._publish(self._pending.counts().numpy().copy())
+            self._pending = None
+        if self._pending is None and self._steps % self.read_every_steps == 0:
+            self._pending = engine.expert_load_async()
+
+    def on_abort(self, engine: LLMEngine, request_id: str, num_completions: int) -> None:
+        pass
+
+    def on_idle(self, engine: LLMEngine) -> None:
+        self._pending = None
+        self._publish(engine.expert_load())
+
+    def _publish(self, counts: np.ndarray) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._history.append((now, counts))
+            # Keep one snapshot at or before the window's start, so the window's delta covers all of it.
+            while len(self._history) > 2 and self._history[1][0] <= now - self.window_s:
+                self._history.popleft()
+
+    # ----- any thread -----
+
+    def totals(self) -> np.ndarray:
+        """Routed tokens per [layer, expert] since the server started (as of the latest read)."""
+        with self._lock:
+            return self._history[-1][1]
+
+    def recent(self) -> tuple[np.ndarray, float]:
+        """Counts routed within about the last window_s seconds, and the seconds that window spans."""
+        with self._lock:
+            (start, first), (end, last) = self._history[0], self._history[-1]
+        return last - first, end - start
+
+    def since_reset(self) -> tuple[np.ndarray, float]:
+        """Counts since the last reset (or start), and the wall-clock time of that reset."""
+        with self._lock:
+            return self._history[-1][1] - self._baseline, self._baseline_time
+
+    def reset(self) -> None:
+        """Start a new since-reset period; the since-start totals (Prometheus counters) are untouched."""
+        with self._lock:
+            self._baseline = self._history[-1][1]
+            self._baseline_time = time.time()

@@ -1,0 +1,286 @@
+"""Prometheus metrics: vLLM's serving set under the `moe_serve_` prefix, plus expert load and balance.
+
+Request and engine metrics are updated on the engine thread from each step's outputs and the engine's own
+timestamps (RequestMetrics), so the HTTP side adds no work per token. Expert series are rendered at scrape
+time from the ExpertLoadMonitor's latest snapshot. Every series carries the model_name label.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from server.expert_load import ExpertLoadMonitor, layer_balance
+
+# The `_created` companion series double the exposition and no dashboard reads them (process-wide setting).
+disable_created_metrics()
+PREFIX = "moe_serve"
+# vLLM's bucket choices (vllm/v1/metrics/loggers.py).
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0]  # fmt: skip
+TOKEN_LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                         20.0, 40.0, 80.0]  # fmt: skip
+REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                           240.0, 480.0, 960.0, 1920.0, 7680.0]  # fmt: skip
+ITERATION_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+THROUGHPUT_WINDOW_S = 10.0
+# Per-expert series above this many (layer, expert) pairs are off unless asked for (bounded cardinality).
+AUTO_PER_EXPERT_LIMIT = 4096
+
+
+def token_count_buckets(max_model_len: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to max_model_len, as vLLM buckets request token counts."""
+    buckets: list[int] = []
+    scale = 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_model_len:
+                return buckets
+            buckets.append(mantissa * scale)
+        scale *= 10
+
+
+@dataclass
+class _RequestState:
+    tokens: int
+    last_token_time: float
+
+
+class ServerMetrics:
+    """The server's metric registry, fed by the engine thread (an EngineObserver) and by HTTP middleware."""
+
+    def __init__(
+        self,
+        model_name: str,
+        engine: LLMEngine,
+        expert_load: ExpertLoadMonitor,
+        per_expert_series: bool | None = None,
+        model_info: dict[str, str] | None = None,
+    ) -> None:
+        self.model_name = model_name
+        self.expert_load = expert_load
+        config = engine.model.config
+        pairs = config.num_layers * config.num_experts
+        self.per_expert_series = pairs <= AUTO_PER_EXPERT_LIMIT if per_expert_series is None else per_expert_series
+        self.moe_layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
+        self.registry = registry = CollectorRegistry()
+        labels = ["model_name"]
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"{PREFIX}_{name}", doc, labels, registry=registry)
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"{PREFIX}_{name}", doc, labels + list(extra), registry=registry)
+
+        def histogram(name: str, doc: str, buckets: list[float] | list[int]) -> Histogram:
+            return Histogram(f"{PREFIX}_{name}", doc, labels, buckets=buckets, registry=registry)
+
+        self.running = gauge("num_requests_running", "Sequences in the running batch (a request with n has n).")
+        self.waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
+        self.kv_usage = gauge("kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0 to 1).")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that produced output.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self.finished = counter(
+            "request_success", "Finished completions by reason: stop, length or abort.", ("finished_reason",)
+        )
+        self.preemptions = counter("num_preemptions", "Sequences preempted (KV blocks freed, recomputed later).")
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token.", TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between a request's tokens.", TOKEN_LATENCY_BUCKETS)
+        self.tpot = histogram(
+            "request_time_per_output_token_seconds", "Decode time per output token.", TOKEN_LATENCY_BUCKETS
+        )
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", REQUEST_LATENCY_BUCKETS)
+        self.queue_time = histogram(
+            "request_queue_time_seconds", "Arrival to first scheduled.", REQUEST_LATENCY_BUCKETS
+        )
+        self.prefill_time = histogram(
+            "request_prefill_time_seconds", "First scheduled to first token.", REQUEST_LATENCY_BUCKETS
+        )
+        self.decode_time = histogram("request_decode_time_seconds", "First token to finish.", REQUEST_LATENCY_BUCKETS)
+        self.iteration_tokens = histogram(
+            "iteration_tokens", "Tokens run through the model per engine step.", ITERATION_TOKEN_BUCKETS
+        )
+        length_buckets = token_count_buckets(engine.max_model_len)
+        self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per request.", length_buckets)
+        self.request_generation_tokens = histogram(
+            "request_generation_tokens", "Generated tokens per request.", length_buckets
+        )
+        self.throughput = gauge(
+            "generation_tokens_per_second", f"Generated tokens per second over the last {THROUGHPUT_WINDOW_S:g} s."
+        )
+        self.http_requests = counter(
+            "http_requests", "HTTP requests by route and status code.", ("method", "route", "status_code")
+        )
+        info = Info(
+            f"{PREFIX}_model", "The served model: balancing method, shape and runtime.", labels, registry=registry
+        )
+        info.labels(model_name).info(model_info or {})
+        registry.register(_ExpertCollector(self))
+
+        self._requests: dict[str, _RequestState] = {}
+        self._preemptions_seen = 0
+        self._recent_tokens: deque[tuple[float, int]] = deque()
+        self._recent_lock = threading.Lock()
+        self.throughput.labels(model_name).set_function(self._recent_tokens_per_second)
+        for metric in (self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens,
+                       self.preemptions):  # fmt: skip
+            metric.labels(model_name)  # present from the first scrape, at zero
+
+    # ----- engine observer (engine thread) -----
+
+    def on_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
+        name = self.model_name
+        self.iteration_tokens.labels(name).observe(engine.last_step.num_tokens)
+        new_tokens = 0
+        for output in outputs:
+            new_tokens += self._observe_request(output)
+        if new_tokens:
+            self.generation_tokens.labels(name).inc(new_tokens)
+            with self._recent_lock:
+                self._recent_tokens.append((time.monotonic(), new_tokens))
+        self._update_engine_gauges(engine)
+
+    def _observe_request(self, output: RequestOutput) -> int:
+        """Observe one request's step; return how many tokens it generated in it."""
+        name, metrics = self.model_name, output.metrics
+        assert metrics is not None and metrics.last_token_time is not None
+        tokens = sum(len(c.token_ids) for c in output.outputs)
+        state = self._requests.get(output.request_id)
+        if state is None:
+            state = self._requests[output.request_id] = _RequestState(0, metrics.last_token_time)
+            self.prompt_tokens.labels(name).inc(len(output.prompt_token_ids))
+            self.ttft.labels(name).observe(metrics.last_token_time - metrics.arrival_time)
+            if metrics.first_scheduled_time is not None:
+                self.queue_time.labels(name).observe(metrics.first_scheduled_time - metrics.arrival_time)
+                self.prefill_time.labels(name).observe(metrics.last_token_time - metrics.first_scheduled_time)
+        elif tokens > state.tokens:
+            self.itl.labels(name).observe(metrics.last_token_time - state.last_token_time)
+        new = tokens - state.tokens
+        state.tokens, state.last_token_time = tokens, metrics.last_token_time
+        if output.finished:
+            del self._requests[output.request_id]
+            self._observe_finished(output)
+        return new
+
+    def _observe_finished(self, output: RequestOutput) -> None:
+        name, metrics = self.model_name, output.metrics
+        assert metrics is not None and metrics.finished_time is not None and metrics.first_token_time is not None
+        decode = metrics.finished_time - metrics.first_token_time
+        self.e2e.labels(name).observe(metrics.finished_time - metrics.arrival_time)
+        self.decode_time.labels(name).observe(decode)
+        self.request_prompt_tokens.labels(name).observe(len(output.prompt_token_ids))
+        self.request_generation_tokens.labels(name).observe(sum(len(c.token_ids) for c in output.outputs))
+        longest = max(len(c.token_ids) for c in output.outputs)
+        if longest > 1:
+            self.tpot.labels(name).observe(decode / (longest - 1))
+        for completion in output.outputs:
+            self.finished.labels(name, completion.finish_reason or "abort").inc()
+
+    def on_abort(self, engine: LLMEngine, request_id: str, num_completions: int) -> None:
+        self._requests.pop(request_id, None)
+        self.finished.labels(self.model_name, "abort").inc(num_completions)
+        self._update_engine_gauges(engine)
+
+    def on_idle(self, engine: LLMEngine) -> None:
+        self._update_engine_gauges(engine)
+
+    def _update_engine_gauges(self, engine: LLMEngine) -> None:
+        name, scheduler = self.model_name, engine.scheduler
+        self.running.labels(name).set(len(scheduler.running))
+        self.waiting.labels(name).set(len(scheduler.waiting))
+        self.kv_usage.labels(name).set(engine.block_manager.usage)
+        if scheduler.num_preemptions > self._preemptions_seen:
+            self.preemptions.labels(name).inc(scheduler.num_preemptions - self._preemptions_seen)
+            self._preemptions_seen = scheduler.num_preemptions
+
+    def _recent_tokens_per_second(self) -> float:
+        cutoff = time.monotonic() - THROUGHPUT_WINDOW_S
+        with self._recent_lock:
+            while self._recent_tokens and self._recent_tokens[0][0] < cutoff:
+                self._recent_tokens.popleft()
+            return sum(n for _, n in self._recent_tokens) / THROUGHPUT_WINDOW_S
+
+    # ----- HTTP side -----
+
+    def observe_http(self, method: str, route: str, status_code: int) -> None:
+        self.http_requests.labels(self.model_name, method, route, str(status_code)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _ExpertCollector:
+    """Expert series rendered at scrape time from the monitor's latest snapshot (no engine work)."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        monitor, name, layers = m.expert_load, m.model_name, m.moe_layers
+        totals = monitor.totals()
+        routed = CounterMetricFamily(
+            f"{PREFIX}_layer_routed_tokens",
+            "Routed (token, expert) pairs per MoE layer.",
+            labels=["model_name", "layer"],
+        )
+        for layer in layers:
+            routed.add_metric([name, str(layer)], float(totals[layer].sum()))
+        yield routed
+        if m.per_expert_series:
+            family = CounterMetricFamily(
+                f"{PREFIX}_expert_routed_tokens",
+                "Tokens routed to each expert (original expert ids).",
+                labels=["model_name", "layer", "expert"],
+            )
+            for layer in layers:
+                for expert, count in enumerate(totals[layer].tolist()):
+                    family.add_metric([name, str(layer), str(expert)], float(count))
+            yield family
+        recent, span = monitor.recent()
+        window = f"over the last {monitor.window_s:g} s of routing (NaN when the layer routed nothing)"
+        gauges = {
+            "max_over_mean": GaugeMetricFamily(
+                f"{PREFIX}_expert_load_max_over_mean_ratio", f"Busiest expert's load / mean load, {window}.",
+                labels=["model_name", "layer"],
+            ),
+            "cv": GaugeMetricFamily(
+                f"{PREFIX}_expert_load_coefficient_of_variation", f"Std / mean of expert loads, {window}.",
+                labels=["model_name", "layer"],
+            ),
+            "idle": GaugeMetricFamily(
+                f"{PREFIX}_idle_experts", f"Experts that received no tokens, {window}.", labels=["model_name", "layer"]
+            ),
+        }  # fmt: skip
+        balances = layer_balance(recent)
+        for layer in layers:
+            balance = balances[layer]
+            gauges["max_over_mean"].add_metric([name, str(layer)], balance.max_over_mean)
+            gauges["cv"].add_metric([name, str(layer)], balance.coefficient_of_variation)
+            gauges["idle"].add_metric([name, str(layer)], balance.idle_experts)
+        yield from gauges.values()
+        yield _single_gauge(
+            f"{PREFIX}_expert_load_window_seconds", "Span of the window the balance gauges cover.", name, span
+        )
+
+
+def _single_gauge(metric: str, doc: str, model_name: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(metric, doc, labels=["model_name"])
+    family.add_metric([model_name], value)
+    return family

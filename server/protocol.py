@@ -1,0 +1,322 @@
+"""The OpenAI-compatible wire format: request and response bodies, validated by pydantic.
+
+Requests accept OpenAI's fields plus the sampling extras vLLM accepts in the same body (top_k, min_tokens,
+ignore_eos, stop_token_ids, include_stop_str_in_output, skip_special_tokens). Unknown fields are refused, as
+OpenAI refuses them, so a misspelled parameter never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.llm_engine import MAX_LOGPROBS
+from engine.sampling_params import SamplingParams
+
+MAX_N = 64
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class _SamplingRequest(StrictModel):
+    """Fields shared by completions and chat completions."""
+
+    model: str | None = Field(None, description="A served model name (GET /v1/models); defaults to the only one.")
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float = Field(0.0, description="Accepted for compatibility; only 0 is supported.")
+    frequency_penalty: float = Field(0.0, description="Accepted for compatibility; only 0 is supported.")
+    logit_bias: dict[str, float] | None = Field(None, description="Accepted for compatibility; must be empty.")
+    # vLLM's extra sampling parameters.
+    top_k: int | None = Field(None, description="Keep the k most likely tokens; 0 or -1 disables.")
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _supported(self) -> _SamplingRequest:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0.0:
+                raise ValueError(f"{name} is not supported by this server; send 0 or leave it out")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server")
+        if self.top_k is not None and self.top_k < -1:
+            raise ValueError("top_k must be -1, 0 (disabled) or positive")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
+
+    def _params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+        return SamplingParams(
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            seed=self.seed,
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            stop=self.stop if isinstance(self.stop, list) else ([self.stop] if self.stop else []),
+            stop_token_ids=self.stop_token_ids or [],
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, a batch of texts, token ids, or a batch of token-id lists."
+    )
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool = False
+    best_of: int | None = Field(None, description="Accepted for compatibility; must equal n.")
+    suffix: str | None = Field(None, description="Accepted for compatibility; must be empty.")
+
+    @model_validator(mode="after")
+    def _completion_supported(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported by this server; leave it out or set it equal to n")
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server")
+        if isinstance(self.prompt, list) and (not self.prompt or any(p in ("", []) for p in self.prompt)):
+            raise ValueError("prompt must not be empty")
+        if self.prompt == "":
+            raise ValueError("prompt must not be empty")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch of prompts this request carries, in order."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
+
+    def sampling_params(self) -> SamplingParams:
+        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
+        return self._params(self.max_tokens, self.logprobs, prompt_logprobs)
+
+
+class TextContent(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextContent] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="Deprecated alias of the next field.")
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _chat_supported(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs: true")
+        return self
+
+    def sampling_params(self) -> SamplingParams:
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._params(max_tokens, logprobs, None)
+
+
+# ----- responses -----
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions logprobs shape (what evaluation harnesses read)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: int | str | None = Field(None, description="The stop string or token id that ended it (vLLM).")
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "moe-serve"
+    root: str = Field(description="The model directory it was loaded from.")
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body."""
+
+    error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    status: str
+
+
+class LayerLoad(BaseModel):
+    layer: int
+    routed_tokens: list[int] = Field(description="Tokens routed to each expert, by original expert id.")
+    max_over_mean: float | None = Field(description="Busiest expert / mean; null when the layer routed nothing.")
+    coefficient_of_variation: float | None
+    idle_experts: int | None = Field(description="Experts that received no tokens; null when nothing was routed.")
+
+
+class LoadPeriod(BaseModel):
+    since: float = Field(description="Unix time the period started.")
+    total_routed: int
+    layers: list[LayerLoad]
+
+
+class ExpertLoadResponse(BaseModel):
+    """GET /v1/experts/load: routed-token counts per MoE layer and expert, since start and since a reset."""
+
+    model: str
+    balancing_method: str | None
+    num_experts: int
+    top_k: int
+    since_start: LoadPeriod
+    since_reset: LoadPeriod
+
+
+def response_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The `responses` entry FastAPI needs to document an error body."""
+    return {"model": model}

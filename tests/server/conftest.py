@@ -1,0 +1,92 @@
+"""A real moe-serve on a loopback port: uvicorn in a background thread serving the app over real sockets."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from engine.config import DEFAULT_MODEL_DIR
+from engine.llm_engine import EngineConfig, LLMEngine
+from server.app import ServerSettings, build_app
+
+# Small enough to allocate quickly, large enough for every test's concurrency.
+TEST_ENGINE = {"max_num_seqs": 32, "kv_cache_memory_bytes": 64 << 20}
+
+
+@dataclass
+class LiveServer:
+    url: str
+    engine: LLMEngine
+    settings: ServerSettings
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until the engine holds no request and no KV block (what every test must leave behind)."""
+        deadline = time.monotonic() + timeout
+        blocks = self.engine.block_manager
+        while time.monotonic() < deadline:
+            if not self.engine.has_unfinished_requests() and not self.engine.requests and blocks.usage == 0:
+                return
+            time.sleep(0.02)
+        raise AssertionError(
+            f"engine not idle: {len(self.engine.requests)} requests, KV usage {blocks.usage:.3f}, "
+            f"{len(self.engine.scheduler.running)} running, {len(self.engine.scheduler.waiting)} waiting"
+        )
+
+
+@contextmanager
+def serve(
+    model: Path = DEFAULT_MODEL_DIR, engine_args: dict[str, Any] | None = None, **settings: Any
+) -> Iterator[LiveServer]:
+    """Start the app with uvicorn on a free loopback port; stop it (graceful shutdown) on exit."""
+    engine = LLMEngine(model, EngineConfig(**{**TEST_ENGINE, **(engine_args or {})}))
+    server_settings = ServerSettings(model_name=settings.pop("model_name", model.name), model_path=model, **settings)
+    app = build_app(engine, server_settings)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    live = LiveServer(f"http://127.0.0.1:{port}", engine, server_settings)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{live.url}/ready", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    else:
+        raise RuntimeError("server did not become ready")
+    try:
+        yield live
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def live_server() -> Iterator[LiveServer]:
+    """The bundled SimBal model served with default settings, shared by a test module."""
+    with serve() as live:
+        yield live
+
+
+@pytest.fixture
+def server_factory() -> Callable[..., Any]:
+    """serve() for tests that need their own settings (API key, queue bound, body limit)."""
+    return serve

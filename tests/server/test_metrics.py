@@ -1,0 +1,152 @@
+"""/metrics and /v1/experts/load after known traffic: parsed with prometheus-client's own parser, token
+counters equal the usage the API returned, expert counts add up to tokens x top_k x MoE layers."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.llm_engine import LLMEngine
+from server.expert_load import ExpertLoadMonitor, layer_balance
+from tests.server.conftest import LiveServer
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(http: httpx.Client) -> Samples:
+    response = http.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
+
+
+def test_counters_move_exactly_with_known_traffic(live_server: LiveServer) -> None:
+    config = live_server.engine.model.config
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_layers))
+    with live_server.client() as http:
+        before = scrape(http)
+        usages = []
+        for i, prompt in enumerate(["Thou art", "And Moses went up", "Mr. Darcy"]):
+            body = {"prompt": prompt, "max_tokens": 5 + i, "temperature": 0, "ignore_eos": True}
+            usages.append(http.post("/v1/completions", json=body).json()["usage"])
+        stream = {**body, "stream": True, "stream_options": {"include_usage": True}, "prompt": "O Romeo"}
+        lines = [line for line in http.post("/v1/completions", json=stream).text.splitlines() if "usage" in line]
+        usages.append(httpx.Response(200, content=lines[-1][6:]).json()["usage"])
+        chat = {"messages": [{"role": "user", "content": "Speak"}], "max_tokens": 4, "ignore_eos": True}
+        usages.append(http.post("/v1/chat/completions", json=chat).json()["usage"])
+        after = scrape(http)
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    prompt_tokens = sum(u["prompt_tokens"] for u in usages)
+    completion_tokens = sum(u["completion_tokens"] for u in usages)
+    assert delta("moe_serve_prompt_tokens_total") == prompt_tokens
+    assert delta("moe_serve_generation_tokens_total") == completion_tokens
+    assert delta("moe_serve_request_success_total", finished_reason="length") == len(usages)
+    assert delta("moe_serve_time_to_first_token_seconds_count") == len(usages)
+    assert delta("moe_serve_e2e_request_latency_seconds_count") == len(usages)
+    assert delta("moe_serve_inter_token_latency_seconds_count") == completion_tokens - len(usages)
+    assert delta("moe_serve_http_requests_total", route="/v1/completions", status_code="200") == 4
+    # Every computed token is routed to top_k experts in every MoE layer; the last sampled token is never computed.
+    routed = (prompt_tokens + completion_tokens - len(usages)) * config.top_k * moe_layers
+    assert delta("moe_serve_expert_routed_tokens_total") == routed
+    assert delta("moe_serve_layer_routed_tokens_total") == routed
+    name = ("model_name", "tiny-simbal")
+    assert after[("moe_serve_num_requests_running", (name,))] == 0
+    assert after[("moe_serve_num_requests_waiting", (name,))] == 0
+    assert after[("moe_serve_kv_cache_usage_ratio", (name,))] == 0
+    info = next(dict(ls) for (n, ls) in after if n == "moe_serve_model_info")
+    assert info["balancing_method"] == "simbal" and info["num_experts"] == "32" and info["top_k"] == "4"
+    assert after[("moe_serve_generation_tokens_per_second", (name,))] > 0
+
+
+def test_metric_names_follow_prometheus_rules_and_carry_the_model(live_server: LiveServer) -> None:
+    with live_server.client() as http:
+        http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        text = http.get("/metrics").text
+    families = list(text_string_to_metric_families(text))
+    assert len(families) >= 25
+    for family in families:
+        assert re.fullmatch(r"moe_serve_[a-z0-9_]+", family.name), family.name
+        for sample in family.samples:
+            assert sample.labels.get("model_name") == "tiny-simbal", sample
+        if family.type == "counter":
+            assert all(s.name.endswith("_total") for s in family.samples)
+    names = {f.name for f in families}
+    assert {
+        "moe_serve_num_requests_running", "moe_serve_num_requests_waiting", "moe_serve_kv_cache_usage_ratio",
+        "moe_serve_prompt_tokens", "moe_serve_generation_tokens", "moe_serve_request_success",
+        "moe_serve_num_preemptions", "moe_serve_time_to_first_token_seconds", "moe_serve_inter_token_latency_seconds",
+        "moe_serve_e2e_request_latency_seconds", "moe_serve_request_queue_time_seconds", "moe_serve_iteration_tokens",
+        "moe_serve_expert_routed_tokens", "moe_serve_expert_load_max_over_mean_ratio", "moe_serve_idle_experts",
+        "moe_serve_expert_load_coefficient_of_variation", "moe_serve_model_info",
+    } <= names  # fmt: skip
+
+
+def test_expert_load_endpoint_agrees_with_metrics_and_resets(live_server: LiveServer) -> None:
+    with live_server.client() as http:
+        http.post("/v1/completions", json={"prompt": "Hark", "max_tokens": 6, "ignore_eos": True})
+        load = http.get("/v1/experts/load").json()
+        samples = scrape(http)
+        assert load["balancing_method"] == "simbal" and load["top_k"] == 4
+        for layer in load["since_start"]["layers"]:
+            for expert, count in enumerate(layer["routed_tokens"]):
+                labels = {"layer": str(layer["layer"]), "expert": str(expert)}
+                assert total(samples, "moe_serve_expert_routed_tokens_total", **labels) == count
+            counts = np.array(layer["routed_tokens"])
+            assert layer["max_over_mean"] == counts.max() / counts.mean()
+            assert layer["idle_experts"] == int((counts == 0).sum())
+        reset = http.post("/v1/experts/load/reset").json()
+        assert reset["since_reset"]["total_routed"] == 0
+        assert reset["since_start"]["total_routed"] == load["since_start"]["total_routed"]
+        assert all(layer["max_over_mean"] is None for layer in reset["since_reset"]["layers"])
+        usage = http.post("/v1/completions", json={"prompt": "Hark", "max_tokens": 3, "ignore_eos": True}).json()[
+            "usage"
+        ]
+        later = http.get("/v1/experts/load").json()
+        assert later["since_reset"]["total_routed"] == (usage["total_tokens"] - 1) * 4 * 4  # top-4, 4 MoE layers
+
+
+def test_per_layer_mode_drops_per_expert_series(server_factory: Callable[..., Any]) -> None:
+    with server_factory(per_expert_series=False) as live, live.client() as http:
+        http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        samples = scrape(http)
+    assert not any(name == "moe_serve_expert_routed_tokens_total" for name, _ in samples)
+    assert total(samples, "moe_serve_layer_routed_tokens_total") > 0
+    assert total(samples, "moe_serve_idle_experts") >= 0
+
+
+def test_monitor_reads_every_few_steps_and_windows_the_balance(tiny_model: Any) -> None:
+    engine = LLMEngine(tiny_model)
+    monitor = ExpertLoadMonitor(engine.model.config.num_layers, engine.model.config.num_experts, read_every_steps=4)
+    engine.model.expert_load.counts[0, 1] = 7
+    for _ in range(3):
+        monitor.on_step(engine, [])
+    assert monitor.totals().sum() == 0  # no read before the fourth step
+    monitor.on_step(engine, [])  # starts a copy (landed at once on the CPU) ...
+    monitor.on_step(engine, [])  # ... published at the next step
+    assert monitor.totals()[0, 1] == 7
+    recent, span = monitor.recent()
+    assert recent[0, 1] == 7 and span >= 0
+
+
+def test_layer_balance_figures() -> None:
+    skewed, even, empty = layer_balance(np.array([[4, 0, 0, 0], [2, 2, 2, 2], [0, 0, 0, 0]]))
+    assert (skewed.max_over_mean, skewed.idle_experts) == (4.0, 3.0)
+    assert skewed.coefficient_of_variation == np.std([4, 0, 0, 0]) / 1.0
+    assert (even.max_over_mean, even.coefficient_of_variation, even.idle_experts) == (1.0, 0.0, 0.0)
+    assert all(math.isnan(v) for v in (empty.max_over_mean, empty.coefficient_of_variation, empty.idle_experts))
