@@ -130,7 +130,13 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         try:
             yield
         finally:
-            await asyncio.to_thread(async_engine.shutdown, 0.0, settings.shutdown_grace_s)
+            await asyncio.to_thread(async_engine.shutdown, 0.0, settings.shutdown_grace_s + 10)
+
+    def drain() -> None:
+        """Refuse new requests, give in-flight ones the grace period, abort the rest (their streams end with an
+        error event) and stop the engine thread; called as soon as the HTTP server starts shutting down."""
+        if "engine" in state:
+            state["engine"].shutdown(settings.shutdown_grace_s, settings.shutdown_grace_s + 10)
 
     app = FastAPI(
         title="moe-serve",
@@ -138,6 +144,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.state.drain = drain
     install_error_handlers(app)
     app.add_middleware(
         ServerMiddleware,

@@ -7,9 +7,10 @@ import uuid
 from collections.abc import AsyncIterator
 
 from engine.outputs import CompletionOutput, RequestOutput
-from server.async_engine import AsyncEngine
+from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from server.chat_template import ChatTemplate
 from server.completions import usage_of
+from server.errors import stream_error_event
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -121,6 +122,9 @@ class ChatService:
                     id=request_id, created=created, model=self.model_name, choices=[], usage=usage_of([output])
                 )
                 yield sse(body.model_dump_json())
+            yield sse("[DONE]")
+        except (QueueFullError, EngineDeadError) as exc:
+            yield stream_error_event(exc)
             yield sse("[DONE]")
         finally:
             await close_all([stream])

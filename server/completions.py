@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from engine.tokenizer import Tokenizer
-from server.async_engine import AsyncEngine
+from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from server.errors import stream_error_event
 from server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -177,6 +178,9 @@ class CompletionService:
                     id=request_id, created=created, model=self.model_name, choices=[], usage=usage
                 )
                 yield sse(chunk.model_dump_json())
+            yield sse("[DONE]")
+        except (QueueFullError, EngineDeadError) as exc:
+            yield stream_error_event(exc)
             yield sse("[DONE]")
         finally:
             await close_all(streams)

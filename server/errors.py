@@ -44,6 +44,12 @@ def error_body(error: APIError) -> bytes:
     return json.dumps(ErrorResponse(error=detail).model_dump()).encode()
 
 
+def stream_error_event(exc: QueueFullError | EngineDeadError) -> str:
+    """The server-sent event that ends a stream the server had to stop (shutdown past its grace, dead engine)."""
+    error = APIError(503, str(exc), type="server_error")
+    return f"data: {error_body(error).decode()}\n\n"
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":

@@ -1,0 +1,108 @@
+"""The moe-serve command as a real process: a bad model exits before binding, SIGTERM drains in-flight
+requests within the grace period (aborting the rest) and exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def command(port: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "server.cli", "--port", str(port), "--threads", "1", "--max-num-seqs", "8", *args]
+
+
+@contextmanager
+def running(port: int, *args: str) -> Iterator[subprocess.Popen[str]]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command(port, *args), stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("moe-serve did not become ready")
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(30)
+
+
+def stream_tokens(port: int, max_tokens: int, started: threading.Event, result: dict[str, object]) -> None:
+    body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    texts, finish = [], None
+    try:
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                started.set()
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        result["error"] = event["error"]
+                        continue
+                    choices = event["choices"]
+                    texts.append(choices[0]["text"])
+                    finish = choices[0]["finish_reason"] or finish
+    except httpx.HTTPError as exc:
+        result["error"] = exc
+    started.set()
+    result["chunks"], result["finish"] = len(texts), finish
+
+
+def test_a_bad_model_exits_with_the_file_named_and_binds_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "config.json").write_text("{not json")
+    done = subprocess.run(
+        command(port, "--model", str(tmp_path)), check=False, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert str(tmp_path / "config.json") in done.stderr and "not valid JSON" in done.stderr
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/health")
+
+
+@pytest.mark.parametrize(("grace", "max_tokens", "completes"), [(30, 120, True), (1, 500, False)])
+def test_sigterm_drains_in_flight_requests_then_exits_zero(grace: int, max_tokens: int, completes: bool) -> None:
+    port = free_port()
+    with running(port, "--shutdown-grace", str(grace)) as process:
+        started, result = threading.Event(), {}  # type: ignore[var-annotated]
+        client = threading.Thread(target=stream_tokens, args=(port, max_tokens, started, result))
+        client.start()
+        assert started.wait(30)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):  # no longer accepting
+            httpx.get(f"http://127.0.0.1:{port}/health")
+        assert process.wait(grace + 30) == 0
+        client.join(30)
+        assert time.monotonic() - sent < grace + 20
+    _, stderr = process.communicate()
+    assert "Traceback" not in stderr
+    if completes:
+        assert result["finish"] == "length" and result["chunks"] == max_tokens and "error" not in result
+    else:
+        assert result["finish"] is None and 0 < result["chunks"] < max_tokens  # type: ignore[operator]
+        assert "shutting down" in result["error"]["message"]  # type: ignore[index]
