@@ -90,7 +90,8 @@ class AsyncEngine:
     async def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        """Add a request and yield its state after every step that advanced it, the last one finished.
+        """Add a request and yield its latest state after steps that advanced it, the last one finished (a
+        consumer slower than the engine gets fewer, later states; outputs are cumulative, so nothing is lost).
 
         Raises ValueError (invalid request) or QueueFullError before yielding anything. Closing the iterator
         early (a disconnected client) aborts the request in the engine at once.
@@ -124,6 +125,9 @@ class AsyncEngine:
             await added  # inside the try: a caller cancelled while the add is queued still aborts it
             while True:
                 item = await stream.queue.get()
+                # Outputs are cumulative: a consumer that fell behind skips to the newest one.
+                while isinstance(item, RequestOutput) and not item.finished and not stream.queue.empty():
+                    item = stream.queue.get_nowait()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -199,6 +203,22 @@ class AsyncEngine:
             self._abort(request_id)
             stream.put(QueueFullError("the server is shutting down"))
 
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams with one wake-up per event loop, not one per request."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+                self._release()
+            batches.setdefault(stream.loop, []).append((stream, output))
+        for loop, batch in batches.items():
+            if not _call_in_loop(loop, _put_all, batch):
+                for _, output in batch:
+                    self._abort(output.request_id)
+
     def _run(self) -> None:
         try:
             if self._warmup is not None:
@@ -219,15 +239,7 @@ class AsyncEngine:
                     self._wake.clear()
                     continue
                 outputs = self.engine.step()
-                for output in outputs:
-                    stream = self._streams.get(output.request_id)
-                    if stream is None:
-                        continue
-                    if output.finished:
-                        del self._streams[output.request_id]
-                        self._release()
-                    if not stream.put(output):
-                        self._abort(output.request_id)
+                self._deliver(outputs)
                 for observer in self.observers:
                     observer.on_step(self.engine, outputs)
         except Exception as exc:
@@ -245,6 +257,11 @@ def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args
     except RuntimeError:
         return False
     return True
+
+
+def _put_all(batch: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, output in batch:
+        stream.queue.put_nowait(output)
 
 
 def _settle(future: asyncio.Future[Any], exc: BaseException | None, value: Any = None) -> None:

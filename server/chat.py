@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -91,6 +92,10 @@ class ChatService:
             body = ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=[choice])
             return sse(body.model_dump_json(exclude={"usage"}))
 
+        head = (
+            f'{{"id":"{request_id}","object":"chat.completion.chunk","created":{created},'
+            f'"model":{json.dumps(self.model_name)},"choices":[{{"index":'
+        )
         sent_text = [0] * request.n
         sent_tokens = [0] * request.n
         done: set[int] = set()
@@ -105,10 +110,16 @@ class ChatService:
                     text = c.text[sent_text[c.index] :]
                     new_tokens = len(c.token_ids) > sent_tokens[c.index]
                     if text or new_tokens:
-                        logprobs = None
                         if request.logprobs:
                             logprobs = chat_logprobs(c, sent_tokens[c.index], request.top_logprobs or 0)
-                        yield chunk(ChatChunkChoice(index=c.index, delta=DeltaMessage(content=text), logprobs=logprobs))
+                            yield chunk(
+                                ChatChunkChoice(index=c.index, delta=DeltaMessage(content=text), logprobs=logprobs)
+                            )
+                        else:  # the hot path, one per token per stream: written by hand, same JSON as the models
+                            content = json.dumps(text)
+                            yield sse(
+                                f'{head}{c.index},"delta":{{"content":{content}}},"logprobs":null,"finish_reason":null}}]}}'
+                            )
                         sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
                     if c.finish_reason is not None:
                         done.add(c.index)

@@ -7,6 +7,7 @@ evaluation harnesses score text, usually with max_tokens 0.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -49,6 +50,14 @@ def _logprobs(
         result.text_offset.append(offset)
         offset += len(text)
     return result
+
+
+def _text_fields(text: str, completion: CompletionOutput) -> str:
+    """A choice's fields after its index, as JSON members, for a chunk without logprobs."""
+    return (
+        f'"text":{json.dumps(text)},"logprobs":null,"finish_reason":{json.dumps(completion.finish_reason)},'
+        f'"stop_reason":{json.dumps(completion.stop_reason)}'
+    )
 
 
 def _merge_logprobs(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:
@@ -123,6 +132,11 @@ class CompletionService:
         self, request: CompletionRequest, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
     ) -> AsyncIterator[str]:
         created = int(time.time())
+        # Text-only chunks are written by hand (the hot path: one per token per stream); same JSON as the models.
+        head = (
+            f'{{"id":"{request_id}","object":"text_completion","created":{created},'
+            f'"model":{json.dumps(self.model_name)},"choices":[{{"index":'
+        )
         wants_logprobs = request.logprobs is not None
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
@@ -155,6 +169,9 @@ class CompletionService:
                     text_offset[index] += len(text)
                     sent_text[index] = len(completion.text)
                     sent_tokens[index] = len(completion.token_ids)
+                    if logprobs is None:
+                        yield sse(f"{head}{index},{_text_fields(text, completion)}}}]}}")
+                        continue
                     chunk = CompletionResponse(
                         id=request_id,
                         created=created,
