@@ -55,6 +55,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         503: "Waiting queue full (retry after Retry-After seconds) or server shutting down",
     }.items()
 }
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: ERRORS[401]}
 STREAMING: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -186,7 +187,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         await running_engine().call(refresh)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    @app.get("/v1/models", response_model=ModelList, responses=AUTH_ERRORS)
     async def models() -> ModelList:
         card = ModelCard(
             id=settings.model_name,
@@ -235,7 +236,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             )
         return LoadPeriod(since=since, total_routed=int(counts[layers].sum()), layers=rows)
 
-    @app.get("/v1/experts/load", response_model=ExpertLoadResponse, responses=ERRORS)
+    @app.get("/v1/experts/load", response_model=ExpertLoadResponse, responses=AUTH_ERRORS)
     async def expert_load() -> ExpertLoadResponse:
         """Routed-token counts per MoE layer and expert since start and since the last reset, with balance."""
         await running_engine().call(refresh)
@@ -250,7 +251,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             since_reset=period(since_reset, reset_at),
         )
 
-    @app.post("/v1/experts/load/reset", response_model=ExpertLoadResponse, responses=ERRORS)
+    @app.post("/v1/experts/load/reset", response_model=ExpertLoadResponse, responses=AUTH_ERRORS)
     async def reset_expert_load() -> ExpertLoadResponse:
         """Start a new since-reset period (Prometheus counters keep counting from start)."""
         await running_engine().call(refresh)

@@ -16,13 +16,9 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +29,7 @@ from engine.config import DEFAULT_MODEL_DIR
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from server.launch import launched
 from training.corpus import read_split
 
 
@@ -108,35 +105,6 @@ async def served_run(url: str, prompts: list[list[int]], concurrency: int, outpu
     }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def moe_serve(model: Path, threads: int, max_num_seqs: int) -> Iterator[str]:
-    port = free_port()
-    command = [sys.executable, "-m", "server.cli", "--model", str(model), "--port", str(port)]
-    command += ["--threads", str(threads), "--max-num-seqs", str(max_num_seqs), "--log-level", "warning"]
-    process = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("moe-serve did not become ready")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(60)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
@@ -154,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     engine = LLMEngine(args.model, EngineConfig(max_num_seqs=max(levels)))
     offline_run(engine, prompts[:4], 4, 8)  # warm-up
     rows: list[dict[str, Any]] = []
-    with moe_serve(args.model, args.threads, max(levels)) as url:
+    serve_args = ["--model", str(args.model), "--threads", str(args.threads), "--max-num-seqs", str(max(levels))]
+    with launched([*serve_args, "--log-level", "warning"]) as server:
+        url = server.url
         asyncio.run(served_run(url, prompts[:4], 4, 8))  # warm-up
         for c in levels:
             batch = prompts[: max(args.requests, c)]

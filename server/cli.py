@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,8 +33,12 @@ class DrainingServer(uvicorn.Server):
     """uvicorn, with the engine drained as soon as shutdown begins (uvicorn alone would only cancel the
     streams still open when its own timeout ran out)."""
 
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.drain = drain
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        drain = asyncio.create_task(asyncio.to_thread(self.config.app.state.drain))
+        drain = asyncio.create_task(asyncio.to_thread(self.drain))
         await super().shutdown(sockets)
         await drain
 
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     # signal to the handler it found; a no-op one lets a clean shutdown end with exit status 0.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda *_: None)
-    DrainingServer(uvicorn_config).run()
+    DrainingServer(uvicorn_config, app.state.drain).run()
     return 0
 
 

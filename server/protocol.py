@@ -8,7 +8,7 @@ OpenAI refuses them, so a misspelled parameter never silently does nothing.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -315,8 +315,3 @@ class ExpertLoadResponse(BaseModel):
     top_k: int
     since_start: LoadPeriod
     since_reset: LoadPeriod
-
-
-def response_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The `responses` entry FastAPI needs to document an error body."""
-    return {"model": model}

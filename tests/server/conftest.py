@@ -18,6 +18,7 @@ import uvicorn
 from engine.config import DEFAULT_MODEL_DIR
 from engine.llm_engine import EngineConfig, LLMEngine
 from server.app import ServerSettings, build_app
+from server.launch import wait_ready
 
 # Small enough to allocate quickly, large enough for every test's concurrency.
 TEST_ENGINE = {"max_num_seqs": 32, "kv_cache_memory_bytes": 64 << 20}
@@ -61,17 +62,8 @@ def serve(
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     live = LiveServer(f"http://127.0.0.1:{port}", engine, server_settings)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{live.url}/ready", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    else:
-        raise RuntimeError("server did not become ready")
     try:
+        wait_ready(live.url, timeout=60)
         yield live
     finally:
         server.should_exit = True

@@ -6,48 +6,22 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
+from server.launch import free_port, launched
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+SERVE_ARGS = ("--threads", "1", "--max-num-seqs", "8")
 
 
 def command(port: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "server.cli", "--port", str(port), "--threads", "1", "--max-num-seqs", "8", *args]
-
-
-@contextmanager
-def running(port: int, *args: str) -> Iterator[subprocess.Popen[str]]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command(port, *args), stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError("moe-serve did not become ready")
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(30)
+    return [sys.executable, "-m", "server.cli", "--port", str(port), *SERVE_ARGS, *args]
 
 
 def stream_tokens(port: int, max_tokens: int, started: threading.Event, result: dict[str, object]) -> None:
@@ -85,8 +59,9 @@ def test_a_bad_model_exits_with_the_file_named_and_binds_nothing(tmp_path: Path)
 
 @pytest.mark.parametrize(("grace", "max_tokens", "completes"), [(30, 120, True), (1, 500, False)])
 def test_sigterm_drains_in_flight_requests_then_exits_zero(grace: int, max_tokens: int, completes: bool) -> None:
-    port = free_port()
-    with running(port, "--shutdown-grace", str(grace)) as process:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with launched([*SERVE_ARGS, "--shutdown-grace", str(grace)], stderr=subprocess.PIPE, text=True, env=env) as server:
+        port, process = server.port, server.process
         started, result = threading.Event(), {}  # type: ignore[var-annotated]
         client = threading.Thread(target=stream_tokens, args=(port, max_tokens, started, result))
         client.start()
@@ -96,10 +71,10 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(grace: int, max_token
         time.sleep(0.5)
         with pytest.raises(httpx.ConnectError):  # no longer accepting
             httpx.get(f"http://127.0.0.1:{port}/health")
-        assert process.wait(grace + 30) == 0
+        _, stderr = process.communicate(timeout=grace + 30)
+        assert process.returncode == 0
         client.join(30)
         assert time.monotonic() - sent < grace + 20
-    _, stderr = process.communicate()
     assert "Traceback" not in stderr
     if completes:
         assert result["finish"] == "length" and result["chunks"] == max_tokens and "error" not in result
