@@ -22,7 +22,7 @@ from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from engine.moe import PendingSnapshot, select_backend
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
 from engine.routing import RoutingPolicy
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -184,10 +184,10 @@ class LLMEngine:
     # ----- requests -----
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
-        """Queue a request; ValueError (naming the field) if it can never run."""
+        """Queue a request; InvalidRequestError (naming the field) if it can never run."""
         params = params or SamplingParams()
         if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate(token_ids, params)
@@ -208,22 +208,22 @@ class LLMEngine:
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
-            raise ValueError("prompt must contain at least one token")
+            raise InvalidRequestError("prompt must contain at least one token")
         vocab = self.model.config.vocab_size
         bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
-            raise ValueError(f"prompt token id {bad!r} is outside the vocabulary (0..{vocab - 1})")
+            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary (0..{vocab - 1})")
         bad = next((t for t in params.stop_token_ids if t >= vocab), None)
         if bad is not None:
-            raise ValueError(f"stop_token_ids holds {bad}, outside the vocabulary (0..{vocab - 1})")
+            raise InvalidRequestError(f"stop_token_ids holds {bad}, outside the vocabulary (0..{vocab - 1})")
         most = min(MAX_LOGPROBS, vocab)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
             if value is not None and value > most:
-                raise ValueError(f"{name} must be at most {most}, got {value}")
+                raise InvalidRequestError(f"{name} must be at most {most}, got {value}")
         wanted = len(token_ids) + (params.max_tokens if params.max_tokens is not None else 1)
         if wanted > self.max_model_len:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) is {wanted} tokens, "
                 f"more than the maximum context length of {self.max_model_len}"
             )

@@ -86,9 +86,10 @@ class ExpertLoad(nn.Module):
         if self.counts.device.type != "cuda":
             return PendingSnapshot(self.snapshot(), None)
         host = torch.empty(self.counts[:, :-1].shape, dtype=torch.int64, pin_memory=True)
-        host.copy_(self.counts[:, :-1], non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        with torch.cuda.device(self.counts.device):  # the event must follow the copy on the counts' device
+            host.copy_(self.counts[:, :-1], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
         return PendingSnapshot(host, event)
 
     def reset(self) -> None:

@@ -42,7 +42,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int,
     temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
     scaled = logits / temperature[:, None]
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-        top_k = torch.tensor([p.top_k for p in params], device=device)
+        vocab = logits.shape[-1]
+        top_k = torch.tensor([min(p.top_k, vocab) for p in params], device=device)
         top_p = torch.tensor([p.top_p for p in params], device=device)
         scaled = apply_top_k_top_p(scaled, top_k, top_p)
     probs = torch.softmax(scaled, dim=-1)

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Below this a temperature is greedy: dividing logits by it would overflow (vLLM's rule).
+GREEDY_TEMPERATURE = 1e-5
+INT64_MAX = 2**63 - 1
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine can never run; the message names the field (a server answers 400)."""
+
 
 @dataclass
 class SamplingParams:
@@ -30,8 +38,15 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.top_k = max(self.top_k, 0)
+        if 0.0 < self.temperature < GREEDY_TEMPERATURE:
+            self.temperature = 0.0
         checks = [
             (self.n >= 1, "n", "must be at least 1"),
+            (
+                self.seed is None or -INT64_MAX - 1 <= self.seed <= INT64_MAX - self.n,
+                "seed",
+                "must fit in 64 bits (each of n completions uses seed + index)",
+            ),
             (0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]"),
             (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
             (self.max_tokens is None or self.max_tokens >= 0, "max_tokens", "must be at least 0"),
@@ -48,7 +63,7 @@ class SamplingParams:
         ]
         for ok, name, message in checks:
             if not ok:
-                raise ValueError(f"SamplingParams.{name} {message}, got {getattr(self, name)!r}")
+                raise InvalidRequestError(f"SamplingParams.{name} {message}, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:

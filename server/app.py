@@ -43,7 +43,7 @@ from server.protocol import (
     ModelCard,
     ModelList,
 )
-from server.streams import EventStreamResponse, cancel_on_disconnect
+from server.streams import EventStreamResponse, cancel_on_disconnect, close_all
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
@@ -166,6 +166,12 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             for observer in observers:
                 observer.on_idle(engine)
 
+    async def refreshed() -> None:
+        """Make an idle engine's figures exact before reporting them (a running engine's are a few steps old)."""
+        current = running_engine()
+        if current.is_alive and current.ready.is_set():
+            await current.call(refresh)
+
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health() -> Any:
         """Alive: the engine thread runs."""
@@ -184,7 +190,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     async def prometheus_metrics() -> Response:
         """Prometheus text exposition: serving metrics and expert load."""
-        await running_engine().call(refresh)
+        await refreshed()
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=ModelList, responses=AUTH_ERRORS)
@@ -204,7 +210,9 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         service: CompletionService = state["completions"]
         request_id, firsts, streams = await cancel_on_disconnect(request, service.start(body))
         if body.stream:
-            return EventStreamResponse(service.stream(body, request_id, firsts, streams))
+            return EventStreamResponse(
+                service.stream(body, request_id, firsts, streams), on_close=lambda: close_all(streams)
+            )
         return await cancel_on_disconnect(request, service.complete(body, request_id, firsts, streams))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **STREAMING})
@@ -214,7 +222,9 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         service: ChatService = state["chat"]
         request_id, first, stream = await cancel_on_disconnect(request, service.start(body))
         if body.stream:
-            return EventStreamResponse(service.stream(body, request_id, first, stream))
+            return EventStreamResponse(
+                service.stream(body, request_id, first, stream), on_close=lambda: close_all([stream])
+            )
         return await cancel_on_disconnect(request, service.complete(body, request_id, first, stream))
 
     def period(counts: np.ndarray, since: float) -> LoadPeriod:
@@ -239,7 +249,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     @app.get("/v1/experts/load", response_model=ExpertLoadResponse, responses=AUTH_ERRORS)
     async def expert_load() -> ExpertLoadResponse:
         """Routed-token counts per MoE layer and expert since start and since the last reset, with balance."""
-        await running_engine().call(refresh)
+        await refreshed()
         since_reset, reset_at = monitor.since_reset()
         balancing = config.router_balancing
         return ExpertLoadResponse(
@@ -254,7 +264,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/experts/load/reset", response_model=ExpertLoadResponse, responses=AUTH_ERRORS)
     async def reset_expert_load() -> ExpertLoadResponse:
         """Start a new since-reset period (Prometheus counters keep counting from start)."""
-        await running_engine().call(refresh)
+        await refreshed()
         monitor.reset()
         return await expert_load()
 

@@ -12,8 +12,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from engine.llm_engine import LLMEngine
@@ -45,20 +45,52 @@ class EngineObserver(Protocol):
 
 
 @dataclass
+class _Command:
+    """Work for the engine thread, and what to tell its caller if the engine can no longer run it."""
+
+    run: Callable[[], None]
+    refuse: Callable[[BaseException], None] | None = None
+
+
+@dataclass
 class _Stream:
+    """A request's link back to its coroutine: only the newest output is kept (outputs are cumulative), so a
+    client that stops reading costs one output, not one per step."""
+
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException]
-    num_completions: int
+    num_sequences: int
+    latest: RequestOutput | None = None
+    error: BaseException | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def offer(self, item: RequestOutput | BaseException) -> None:
+        """Runs in the stream's event loop."""
+        if isinstance(item, BaseException):
+            self.error = item
+        else:
+            self.latest = item
+        self.changed.set()
 
     def put(self, item: RequestOutput | BaseException) -> bool:
-        """Hand an item to the request's coroutine; False when its event loop is gone (nobody will read it)."""
-        return _call_in_loop(self.loop, self.queue.put_nowait, item)
+        """Hand an item over from the engine thread; False when the event loop is gone (nobody will read it)."""
+        return _call_in_loop(self.loop, self.offer, item)
+
+    async def next(self) -> RequestOutput:
+        while True:
+            if self.latest is not None:
+                item, self.latest = self.latest, None
+                return item
+            if self.error is not None:
+                raise self.error
+            self.changed.clear()
+            await self.changed.wait()
 
 
 class AsyncEngine:
     """Serves many concurrent `generate` calls from one continuously batching LLMEngine.
 
-    max_queue bounds the requests admitted but not yet running; beyond it `generate` raises QueueFullError.
+    max_queue bounds the sequences (a request with n has n) admitted beyond a full batch; past it `generate`
+    raises QueueFullError.
     `warmup(engine)` runs on the engine thread before the first request (requests sent meanwhile wait);
     `ready` is set once it has.
     """
@@ -72,12 +104,13 @@ class AsyncEngine:
     ) -> None:
         self.engine = engine
         self.max_queue = max_queue
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
-        self._admitted = 0  # requests accepted and not yet finished (read from any thread, written under lock)
+        self._admitted = 0  # sequences accepted and not yet finished (read from any thread, written under lock)
         self._lock = threading.Lock()
         self._stopping = False
+        self._closed = False  # the engine thread has ended: commands are refused
         self.error: BaseException | None = None
         self.observers = list(observers or [])
         self._warmup = warmup
@@ -89,7 +122,7 @@ class AsyncEngine:
 
     async def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Add a request and yield its latest state after steps that advanced it, the last one finished (a
         consumer slower than the engine gets fewer, later states; outputs are cumulative, so nothing is lost).
 
@@ -102,45 +135,41 @@ class AsyncEngine:
             if self._stopping:
                 raise QueueFullError("the server is shutting down")
             if self._admitted - self.engine.config.max_num_seqs >= self.max_queue:
-                raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests)")
-            self._admitted += 1
+                raise QueueFullError(f"the waiting queue is full ({self.max_queue} sequences)")
+            self._admitted += params.n
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue(), params.n)
+        stream = _Stream(loop, params.n)
         added: asyncio.Future[None] = loop.create_future()
 
         def add() -> None:
             try:
                 self.engine.add_request(request_id, prompt, params)
             except Exception as exc:  # noqa: BLE001 - handed to the caller, not raised on the engine thread
-                _call_in_loop(loop, _settle, added, exc)
-                self._release()
+                refuse(exc)
                 return
             self._streams[request_id] = stream
             if not _call_in_loop(loop, _settle, added, None):
                 self._abort(request_id)
 
-        self._submit(add)
+        def refuse(exc: BaseException) -> None:
+            _call_in_loop(loop, _settle, added, exc)
+            self._release(params.n)
+
+        self._submit(_Command(add, refuse))
         finished = False
         try:
             await added  # inside the try: a caller cancelled while the add is queued still aborts it
-            while True:
-                item = await stream.queue.get()
-                # Outputs are cumulative: a consumer that fell behind skips to the newest one.
-                while isinstance(item, RequestOutput) and not item.finished and not stream.queue.empty():
-                    item = stream.queue.get_nowait()
-                if isinstance(item, BaseException):
-                    raise item
+            while not finished:
+                item = await stream.next()
                 finished = item.finished
                 yield item
-                if finished:
-                    return
         finally:
             if not finished:
-                self._submit(lambda: self._abort(request_id))
+                self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread; unknown or finished ids are ignored."""
-        self._submit(lambda: self._abort(request_id))
+        self._submit(_Command(lambda: self._abort(request_id)))
 
     def call(self, fn: Callable[[LLMEngine], Any]) -> asyncio.Future[Any]:
         """Run fn(engine) on the engine thread between steps (e.g. reading expert load); await the result."""
@@ -151,16 +180,19 @@ class AsyncEngine:
             try:
                 value = fn(self.engine)
             except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller
-                _call_in_loop(loop, _settle, result, exc)
+                refuse(exc)
                 return
             _call_in_loop(loop, _settle, result, None, value)
 
-        self._submit(run)
+        def refuse(exc: BaseException) -> None:
+            _call_in_loop(loop, _settle, result, exc)
+
+        self._submit(_Command(run, refuse))
         return result
 
     @property
-    def num_requests(self) -> int:
-        """Requests accepted and not yet finished."""
+    def num_sequences(self) -> int:
+        """Sequences of requests accepted and not yet finished."""
         return self._admitted
 
     @property
@@ -176,26 +208,31 @@ class AsyncEngine:
         deadline = time.monotonic() + grace
         while self._admitted and time.monotonic() < deadline and self._thread.is_alive():
             time.sleep(0.01)
-        self._submit(self._abort_all)
+        self._submit(_Command(self._abort_all))
         self._thread.join(timeout)
 
     # ----- the engine thread -----
 
-    def _submit(self, command: Callable[[], None]) -> None:
-        self._commands.put(command)
-        self._wake.set()
-
-    def _release(self) -> None:
+    def _submit(self, command: _Command) -> None:
         with self._lock:
-            self._admitted -= 1
+            if not self._closed:
+                self._commands.put(command)
+                self._wake.set()
+                return
+        if command.refuse is not None:
+            command.refuse(EngineDeadError("the engine has stopped"))
+
+    def _release(self, num_sequences: int) -> None:
+        with self._lock:
+            self._admitted -= num_sequences
 
     def _abort(self, request_id: str) -> None:
         self.engine.abort_request(request_id)
         stream = self._streams.pop(request_id, None)
         if stream is not None:
-            self._release()
+            self._release(stream.num_sequences)
             for observer in self.observers:
-                observer.on_abort(self.engine, request_id, stream.num_completions)
+                observer.on_abort(self.engine, request_id, stream.num_sequences)
 
     def _abort_all(self) -> None:
         for request_id in list(self._streams):
@@ -203,8 +240,9 @@ class AsyncEngine:
             self._abort(request_id)
             stream.put(QueueFullError("the server is shutting down"))
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """Hand a step's outputs to their streams with one wake-up per event loop, not one per request."""
+    def _deliver(self, outputs: list[RequestOutput]) -> set[str]:
+        """Hand a step's outputs to their streams with one wake-up per event loop, not one per request; return
+        the requests aborted because their event loop is gone."""
         batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)
@@ -212,12 +250,16 @@ class AsyncEngine:
                 continue
             if output.finished:
                 del self._streams[output.request_id]
-                self._release()
+                self._release(stream.num_sequences)
             batches.setdefault(stream.loop, []).append((stream, output))
+        orphaned = set()
         for loop, batch in batches.items():
-            if not _call_in_loop(loop, _put_all, batch):
+            if not _call_in_loop(loop, _offer_all, batch):
                 for _, output in batch:
-                    self._abort(output.request_id)
+                    if not output.finished:
+                        orphaned.add(output.request_id)
+                        self._abort(output.request_id)
+        return orphaned
 
     def _run(self) -> None:
         try:
@@ -227,7 +269,7 @@ class AsyncEngine:
             while True:
                 while True:
                     try:
-                        self._commands.get_nowait()()
+                        self._commands.get_nowait().run()
                     except queue.Empty:
                         break
                 if self._stopping and not self._streams:
@@ -239,7 +281,9 @@ class AsyncEngine:
                     self._wake.clear()
                     continue
                 outputs = self.engine.step()
-                self._deliver(outputs)
+                orphaned = self._deliver(outputs)
+                if orphaned:
+                    outputs = [o for o in outputs if o.request_id not in orphaned]
                 for observer in self.observers:
                     observer.on_step(self.engine, outputs)
         except Exception as exc:
@@ -247,7 +291,22 @@ class AsyncEngine:
             self.error = exc
             for stream in self._streams.values():
                 stream.put(EngineDeadError(f"the engine stopped: {exc!r}"))
+                self._release(stream.num_sequences)
             self._streams.clear()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        """Refuse every command still queued, and every later one, so that no caller waits forever."""
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command.refuse is not None:
+                command.refuse(EngineDeadError("the engine has stopped"))
 
 
 def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:
@@ -259,9 +318,9 @@ def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args
     return True
 
 
-def _put_all(batch: list[tuple[_Stream, RequestOutput]]) -> None:
+def _offer_all(batch: list[tuple[_Stream, RequestOutput]]) -> None:
     for stream, output in batch:
-        stream.queue.put_nowait(output)
+        stream.offer(output)
 
 
 def _settle(future: asyncio.Future[Any], exc: BaseException | None, value: Any = None) -> None:

@@ -59,7 +59,9 @@ class ChatService:
     async def start(self, request: ChatCompletionRequest) -> tuple[str, RequestOutput, Stream]:
         """Render and submit the request; wait for its first output (errors surface here)."""
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        prompt = self.template.render(request.messages, request.add_generation_prompt)
+        text = self.template.render(request.messages, request.add_generation_prompt)
+        tokenizer = self.engine.engine.tokenizer
+        prompt = tokenizer.encode(text, add_special_tokens=not self.template.adds_special_tokens)
         stream = self.engine.generate(request_id, prompt, request.sampling_params())
         (first,) = await start_all([stream])
         return request_id, first, stream

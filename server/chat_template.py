@@ -28,14 +28,19 @@ def plain_prompt(messages: list[ChatMessage], add_generation_prompt: bool) -> st
 
 
 class ChatTemplate:
-    """Renders messages with a model's template (or the plain default when `source` is None)."""
+    """Renders messages with a model's template (or the plain default when `source` is None).
+
+    A template's prompt already holds the special tokens it wants, so it is encoded without adding any.
+    """
 
     def __init__(self, source: str | None, special_tokens: dict[str, str] | None = None) -> None:
         self.source = source
         self.special_tokens = special_tokens or {}
         self._template = None
         if source is not None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
             env.globals["raise_exception"] = _raise
             env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
             try:
@@ -57,6 +62,10 @@ class ChatTemplate:
             if isinstance(text, str):
                 special[key] = text
         return cls(source if isinstance(source, str) else None, special)
+
+    @property
+    def adds_special_tokens(self) -> bool:
+        return self._template is not None
 
     def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
         if self._template is None:

@@ -7,10 +7,12 @@ evaluation harnesses score text, usually with max_tokens 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from engine.tokenizer import Tokenizer
@@ -67,6 +69,18 @@ def _merge_logprobs(first: CompletionLogprobs, second: CompletionLogprobs) -> Co
         top_logprobs=first.top_logprobs + second.top_logprobs,
         text_offset=first.text_offset + second.text_offset,
     )
+
+
+@dataclass
+class _ChoiceState:
+    """What a streamed choice has sent so far."""
+
+    prefix: str = ""  # the echoed prompt, until the first chunk carries it
+    prefix_logprobs: CompletionLogprobs | None = None
+    sent_text: int = 0
+    sent_tokens: int = 0
+    token_offset: int = 0  # text offset of the next logprob token (tokens can run ahead of held-back text)
+    done: bool = False
 
 
 class CompletionService:
@@ -137,58 +151,35 @@ class CompletionService:
             f'{{"id":"{request_id}","object":"text_completion","created":{created},'
             f'"model":{json.dumps(self.model_name)},"choices":[{{"index":'
         )
-        wants_logprobs = request.logprobs is not None
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
-        text_offset: dict[int, int] = {}
+        choices: dict[int, _ChoiceState] = {}
         finals: dict[int, RequestOutput] = {}
-        done: set[int] = set()
         try:
-            async for p, output in merged(firsts, streams):
-                for completion in output.outputs:
-                    index = p * request.n + completion.index
-                    if index in done:
-                        continue
-                    prefix, prefix_logprobs = "", None
-                    if index not in sent_text:
-                        sent_text[index] = sent_tokens[index] = text_offset[index] = 0
-                        if request.echo:
-                            prefix, prefix_logprobs = self._echo(output, wants_logprobs)
-                    text = prefix + completion.text[sent_text[index] :]
-                    new_tokens = len(completion.token_ids) - sent_tokens[index]
-                    if completion.finish_reason is not None:
-                        done.add(index)
-                    elif not text and not new_tokens and prefix_logprobs is None:
-                        continue
-                    logprobs = None
-                    if wants_logprobs:
-                        start = text_offset[index] + len(prefix)
-                        logprobs = self._choice_logprobs(completion, sent_tokens[index], start)
-                        if prefix_logprobs is not None:
-                            logprobs = _merge_logprobs(prefix_logprobs, logprobs)
-                    text_offset[index] += len(text)
-                    sent_text[index] = len(completion.text)
-                    sent_tokens[index] = len(completion.token_ids)
-                    if logprobs is None:
-                        yield sse(f"{head}{index},{_text_fields(text, completion)}}}]}}")
-                        continue
-                    chunk = CompletionResponse(
-                        id=request_id,
-                        created=created,
-                        model=self.model_name,
-                        choices=[
-                            CompletionChoice(
-                                index=index,
-                                text=text,
-                                logprobs=logprobs,
-                                finish_reason=completion.finish_reason,  # type: ignore[arg-type]
-                                stop_reason=completion.stop_reason,
-                            )
-                        ],
-                    )
-                    yield sse(chunk.model_dump_json(exclude={"usage"}))
-                if output.finished:
-                    finals[p] = output
+            async with contextlib.aclosing(merged(firsts, streams)) as outputs:
+                async for p, output in outputs:
+                    for completion in output.outputs:
+                        index = p * request.n + completion.index
+                        if index not in choices:
+                            choices[index] = self._start_choice(request, output)
+                        delta = self._delta(request, choices[index], completion)
+                        if delta is None:
+                            continue
+                        text, logprobs = delta
+                        if logprobs is None:
+                            yield sse(f"{head}{index},{_text_fields(text, completion)}}}]}}")
+                            continue
+                        choice = CompletionChoice(
+                            index=index,
+                            text=text,
+                            logprobs=logprobs,
+                            finish_reason=completion.finish_reason,  # type: ignore[arg-type]
+                            stop_reason=completion.stop_reason,
+                        )
+                        chunk = CompletionResponse(
+                            id=request_id, created=created, model=self.model_name, choices=[choice]
+                        )
+                        yield sse(chunk.model_dump_json(exclude={"usage"}))
+                    if output.finished:
+                        finals[p] = output
             if request.include_usage:
                 usage = usage_of([finals[p] for p in sorted(finals)])
                 chunk = CompletionResponse(
@@ -201,3 +192,32 @@ class CompletionService:
             yield sse("[DONE]")
         finally:
             await close_all(streams)
+
+    def _start_choice(self, request: CompletionRequest, output: RequestOutput) -> _ChoiceState:
+        """A choice's stream state; with echo, its first chunk starts with the prompt (and its logprobs)."""
+        if not request.echo:
+            return _ChoiceState()
+        text, logprobs = self._echo(output, request.logprobs is not None)
+        return _ChoiceState(prefix=text, prefix_logprobs=logprobs, token_offset=len(text))
+
+    def _delta(
+        self, request: CompletionRequest, state: _ChoiceState, completion: CompletionOutput
+    ) -> tuple[str, CompletionLogprobs | None] | None:
+        """What a choice adds since its last chunk: text and logprobs, or None when there is nothing to send."""
+        if state.done:
+            return None
+        text = state.prefix + completion.text[state.sent_text :]
+        new_tokens = len(completion.token_ids) > state.sent_tokens
+        state.done = completion.finish_reason is not None
+        if not (text or new_tokens or state.done or state.prefix_logprobs):
+            return None
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = self._choice_logprobs(completion, state.sent_tokens, state.token_offset)
+            if logprobs.tokens:
+                state.token_offset = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
+            if state.prefix_logprobs is not None:
+                logprobs = _merge_logprobs(state.prefix_logprobs, logprobs)
+        state.prefix, state.prefix_logprobs = "", None
+        state.sent_text, state.sent_tokens = len(completion.text), len(completion.token_ids)
+        return text, logprobs

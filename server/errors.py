@@ -7,12 +7,14 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from engine.sampling_params import InvalidRequestError
 from server.async_engine import EngineDeadError, QueueFullError
 from server.chat_template import ChatTemplateError
 from server.protocol import ErrorDetail, ErrorResponse
+from server.streams import ClientDisconnected
 
 logger = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
@@ -90,10 +92,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
         return error_response(APIError(503, str(exc), type="server_error", code="engine_dead"))
 
-    @app.exception_handler(ValueError)
-    async def rejected(_: Request, exc: ValueError) -> JSONResponse:
-        # The engine refuses requests it can never run with a ValueError naming the field and the numbers.
+    @app.exception_handler(InvalidRequestError)
+    async def rejected(_: Request, exc: InvalidRequestError) -> JSONResponse:
+        # The engine refuses requests it can never run, naming the field and the numbers.
         return error_response(APIError(400, str(exc)))
+
+    @app.exception_handler(ClientDisconnected)
+    async def gone(_: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it; metrics count it
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:

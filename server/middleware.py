@@ -57,8 +57,7 @@ class ServerMiddleware:
             else:
                 await self.app(scope, self._bounded(receive), send_counted)
         finally:
-            route = scope.get("route")
-            self.count(scope["method"], getattr(route, "path", "unmatched"), status)
+            self.count(scope["method"], _route_of(scope), status)
 
     def _refuse(self, scope: Scope) -> APIError | None:
         headers = dict(scope["headers"])
@@ -86,6 +85,16 @@ class ServerMiddleware:
             return message
 
         return bounded
+
+
+def _route_of(scope: Scope) -> str:
+    """The route template that served the request, or the path when it names a route that refused it early
+    (401, 413); anything else is "unmatched", so labels stay bounded."""
+    route = scope.get("route")
+    if route is not None:
+        return route.path
+    paths = {getattr(r, "path", None) for r in scope["app"].routes} if "app" in scope else set()
+    return scope["path"] if scope["path"] in paths else "unmatched"
 
 
 async def _send_error(send: Send, error: APIError) -> None:

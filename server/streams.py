@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -16,15 +16,20 @@ from starlette.types import Receive, Scope, Send
 from engine.outputs import RequestOutput
 
 T = TypeVar("T")
-Stream = AsyncIterator[RequestOutput]
+Stream = AsyncGenerator[RequestOutput, None]
 
 
 async def start_all(streams: list[Stream]) -> list[RequestOutput]:
     """Wait for each stream's first output, so that a request the engine refuses (too long, queue full)
-    fails before any response is sent; on failure every stream is closed (aborting its request)."""
+    fails before any response is sent; if one fails, or the caller is cancelled, every stream is stopped and
+    closed (aborting its request)."""
+    firsts = [asyncio.ensure_future(anext(s)) for s in streams]
     try:
-        return list(await asyncio.gather(*(anext(s) for s in streams)))
+        return list(await asyncio.gather(*firsts))
     except BaseException:
+        for first in firsts:
+            first.cancel()
+        await asyncio.gather(*firsts, return_exceptions=True)
         await close_all(streams)
         raise
 
@@ -32,7 +37,7 @@ async def start_all(streams: list[Stream]) -> list[RequestOutput]:
 async def close_all(streams: list[Stream]) -> None:
     for stream in streams:
         with contextlib.suppress(Exception):
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
 
 
 async def last(first: RequestOutput, stream: Stream) -> RequestOutput:
@@ -43,7 +48,7 @@ async def last(first: RequestOutput, stream: Stream) -> RequestOutput:
     return output
 
 
-async def merged(firsts: list[RequestOutput], streams: list[Stream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merged(firsts: list[RequestOutput], streams: list[Stream]) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """Every output of several started streams as (stream index, output), in arrival order."""
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
@@ -75,6 +80,10 @@ async def merged(firsts: list[RequestOutput], streams: list[Stream]) -> AsyncIte
         await close_all(streams)
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its response was ready; its requests have been aborted."""
+
+
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Run work, cancelling it (and so aborting its engine requests) if the client disconnects first."""
     task = asyncio.ensure_future(work)
@@ -90,7 +99,12 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
-    return await task  # raises CancelledError if the client went away
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ClientDisconnected() from None
+        raise
 
 
 def sse(data: str) -> str:
@@ -98,14 +112,16 @@ def sse(data: str) -> str:
 
 
 class EventStreamResponse(StreamingResponse):
-    """Server-sent events that notice a client's disconnect at once, not at the next write, and always close
-    their body iterator, which aborts the request in the engine."""
+    """Server-sent events that notice a client's disconnect at once, not at the next write, and always run
+    `on_close` at the end (closing the engine streams, which aborts unfinished requests), even when the
+    client left before the first event."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], **kwargs: Any) -> None:
-        super().__init__(content, headers={"Cache-Control": "no-cache"}, **kwargs)
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache"})
         self._events = content
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -121,3 +137,4 @@ class EventStreamResponse(StreamingResponse):
                 group.cancel_scope.cancel()
         finally:
             await self._events.aclose()  # type: ignore[attr-defined]
+            await self._on_close()

@@ -90,6 +90,18 @@ def test_stop_sequences_and_vllm_extras(client: openai.OpenAI, offline: LLM) -> 
     assert extras.choices[0].text == offline.generate(PROMPTS[0], greedy(12))[0].outputs[0].text
 
 
+def test_extreme_sampling_values_are_safe(client: openai.OpenAI, offline: LLM, live_server: LiveServer) -> None:
+    expected = offline.generate(PROMPTS[0], greedy(10))[0].outputs[0].text
+    tiny = client.completions.create(model="tiny-simbal", prompt=PROMPTS[0], max_tokens=10, temperature=1e-40)
+    assert tiny.choices[0].text == expected  # a vanishing temperature is greedy, not an overflow
+    huge_k = client.completions.create(
+        model="tiny-simbal", prompt=PROMPTS[0], max_tokens=10, temperature=0.5, seed=3, extra_body={"top_k": 2**64}
+    )
+    assert huge_k.choices[0].finish_reason == "length"
+    with live_server.client() as http:
+        assert http.get("/health").status_code == 200
+
+
 def test_streaming_completion_concatenates_to_the_full_answer(client: openai.OpenAI) -> None:
     full = client.completions.create(model="tiny-simbal", prompt=PROMPTS[3], max_tokens=30, temperature=0, n=2)
     chunks = list(
@@ -130,6 +142,17 @@ def test_echo_logprobs_score_the_prompt_as_the_offline_engine(client: openai.Ope
     assert response.usage is not None and response.usage.completion_tokens == 0
     perplexity = math.exp(-sum(expected) / len(expected))
     assert 1 < perplexity < 1000
+
+
+def test_streamed_logprob_offsets_match_the_full_response_with_held_back_text(client: openai.OpenAI) -> None:
+    kwargs = {"model": "tiny-simbal", "prompt": PROMPTS[0], "max_tokens": 30, "temperature": 0, "logprobs": 1}
+    stop = {"stop": ["zzz never"]}  # a stop string makes the stream hold text back while tokens run ahead
+    full = client.completions.create(**kwargs, **stop)  # type: ignore[call-overload]
+    chunks = list(client.completions.create(**kwargs, **stop, stream=True))  # type: ignore[call-overload]
+    offsets = [o for c in chunks if c.choices for o in (c.choices[0].logprobs.text_offset or [])]
+    tokens = [t for c in chunks if c.choices for t in (c.choices[0].logprobs.tokens or [])]
+    assert full.choices[0].logprobs is not None
+    assert offsets == full.choices[0].logprobs.text_offset and tokens == full.choices[0].logprobs.tokens
 
 
 def test_echo_with_generation_streams_the_prompt_first(client: openai.OpenAI) -> None:

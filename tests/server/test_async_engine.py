@@ -12,7 +12,7 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.outputs import RequestOutput
-from server.async_engine import AsyncEngine, QueueFullError
+from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 
 PROMPTS = [f"Prompt number {i} says" for i in range(24)]
 
@@ -62,7 +62,7 @@ def test_concurrent_streams_get_the_offline_answers(async_engine: AsyncEngine, t
     results = asyncio.run(run())
     assert [r.outputs[0].token_ids for r in results] == expected
     assert max(steps.outputs_per_step) == 8  # batched up to max_num_seqs, not served one by one
-    assert async_engine.num_requests == 0 and not async_engine.engine.has_unfinished_requests()
+    assert async_engine.num_sequences == 0 and not async_engine.engine.has_unfinished_requests()
 
 
 def test_closing_a_stream_aborts_the_request_and_frees_its_blocks(async_engine: AsyncEngine) -> None:
@@ -77,7 +77,7 @@ def test_closing_a_stream_aborts_the_request_and_frees_its_blocks(async_engine: 
         assert await async_engine.call(lambda e: (e.has_unfinished_requests(), len(e.requests))) == (False, 0)
 
     asyncio.run(run())
-    assert async_engine.num_requests == 0
+    assert async_engine.num_sequences == 0
     assert engine.block_manager.num_free_blocks == free_before
 
 
@@ -93,7 +93,7 @@ def test_cancelled_request_is_aborted(async_engine: AsyncEngine) -> None:
         assert await async_engine.call(lambda e: len(e.requests)) == 0
 
     asyncio.run(run())
-    assert async_engine.num_requests == 0
+    assert async_engine.num_sequences == 0
 
 
 def test_invalid_request_fails_before_streaming(async_engine: AsyncEngine) -> None:
@@ -102,7 +102,7 @@ def test_invalid_request_fails_before_streaming(async_engine: AsyncEngine) -> No
             await collect(async_engine.generate("big", "x", SamplingParams(max_tokens=10**6)))
 
     asyncio.run(run())
-    assert async_engine.num_requests == 0
+    assert async_engine.num_sequences == 0
 
 
 def test_queue_bound_refuses_extra_requests(tiny_model: Path) -> None:
@@ -111,7 +111,7 @@ def test_queue_bound_refuses_extra_requests(tiny_model: Path) -> None:
 
     async def run() -> None:
         tasks = [asyncio.create_task(collect(engine.generate(f"q{i}", "x", params))) for i in range(3)]
-        while engine.num_requests < 3:  # two running, one waiting
+        while engine.num_sequences < 3:  # two running, one waiting
             await asyncio.sleep(0.01)
         with pytest.raises(QueueFullError, match="waiting queue is full"):
             await anext(engine.generate("q3", "x", params))
@@ -122,7 +122,7 @@ def test_queue_bound_refuses_extra_requests(tiny_model: Path) -> None:
 
     try:
         asyncio.run(run())
-        assert engine.num_requests == 0
+        assert engine.num_sequences == 0
     finally:
         engine.shutdown(timeout=30)
 
@@ -134,7 +134,7 @@ def test_shutdown_finishes_short_requests_and_aborts_long_ones(tiny_model: Path)
         long = asyncio.create_task(
             collect(engine.generate("long", "x", SamplingParams(max_tokens=1800, ignore_eos=True)))
         )
-        while engine.num_requests < 1:
+        while engine.num_sequences < 1:
             await asyncio.sleep(0.01)
         short = asyncio.create_task(
             collect(engine.generate("short", "x", SamplingParams(max_tokens=3, ignore_eos=True)))
@@ -148,4 +148,40 @@ def test_shutdown_finishes_short_requests_and_aborts_long_ones(tiny_model: Path)
     short, long = asyncio.run(run())
     assert isinstance(short, RequestOutput) and len(short.outputs[0].token_ids) == 3
     assert isinstance(long, QueueFullError)
-    assert engine.num_requests == 0 and not engine.engine.has_unfinished_requests()
+    assert engine.num_sequences == 0 and not engine.engine.has_unfinished_requests()
+
+
+def test_a_reader_that_falls_behind_gets_the_newest_output_only(async_engine: AsyncEngine) -> None:
+    async def run() -> list[RequestOutput]:
+        stream = async_engine.generate("slow", "A tale", SamplingParams(max_tokens=40, ignore_eos=True))
+        first = await anext(stream)
+        while async_engine.num_sequences:  # the engine finishes while nobody reads
+            await asyncio.sleep(0.01)
+        return [first] + [output async for output in stream]
+
+    first, *rest = asyncio.run(run())
+    assert len(rest) == 1 and rest[0].finished and len(rest[0].outputs[0].token_ids) == 40
+    assert rest[0].outputs[0].token_ids[:1] == first.outputs[0].token_ids
+
+
+def test_a_failed_engine_refuses_work_instead_of_hanging(tiny_model: Path) -> None:
+    llm_engine = LLMEngine(tiny_model, EngineConfig(max_num_seqs=4))
+
+    def device_fault(*_: object) -> None:
+        raise RuntimeError("simulated device fault")
+
+    llm_engine.runner.execute = device_fault  # type: ignore[method-assign]  # fault injection
+    engine = AsyncEngine(llm_engine)
+
+    async def run() -> None:
+        with pytest.raises(EngineDeadError, match="simulated device fault"):
+            await collect(engine.generate("doomed", "x", SamplingParams(max_tokens=4)))
+        while engine.is_alive:
+            await asyncio.sleep(0.01)
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(engine.call(lambda e: len(e.requests)), timeout=5)
+        with pytest.raises(EngineDeadError):
+            await anext(engine.generate("later", "x", SamplingParams()))
+
+    asyncio.run(run())
+    assert engine.num_sequences == 0

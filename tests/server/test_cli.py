@@ -26,6 +26,7 @@ def command(port: int, *args: str) -> list[str]:
 
 def stream_tokens(port: int, max_tokens: int, started: threading.Event, result: dict[str, object]) -> None:
     body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    body["stream_options"] = {"include_usage": True}
     texts, finish = [], None
     try:
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as response:
@@ -36,9 +37,11 @@ def stream_tokens(port: int, max_tokens: int, started: threading.Event, result: 
                     if "error" in event:
                         result["error"] = event["error"]
                         continue
-                    choices = event["choices"]
-                    texts.append(choices[0]["text"])
-                    finish = choices[0]["finish_reason"] or finish
+                    if event.get("usage"):
+                        result["completion_tokens"] = event["usage"]["completion_tokens"]
+                    for choice in event["choices"]:
+                        texts.append(choice["text"])
+                        finish = choice["finish_reason"] or finish
     except httpx.HTTPError as exc:
         result["error"] = exc
     started.set()
@@ -77,7 +80,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(grace: int, max_token
         assert time.monotonic() - sent < grace + 20
     assert "Traceback" not in stderr
     if completes:
-        assert result["finish"] == "length" and result["chunks"] == max_tokens and "error" not in result
+        assert result["finish"] == "length" and result["completion_tokens"] == max_tokens and "error" not in result
     else:
         assert result["finish"] is None and 0 < result["chunks"] < max_tokens  # type: ignore[operator]
+        assert "completion_tokens" not in result
         assert "shutting down" in result["error"]["message"]  # type: ignore[index]

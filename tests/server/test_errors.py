@@ -78,10 +78,18 @@ def test_unknown_model_is_404_and_unknown_route_too(live_server: LiveServer) -> 
 
 
 def test_one_bad_prompt_in_a_batch_fails_the_request_and_leaves_nothing_running(live_server: LiveServer) -> None:
-    body = {"prompt": [[1, 2], [1] * 600], "max_tokens": 50, "ignore_eos": True, "stream": True}
+    body = {"prompt": [[1, 2], [1] * 600], "max_tokens": 400, "ignore_eos": True, "stream": True}
     with live_server.client() as http:
         assert_error(http.post("/v1/completions", json=body), 400, says="maximum context length")
-    live_server.wait_idle()
+    live_server.wait_idle(timeout=2.0)  # the good prompt was aborted, not left to generate 400 tokens
+
+
+def test_a_batch_refused_by_the_queue_leaves_nothing_running(server_factory: Callable[..., Any]) -> None:
+    with server_factory(engine_args={"max_num_seqs": 2}, max_queue=4) as live, live.client() as http:
+        body = {"prompt": [f"Prompt {i}" for i in range(10)], "max_tokens": 300, "ignore_eos": True}
+        error = assert_error(http.post("/v1/completions", json=body), 503, says="queue is full")
+        assert error["code"] == "queue_full"
+        live.wait_idle(timeout=2.0)
 
 
 def test_oversized_bodies_are_413_with_or_without_content_length(server_factory: Callable[..., Any]) -> None:
@@ -108,7 +116,9 @@ def test_api_key_is_required_on_v1_routes_only(server_factory: Callable[..., Any
         right = {"Authorization": "Bearer s3cret"}
         assert http.post("/v1/completions", json=body, headers=right).status_code == 200
         assert http.get("/v1/models", headers=right).status_code == 200
-        assert http.get("/health").status_code == 200 and http.get("/metrics").status_code == 200
+        assert http.get("/health").status_code == 200
+        metrics = http.get("/metrics").text
+        assert 'route="/v1/completions",status_code="401"} 2.0' in metrics  # refused before routing, still labelled
 
 
 def test_a_full_queue_answers_503_with_retry_after(server_factory: Callable[..., Any]) -> None:
@@ -156,3 +166,7 @@ def test_a_non_streaming_client_that_disconnects_is_aborted(live_server: LiveSer
     with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=live_server.url, timeout=0.3) as http:
         http.post("/v1/completions", json=body)
     live_server.wait_idle(timeout=2.0)
+    with live_server.client() as http:
+        metrics = http.get("/metrics").text
+    assert 'route="/v1/completions",status_code="499"' in metrics  # counted as a client that left
+    assert 'status_code="500"' not in metrics
