@@ -83,8 +83,9 @@ class ServerSettings:
 def warm_up(engine: LLMEngine) -> None:
     """Run one short request through prefill and decode, so first-use costs are paid before /ready; its
     routing counts and cached prefix are then forgotten."""
-    prompt = list(range(min(16, engine.max_model_len - 4)))
-    engine.add_request("warmup", prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    prompt = list(range(max(1, min(16, engine.max_model_len - 4))))
+    max_tokens = min(4, engine.max_model_len - len(prompt))
+    engine.add_request("warmup", prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step()
     engine.reset_expert_load()

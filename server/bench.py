@@ -1,13 +1,15 @@
 """Serving overhead: output tokens/s through HTTP against the offline engine, same model and prompts, same run.
 
-`python -m server.bench [--model DIR] [--concurrency 1,8,32] [--requests 64] [--output-len 128] [--threads 1]`
+`python -m server.bench [--model DIR] [--concurrency 1,8,32] [--waves 4] [--output-len 128] [--threads 1]`
 
 For each concurrency c, the offline baseline keeps c requests in flight in an LLMEngine in this process (a new
 one as each finishes); the served run starts `moe-serve` as a separate process with the same engine settings
 and drives it with c streaming httpx clients, each sending its next request as soon as the last one ends. Both
 count generated tokens over wall time. Prompts are the opening tokens of test-split documents; generation
-is greedy with ignore_eos, so both sides generate exactly the same tokens. Prints a markdown table (paste into
-docs/performance.md); `--json PATH` saves the raw numbers.
+is greedy with ignore_eos, so both sides generate exactly the same tokens. Each level sends `--waves` x c
+requests (at least 32). Offline and served runs alternate `--repeats` times; the ratio is taken within each
+adjacent pair (this machine's speed drifts between minutes) and its median reported with its range. Prints a
+markdown table (paste into docs/performance.md); `--json PATH` saves the raw numbers.
 """
 
 from __future__ import annotations
@@ -109,16 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
-    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level (at least c)")
+    parser.add_argument("--waves", type=int, default=4, help="requests per level = waves x clients (at least 32)")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both engines")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each side per level; the best is kept")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating offline / served runs per level")
     parser.add_argument("--json", type=Path, help="also save the raw numbers here")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     torch.set_num_threads(args.threads)
-    prompts = make_prompts(args.model, max(args.requests, max(levels)), args.prompt_len)
+    per_level = {c: max(32, args.waves * c) for c in levels}
+    prompts = make_prompts(args.model, max(per_level.values()), args.prompt_len)
     engine = LLMEngine(args.model, EngineConfig(max_num_seqs=max(levels)))
     offline_run(engine, prompts[:4], 4, 8)  # warm-up
     rows: list[dict[str, Any]] = []
@@ -127,27 +130,30 @@ def main(argv: list[str] | None = None) -> int:
         url = server.url
         asyncio.run(served_run(url, prompts[:4], 4, 8))  # warm-up
         for c in levels:
-            batch = prompts[: max(args.requests, c)]
+            batch = prompts[: per_level[c]]
             offline, served = [], []
             for repeat in range(args.repeats):
                 progress(f"concurrency {c}: offline run {repeat + 1}/{args.repeats}")
                 offline.append(offline_run(engine, batch, c, args.output_len))
                 progress(f"concurrency {c}: served run {repeat + 1}/{args.repeats}")
                 served.append(asyncio.run(served_run(url, batch, c, args.output_len)))
-            best_offline = max(offline, key=lambda r: r["tokens_per_s"])
-            best_served = max(served, key=lambda r: r["tokens_per_s"])
-            assert best_offline["tokens"] == best_served["tokens"], "both sides must generate the same tokens"
-            rows.append({"concurrency": c, "offline": best_offline, "served": best_served, "all_offline": offline,
-                         "all_served": served})  # fmt: skip
+            ratios = sorted(srv["tokens_per_s"] / off["tokens_per_s"] for off, srv in zip(offline, served))
+            assert all(off["tokens"] == srv["tokens"] for off, srv in zip(offline, served)), "same tokens both sides"
+            rows.append({"concurrency": c, "requests": len(batch), "offline": offline, "served": served,
+                         "ratios": ratios})  # fmt: skip
     print(f"\nmodel {args.model.name}, {len(prompts[0])}-token prompts, {args.output_len} output tokens, "
-          f"torch threads {args.threads}, {os.cpu_count()} CPUs, best of {args.repeats}\n")  # fmt: skip
-    print("| clients | requests | offline tok/s | HTTP tok/s | HTTP / offline | HTTP median TTFT |")
+          f"torch threads {args.threads}, {os.cpu_count()} CPUs, {args.repeats} alternating pairs per level\n")  # fmt: skip
+    print(
+        "| clients | requests | offline tok/s (median) | HTTP tok/s (median) | HTTP / offline, median of pairs | range |"
+    )
     print("|---|---|---|---|---|---|")
     for row in rows:
-        off, srv = row["offline"], row["served"]
-        print(f"| {row['concurrency']} | {max(args.requests, row['concurrency'])} | {off['tokens_per_s']:.0f} | "
-              f"{srv['tokens_per_s']:.0f} | {srv['tokens_per_s'] / off['tokens_per_s']:.1%} | "
-              f"{srv['ttft_median_s'] * 1000:.0f} ms |")  # fmt: skip
+        off = statistics.median(r["tokens_per_s"] for r in row["offline"])
+        srv = statistics.median(r["tokens_per_s"] for r in row["served"])
+        ratios = row["ratios"]
+        ttft = statistics.median(r["ttft_median_s"] for r in row["served"])
+        print(f"| {row['concurrency']} | {row['requests']} | {off:.0f} | {srv:.0f} | "
+              f"{statistics.median(ratios):.1%} | {ratios[0]:.0%}-{ratios[-1]:.0%} | {ttft * 1000:.0f} ms |")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
     return 0

@@ -82,22 +82,26 @@ class ServerMetrics:
         self.registry = registry = CollectorRegistry()
         labels = ["model_name"]
 
+        # Metrics labelled only by model_name are kept as their labelled child: no label lookup per update.
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"{PREFIX}_{name}", doc, labels, registry=registry)
+            return Gauge(f"{PREFIX}_{name}", doc, labels, registry=registry).labels(model_name)
 
-        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
-            return Counter(f"{PREFIX}_{name}", doc, labels + list(extra), registry=registry)
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"{PREFIX}_{name}", doc, labels, registry=registry).labels(model_name)
 
         def histogram(name: str, doc: str, buckets: list[float] | list[int]) -> Histogram:
-            return Histogram(f"{PREFIX}_{name}", doc, labels, buckets=buckets, registry=registry)
+            return Histogram(f"{PREFIX}_{name}", doc, labels, buckets=buckets, registry=registry).labels(model_name)
 
         self.running = gauge("num_requests_running", "Sequences in the running batch (a request with n has n).")
         self.waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
         self.kv_usage = gauge("kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0 to 1).")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that produced output.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
-        self.finished = counter(
-            "request_success", "Finished completions by reason: stop, length or abort.", ("finished_reason",)
+        self.finished = Counter(
+            f"{PREFIX}_request_success",
+            "Finished completions by reason: stop, length or abort.",
+            [*labels, "finished_reason"],
+            registry=registry,
         )
         self.preemptions = counter("num_preemptions", "Sequences preempted (KV blocks freed, recomputed later).")
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token.", TTFT_BUCKETS)
@@ -124,8 +128,11 @@ class ServerMetrics:
         self.throughput = gauge(
             "generation_tokens_per_second", f"Generated tokens per second over the last {THROUGHPUT_WINDOW_S:g} s."
         )
-        self.http_requests = counter(
-            "http_requests", "HTTP requests by route and status code.", ("method", "route", "status_code")
+        self.http_requests = Counter(
+            f"{PREFIX}_http_requests",
+            "HTTP requests by route and status code.",
+            [*labels, "method", "route", "status_code"],
+            registry=registry,
         )
         info = Info(
             f"{PREFIX}_model", "The served model: balancing method, shape and runtime.", labels, registry=registry
@@ -137,40 +144,36 @@ class ServerMetrics:
         self._preemptions_seen = 0
         self._recent_tokens: deque[tuple[float, int]] = deque()
         self._recent_lock = threading.Lock()
-        self.throughput.labels(model_name).set_function(self._recent_tokens_per_second)
-        for metric in (self.running, self.waiting, self.kv_usage, self.prompt_tokens, self.generation_tokens,
-                       self.preemptions):  # fmt: skip
-            metric.labels(model_name)  # present from the first scrape, at zero
+        self.throughput.set_function(self._recent_tokens_per_second)
 
     # ----- engine observer (engine thread) -----
 
     def on_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
-        name = self.model_name
-        self.iteration_tokens.labels(name).observe(engine.last_step.num_tokens)
+        self.iteration_tokens.observe(engine.last_step.num_tokens)
         new_tokens = 0
         for output in outputs:
             new_tokens += self._observe_request(output)
         if new_tokens:
-            self.generation_tokens.labels(name).inc(new_tokens)
+            self.generation_tokens.inc(new_tokens)
             with self._recent_lock:
                 self._recent_tokens.append((time.monotonic(), new_tokens))
         self._update_engine_gauges(engine)
 
     def _observe_request(self, output: RequestOutput) -> int:
         """Observe one request's step; return how many tokens it generated in it."""
-        name, metrics = self.model_name, output.metrics
+        metrics = output.metrics
         assert metrics is not None and metrics.last_token_time is not None
         tokens = sum(len(c.token_ids) for c in output.outputs)
         state = self._requests.get(output.request_id)
         if state is None:
             state = self._requests[output.request_id] = _RequestState(0, metrics.last_token_time)
-            self.prompt_tokens.labels(name).inc(len(output.prompt_token_ids))
-            self.ttft.labels(name).observe(metrics.last_token_time - metrics.arrival_time)
+            self.prompt_tokens.inc(len(output.prompt_token_ids))
+            self.ttft.observe(metrics.last_token_time - metrics.arrival_time)
             if metrics.first_scheduled_time is not None:
-                self.queue_time.labels(name).observe(metrics.first_scheduled_time - metrics.arrival_time)
-                self.prefill_time.labels(name).observe(metrics.last_token_time - metrics.first_scheduled_time)
+                self.queue_time.observe(metrics.first_scheduled_time - metrics.arrival_time)
+                self.prefill_time.observe(metrics.last_token_time - metrics.first_scheduled_time)
         elif tokens > state.tokens:
-            self.itl.labels(name).observe(metrics.last_token_time - state.last_token_time)
+            self.itl.observe(metrics.last_token_time - state.last_token_time)
         new = tokens - state.tokens
         state.tokens, state.last_token_time = tokens, metrics.last_token_time
         if output.finished:
@@ -182,13 +185,13 @@ class ServerMetrics:
         name, metrics = self.model_name, output.metrics
         assert metrics is not None and metrics.finished_time is not None and metrics.first_token_time is not None
         decode = metrics.finished_time - metrics.first_token_time
-        self.e2e.labels(name).observe(metrics.finished_time - metrics.arrival_time)
-        self.decode_time.labels(name).observe(decode)
-        self.request_prompt_tokens.labels(name).observe(len(output.prompt_token_ids))
-        self.request_generation_tokens.labels(name).observe(sum(len(c.token_ids) for c in output.outputs))
+        self.e2e.observe(metrics.finished_time - metrics.arrival_time)
+        self.decode_time.observe(decode)
+        self.request_prompt_tokens.observe(len(output.prompt_token_ids))
+        self.request_generation_tokens.observe(sum(len(c.token_ids) for c in output.outputs))
         longest = max(len(c.token_ids) for c in output.outputs)
         if longest > 1:
-            self.tpot.labels(name).observe(decode / (longest - 1))
+            self.tpot.observe(decode / (longest - 1))
         for completion in output.outputs:
             self.finished.labels(name, completion.finish_reason or "abort").inc()
 
@@ -201,12 +204,12 @@ class ServerMetrics:
         self._update_engine_gauges(engine)
 
     def _update_engine_gauges(self, engine: LLMEngine) -> None:
-        name, scheduler = self.model_name, engine.scheduler
-        self.running.labels(name).set(len(scheduler.running))
-        self.waiting.labels(name).set(len(scheduler.waiting))
-        self.kv_usage.labels(name).set(engine.block_manager.usage)
+        scheduler = engine.scheduler
+        self.running.set(len(scheduler.running))
+        self.waiting.set(len(scheduler.waiting))
+        self.kv_usage.set(engine.block_manager.usage)
         if scheduler.num_preemptions > self._preemptions_seen:
-            self.preemptions.labels(name).inc(scheduler.num_preemptions - self._preemptions_seen)
+            self.preemptions.inc(scheduler.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = scheduler.num_preemptions
 
     def _recent_tokens_per_second(self) -> float:
