@@ -1,1 +1,1 @@
-"""The HTTP front end: an asyncio-facing engine thread, the OpenAI-compatible API, Prometheus metrics."""
+"""The HTTP front end: the engine in its own process, the OpenAI-compatible API, Prometheus metrics."""

@@ -1,7 +1,7 @@
 """The FastAPI application: OpenAI-compatible generation, health, metrics and expert load over one engine.
 
 A request's path: the route validates its body (protocol), the completion or chat service submits it to the
-AsyncEngine (the engine thread batches it with every other live request) and turns the outputs into a
+AsyncEngine (the engine process batches it with every other live request) and turns the outputs into a
 response or a stream of server-sent events; the metrics observer watches each engine step.
 """
 
@@ -20,9 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
-from server.async_engine import AsyncEngine, EngineObserver
+from server.async_engine import AsyncEngine
 from server.chat import ChatService
 from server.chat_template import ChatTemplate
 from server.completions import CompletionService
@@ -71,29 +69,14 @@ class ServerSettings:
     model_name: str
     model_path: Path
     api_key: str | None = None
-    max_queue: int = 256
     max_body_bytes: int = 4 << 20
     shutdown_grace_s: float = 30.0
     per_expert_series: bool | None = None  # None: on unless layers x experts is large
-    expert_read_every_steps: int = 16
     expert_window_s: float = 60.0
-    warmup: bool = True
 
 
-def warm_up(engine: LLMEngine) -> None:
-    """Run one short request through prefill and decode, so first-use costs are paid before /ready; its
-    routing counts and cached prefix are then forgotten."""
-    prompt = list(range(max(1, min(16, engine.max_model_len - 4))))
-    max_tokens = min(4, engine.max_model_len - len(prompt))
-    engine.add_request("warmup", prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-    while engine.has_unfinished_requests():
-        engine.step()
-    engine.reset_expert_load()
-    engine.block_manager.reset_prefix_cache()
-
-
-def model_info(engine: LLMEngine, settings: ServerSettings) -> dict[str, str]:
-    config = engine.model.config
+def model_info(engine: AsyncEngine, settings: ServerSettings) -> dict[str, str]:
+    config = engine.model_config
     balancing = config.router_balancing
     return {
         "balancing_method": balancing.method if balancing else "unknown",
@@ -102,43 +85,42 @@ def model_info(engine: LLMEngine, settings: ServerSettings) -> dict[str, str]:
         "num_layers": str(config.num_layers),
         "num_experts": str(config.num_experts),
         "top_k": str(config.top_k),
-        "dtype": str(engine.dtype).removeprefix("torch."),
-        "device": str(engine.device),
-        "max_model_len": str(engine.max_model_len),
+        "dtype": engine.info.dtype,
+        "device": engine.info.device,
+        "max_model_len": str(engine.info.max_model_len),
         "model_path": str(settings.model_path),
     }
 
 
-def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
-    """The app for one loaded engine; the engine thread starts and stops with the app's lifespan."""
-    config = engine.model.config
-    monitor = ExpertLoadMonitor(
-        config.num_layers, config.num_experts, settings.expert_read_every_steps, settings.expert_window_s
-    )
+def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+    """The app for one started engine; the app's lifespan stops the engine at the end."""
+    config = engine.model_config
+    monitor = ExpertLoadMonitor(config.num_layers, config.num_experts, settings.expert_window_s)
     metrics = ServerMetrics(
-        settings.model_name, engine, monitor, settings.per_expert_series, model_info(engine, settings)
+        settings.model_name,
+        config,
+        engine.info.max_model_len,
+        monitor,
+        settings.per_expert_series,
+        model_info(engine, settings),
     )
-    observers: list[EngineObserver] = [metrics, monitor]
+    engine.observers += [metrics, monitor]
     template = ChatTemplate.from_model_dir(settings.model_path, engine.tokenizer.tokenizer_config)
+    completions_service = CompletionService(engine, settings.model_name)
+    chat_service = ChatService(engine, settings.model_name, template)
     started_at = time.time()
-    state: dict[str, Any] = {}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        async_engine = AsyncEngine(engine, settings.max_queue, warm_up if settings.warmup else None, observers)
-        state["engine"] = async_engine
-        state["completions"] = CompletionService(async_engine, settings.model_name)
-        state["chat"] = ChatService(async_engine, settings.model_name, template)
         try:
             yield
         finally:
-            await asyncio.to_thread(async_engine.shutdown, 0.0, settings.shutdown_grace_s + 10)
+            await asyncio.to_thread(engine.shutdown, 0.0, settings.shutdown_grace_s + 10)
 
     def drain() -> None:
         """Refuse new requests, give in-flight ones the grace period, abort the rest (their streams end with an
-        error event) and stop the engine thread; called as soon as the HTTP server starts shutting down."""
-        if "engine" in state:
-            state["engine"].shutdown(settings.shutdown_grace_s, settings.shutdown_grace_s + 10)
+        error event) and stop the engine; called as soon as the HTTP server starts shutting down."""
+        engine.shutdown(settings.shutdown_grace_s, settings.shutdown_grace_s + 10)
 
     app = FastAPI(
         title="moe-serve",
@@ -155,43 +137,28 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         count=lambda method, route, status: metrics.observe_http(method, route, status),
     )
 
-    def running_engine() -> AsyncEngine:
-        return state["engine"]
-
     def check_model(name: str | None) -> None:
         if name is not None and name != settings.model_name:
             raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
 
-    def refresh(engine: LLMEngine) -> None:
-        if not engine.has_unfinished_requests():
-            for observer in observers:
-                observer.on_idle(engine)
-
-    async def refreshed() -> None:
-        """Make an idle engine's figures exact before reporting them (a running engine's are a few steps old)."""
-        current = running_engine()
-        if current.is_alive and current.ready.is_set():
-            await current.call(refresh)
-
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health() -> Any:
-        """Alive: the engine thread runs."""
-        if not running_engine().is_alive:
+        """Alive: the engine process runs."""
+        if not engine.is_alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return HealthResponse(status="ok")
 
     @app.get("/ready", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def ready() -> Any:
         """Ready: the model is loaded and warmed up, and the engine runs."""
-        current = running_engine()
-        if not current.is_alive or not current.ready.is_set():
-            return JSONResponse({"status": "warming up" if current.is_alive else "engine stopped"}, status_code=503)
+        if not engine.is_alive or not engine.ready.is_set():
+            return JSONResponse({"status": "warming up" if engine.is_alive else "engine stopped"}, status_code=503)
         return HealthResponse(status="ready")
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     async def prometheus_metrics() -> Response:
         """Prometheus text exposition: serving metrics and expert load."""
-        await refreshed()
+        await engine.refresh()
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=ModelList, responses=AUTH_ERRORS)
@@ -200,7 +167,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             id=settings.model_name,
             created=int(started_at),
             root=str(settings.model_path),
-            max_model_len=engine.max_model_len,
+            max_model_len=engine.info.max_model_len,
         )
         return ModelList(data=[card])
 
@@ -208,7 +175,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Any:
         """Text completion, OpenAI's legacy endpoint (with vLLM's sampling extras)."""
         check_model(body.model)
-        service: CompletionService = state["completions"]
+        service = completions_service
         request_id, firsts, streams = await cancel_on_disconnect(request, service.start(body))
         if body.stream:
             return EventStreamResponse(
@@ -220,7 +187,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         """Chat completion: messages rendered with the model's chat template (or the plain default)."""
         check_model(body.model)
-        service: ChatService = state["chat"]
+        service = chat_service
         request_id, first, stream = await cancel_on_disconnect(request, service.start(body))
         if body.stream:
             return EventStreamResponse(
@@ -250,7 +217,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     @app.get("/v1/experts/load", response_model=ExpertLoadResponse, responses=AUTH_ERRORS)
     async def expert_load() -> ExpertLoadResponse:
         """Routed-token counts per MoE layer and expert since start and since the last reset, with balance."""
-        await refreshed()
+        await engine.refresh()
         since_reset, reset_at = monitor.since_reset()
         balancing = config.router_balancing
         return ExpertLoadResponse(
@@ -265,7 +232,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/experts/load/reset", response_model=ExpertLoadResponse, responses=AUTH_ERRORS)
     async def reset_expert_load() -> ExpertLoadResponse:
         """Start a new since-reset period (Prometheus counters keep counting from start)."""
-        await refreshed()
+        await engine.refresh()
         monitor.reset()
         return await expert_load()
 

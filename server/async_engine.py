@@ -1,26 +1,32 @@
-"""The engine on its own thread, with one asyncio stream per request.
+"""The HTTP process's handle on the engine process, with one asyncio stream per request.
 
-The asyncio event loop never runs model work: requests and aborts go to the engine thread through a command
-queue, the thread batches every live request into each `LLMEngine.step`, and each step's outputs are handed
-back to the waiting coroutines with `call_soon_threadsafe`. Only the engine thread touches the LLMEngine.
+The engine runs in its own process (server/engine_process.py), so model work never competes with the
+event loop for a GIL. Requests and aborts are sent over a pipe; a reader thread receives each step's
+outputs and hands them to the waiting coroutines with one `call_soon_threadsafe` per step, then to the
+observers (metrics). Admission (the queue bound) is decided here, before anything is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
+import multiprocessing
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
-from engine.llm_engine import LLMEngine
+from engine.config import CheckpointError, ModelConfig
+from engine.llm_engine import EngineConfig
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.tokenizer import Tokenizer
+from server.engine_process import EngineInfo, EngineStats, run_engine
 
 logger = logging.getLogger(__name__)
+LOAD_ERRORS: dict[str, type[Exception]] = {"CheckpointError": CheckpointError, "ValueError": ValueError}
 
 
 class QueueFullError(RuntimeError):
@@ -28,28 +34,20 @@ class QueueFullError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread stopped after an unexpected error; no request can be served."""
+    """The engine process stopped; no request can be served."""
 
 
 class EngineObserver(Protocol):
-    """Sees the engine from its own thread (metrics): after every step, on every abort, and when it goes idle.
+    """Sees the engine's progress (metrics): after every step, on every abort, and when it goes idle.
 
-    Calls run on the engine thread between steps, so they must be quick and must not block.
+    Calls run on the reader thread; they must be quick and must not block.
     """
 
-    def on_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None: ...
+    def on_step(self, stats: EngineStats, outputs: list[RequestOutput]) -> None: ...
 
-    def on_abort(self, engine: LLMEngine, request_id: str, num_completions: int) -> None: ...
+    def on_abort(self, request_id: str, num_sequences: int) -> None: ...
 
-    def on_idle(self, engine: LLMEngine) -> None: ...
-
-
-@dataclass
-class _Command:
-    """Work for the engine thread, and what to tell its caller if the engine can no longer run it."""
-
-    run: Callable[[], None]
-    refuse: Callable[[BaseException], None] | None = None
+    def on_idle(self, stats: EngineStats) -> None: ...
 
 
 @dataclass
@@ -59,6 +57,7 @@ class _Stream:
 
     loop: asyncio.AbstractEventLoop
     num_sequences: int
+    added: asyncio.Future[None]
     latest: RequestOutput | None = None
     error: BaseException | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -67,13 +66,11 @@ class _Stream:
         """Runs in the stream's event loop."""
         if isinstance(item, BaseException):
             self.error = item
+            if not self.added.done():
+                self.added.set_exception(item)
         else:
             self.latest = item
         self.changed.set()
-
-    def put(self, item: RequestOutput | BaseException) -> bool:
-        """Hand an item over from the engine thread; False when the event loop is gone (nobody will read it)."""
-        return _call_in_loop(self.loop, self.offer, item)
 
     async def next(self) -> RequestOutput:
         while True:
@@ -87,36 +84,63 @@ class _Stream:
 
 
 class AsyncEngine:
-    """Serves many concurrent `generate` calls from one continuously batching LLMEngine.
+    """Serves many concurrent `generate` calls from one continuously batching engine in its own process.
 
-    max_queue bounds the sequences (a request with n has n) admitted beyond a full batch; past it `generate`
-    raises QueueFullError.
-    `warmup(engine)` runs on the engine thread before the first request (requests sent meanwhile wait);
-    `ready` is set once it has.
+    The constructor starts the process and returns once the model is loaded (raising CheckpointError or
+    ValueError, with the engine's message, if it cannot be); `ready` is set once warm-up has run. max_queue
+    bounds the sequences (a request with n has n) admitted beyond a full batch; past it `generate` raises
+    QueueFullError.
     """
 
     def __init__(
         self,
-        engine: LLMEngine,
+        model: str | Path,
+        config: EngineConfig | None = None,
         max_queue: int = 256,
-        warmup: Callable[[LLMEngine], None] | None = None,
-        observers: list[EngineObserver] | None = None,
+        warmup: bool = True,
+        threads: int | None = None,
+        expert_read_every_steps: int = 16,
+        load_timeout: float = 600.0,
     ) -> None:
-        self.engine = engine
+        self.config = config = config or EngineConfig()
         self.max_queue = max_queue
-        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._streams: dict[str, _Stream] = {}
-        self._admitted = 0  # sequences accepted and not yet finished (read from any thread, written under lock)
-        self._lock = threading.Lock()
-        self._stopping = False
-        self._closed = False  # the engine thread has ended: commands are refused
-        self.error: BaseException | None = None
-        self.observers = list(observers or [])
-        self._warmup = warmup
+        self.observers: list[EngineObserver] = []
         self.ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
+        self.error: str | None = None
+        self.stats = EngineStats(0, 0, 0, 0, 0.0, 0)
+        self._lock = threading.Lock()  # guards the maps and counters below, and the pipe's sending end
+        self._streams: dict[str, _Stream] = {}
+        self._admitted = 0  # sequences accepted and not yet finished or aborted
+        self._stopping = False
+        self._queries: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[EngineStats | None]]] = {}
+        self._next_query = 0
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        self._conn, child = context.Pipe()
+        args = (child, str(model), config, warmup, threads, expert_read_every_steps)
+        self._process = context.Process(target=run_engine, args=args, name="moe-serve-engine", daemon=True)
+        self._process.start()
+        child.close()
+        self.info = self._wait_loaded(load_timeout)
+        # What the HTTP side needs of the model, read here too (small files, no weights).
+        self.model_config = ModelConfig.from_dir(Path(model))
+        self.tokenizer = Tokenizer(Path(model), self.model_config.eos_token_ids)
+        self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
+        self._reader.start()
+
+    def _wait_loaded(self, timeout: float) -> EngineInfo:
+        if not self._conn.poll(timeout):
+            self._process.kill()
+            raise RuntimeError(f"the engine process did not load the model within {timeout:g} s")
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            self._process.join()
+            raise RuntimeError(f"the engine process exited with status {self._process.exitcode}") from None
+        if message[0] == "failed":
+            self._process.join()
+            _, kind, text = message
+            raise LOAD_ERRORS.get(kind, RuntimeError)(text)
+        return message[1]
 
     # ----- called from the event loop -----
 
@@ -126,39 +150,31 @@ class AsyncEngine:
         """Add a request and yield its latest state after steps that advanced it, the last one finished (a
         consumer slower than the engine gets fewer, later states; outputs are cumulative, so nothing is lost).
 
-        Raises ValueError (invalid request) or QueueFullError before yielding anything. Closing the iterator
-        early (a disconnected client) aborts the request in the engine at once.
+        Raises InvalidRequestError or QueueFullError before yielding anything. Closing the iterator early (a
+        disconnected client) aborts the request in the engine at once.
         """
-        if self.error is not None:
-            raise EngineDeadError(f"the engine stopped: {self.error!r}")
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, params.n, loop.create_future())
         with self._lock:
             if self._stopping:
                 raise QueueFullError("the server is shutting down")
-            if self._admitted - self.engine.config.max_num_seqs >= self.max_queue:
+            if self.error is not None:
+                raise EngineDeadError(f"the engine stopped: {self.error}")
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request_id {request_id!r} is already in use")
+            if self._admitted - self.config.max_num_seqs >= self.max_queue:
                 raise QueueFullError(f"the waiting queue is full ({self.max_queue} sequences)")
             self._admitted += params.n
-        loop = asyncio.get_running_loop()
-        stream = _Stream(loop, params.n)
-        added: asyncio.Future[None] = loop.create_future()
-
-        def add() -> None:
+            self._streams[request_id] = stream  # before sending: the reply can arrive at once
             try:
-                self.engine.add_request(request_id, prompt, params)
-            except Exception as exc:  # noqa: BLE001 - handed to the caller, not raised on the engine thread
-                refuse(exc)
-                return
-            self._streams[request_id] = stream
-            if not _call_in_loop(loop, _settle, added, None):
-                self._abort(request_id)
-
-        def refuse(exc: BaseException) -> None:
-            _call_in_loop(loop, _settle, added, exc)
-            self._release(params.n)
-
-        self._submit(_Command(add, refuse))
+                self._conn.send(("add", request_id, prompt, params))
+            except (OSError, ValueError) as exc:
+                del self._streams[request_id]
+                self._admitted -= params.n
+                raise EngineDeadError(f"the engine process is gone: {exc!r}") from exc
         finished = False
         try:
-            await added  # inside the try: a caller cancelled while the add is queued still aborts it
+            await stream.added  # inside the try: a caller cancelled while the add is in flight still aborts it
             while not finished:
                 item = await stream.next()
                 finished = item.finished
@@ -169,26 +185,27 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread; unknown or finished ids are ignored."""
-        self._submit(_Command(lambda: self._abort(request_id)))
+        stream = self._forget(request_id)
+        if stream is None:
+            return
+        self._send(("abort", request_id))
+        for observer in self.observers:
+            observer.on_abort(request_id, stream.num_sequences)
 
-    def call(self, fn: Callable[[LLMEngine], Any]) -> asyncio.Future[Any]:
-        """Run fn(engine) on the engine thread between steps (e.g. reading expert load); await the result."""
+    async def refresh(self) -> None:
+        """Have an idle engine report exact figures (expert counts, gauges) to the observers now; a busy
+        engine's are at most a few steps old already."""
+        if self.error is not None or not self.ready.is_set():
+            return
         loop = asyncio.get_running_loop()
-        result: asyncio.Future[Any] = loop.create_future()
-
-        def run() -> None:
-            try:
-                value = fn(self.engine)
-            except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller
-                refuse(exc)
-                return
-            _call_in_loop(loop, _settle, result, None, value)
-
-        def refuse(exc: BaseException) -> None:
-            _call_in_loop(loop, _settle, result, exc)
-
-        self._submit(_Command(run, refuse))
-        return result
+        future: asyncio.Future[EngineStats | None] = loop.create_future()
+        with self._lock:
+            query = self._next_query
+            self._next_query += 1
+            self._queries[query] = (loop, future)
+        if not self._send(("refresh", query)):
+            return
+        await future
 
     @property
     def num_sequences(self) -> int:
@@ -197,116 +214,125 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        """The engine thread is running and has not failed."""
-        return self.error is None and self._thread.is_alive()
+        """The engine process runs and has not failed."""
+        return self.error is None and self._process.is_alive()
 
     def shutdown(self, grace: float = 0.0, timeout: float | None = None) -> None:
         """Refuse new requests, let those in flight finish for up to `grace` seconds, abort the rest (their
-        streams end with QueueFullError), and stop the engine thread."""
+        streams end with QueueFullError), and stop the engine process."""
         with self._lock:
             self._stopping = True
         deadline = time.monotonic() + grace
-        while self._admitted and time.monotonic() < deadline and self._thread.is_alive():
+        while self._admitted and time.monotonic() < deadline and self.is_alive:
             time.sleep(0.01)
-        self._submit(_Command(self._abort_all))
-        self._thread.join(timeout)
-
-    # ----- the engine thread -----
-
-    def _submit(self, command: _Command) -> None:
-        with self._lock:
-            if not self._closed:
-                self._commands.put(command)
-                self._wake.set()
-                return
-        if command.refuse is not None:
-            command.refuse(EngineDeadError("the engine has stopped"))
-
-    def _release(self, num_sequences: int) -> None:
-        with self._lock:
-            self._admitted -= num_sequences
-
-    def _abort(self, request_id: str) -> None:
-        self.engine.abort_request(request_id)
-        stream = self._streams.pop(request_id, None)
-        if stream is not None:
-            self._release(stream.num_sequences)
-            for observer in self.observers:
-                observer.on_abort(self.engine, request_id, stream.num_sequences)
-
-    def _abort_all(self) -> None:
         for request_id in list(self._streams):
-            stream = self._streams[request_id]
-            self._abort(request_id)
-            stream.put(QueueFullError("the server is shutting down"))
+            stream = self._forget(request_id)
+            if stream is not None:
+                _call_in_loop(stream.loop, stream.offer, QueueFullError("the server is shutting down"))
+        self._send(("abort_all",))
+        self._send(("exit",))
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
 
-    def _deliver(self, outputs: list[RequestOutput]) -> set[str]:
-        """Hand a step's outputs to their streams with one wake-up per event loop, not one per request; return
-        the requests aborted because their event loop is gone."""
+    # ----- both threads -----
+
+    def _send(self, message: tuple[Any, ...]) -> bool:
+        with self._lock:
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError):
+                return False
+        return True
+
+    def _forget(self, request_id: str) -> _Stream | None:
+        """Drop a request's stream and release its sequences from the queue bound (exactly once)."""
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                self._admitted -= stream.num_sequences
+        return stream
+
+    # ----- the reader thread -----
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = self._conn.recv()
+                kind = message[0]
+                if kind == "step":
+                    self._on_step(message[1], message[2])
+                elif kind == "added":
+                    self._on_added(message[1], message[2])
+                elif kind == "idle":
+                    self.stats = message[1]
+                    for observer in self.observers:
+                        observer.on_idle(message[1])
+                elif kind == "refreshed":
+                    self._on_refreshed(message[1], message[2])
+                elif kind == "ready":
+                    self.ready.set()
+                elif kind == "dead":
+                    self._die(message[1])
+                    return
+        except (EOFError, OSError):
+            self._process.join(5)
+            self._die(f"the engine process exited with status {self._process.exitcode}")
+
+    def _on_step(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        """Hand a step's outputs to their streams with one wake-up per event loop; observers see the outputs
+        of live requests only (an aborted request's last step is not counted again)."""
+        self.stats = stats
+        live = []
         batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
         for output in outputs:
-            stream = self._streams.get(output.request_id)
+            stream = self._forget(output.request_id) if output.finished else self._streams.get(output.request_id)
             if stream is None:
                 continue
-            if output.finished:
-                del self._streams[output.request_id]
-                self._release(stream.num_sequences)
+            live.append(output)
             batches.setdefault(stream.loop, []).append((stream, output))
-        orphaned = set()
         for loop, batch in batches.items():
             if not _call_in_loop(loop, _offer_all, batch):
                 for _, output in batch:
-                    if not output.finished:
-                        orphaned.add(output.request_id)
-                        self._abort(output.request_id)
-        return orphaned
+                    self.abort(output.request_id)
+        for observer in self.observers:
+            observer.on_step(stats, live)
 
-    def _run(self) -> None:
-        try:
-            if self._warmup is not None:
-                self._warmup(self.engine)
-            self.ready.set()
-            while True:
-                while True:
-                    try:
-                        self._commands.get_nowait().run()
-                    except queue.Empty:
-                        break
-                if self._stopping and not self._streams:
-                    return
-                if not self.engine.has_unfinished_requests():
-                    for observer in self.observers:
-                        observer.on_idle(self.engine)
-                    self._wake.wait()
-                    self._wake.clear()
-                    continue
-                outputs = self.engine.step()
-                orphaned = self._deliver(outputs)
-                if orphaned:
-                    outputs = [o for o in outputs if o.request_id not in orphaned]
-                for observer in self.observers:
-                    observer.on_step(self.engine, outputs)
-        except Exception as exc:
-            logger.exception("engine thread stopped")
-            self.error = exc
-            for stream in self._streams.values():
-                stream.put(EngineDeadError(f"the engine stopped: {exc!r}"))
-                self._release(stream.num_sequences)
-            self._streams.clear()
-        finally:
-            self._close()
+    def _on_added(self, request_id: str, error: tuple[str, str] | None) -> None:
+        if error is None:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                _call_in_loop(stream.loop, _settle, stream.added, None)
+            return
+        stream = self._forget(request_id)
+        if stream is not None:
+            kind, text = error
+            exc = InvalidRequestError(text) if kind == "invalid" else RuntimeError(text)
+            _call_in_loop(stream.loop, _settle, stream.added, exc)
 
-    def _close(self) -> None:
-        """Refuse every command still queued, and every later one, so that no caller waits forever."""
+    def _on_refreshed(self, query: int, stats: EngineStats | None) -> None:
         with self._lock:
-            self._closed = True
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if command.refuse is not None:
-                command.refuse(EngineDeadError("the engine has stopped"))
+            loop, future = self._queries.pop(query)
+        if stats is not None:
+            self.stats = stats
+            for observer in self.observers:
+                observer.on_idle(stats)
+        _call_in_loop(loop, _settle, future, None, stats)
+
+    def _die(self, reason: str) -> None:
+        """Fail every live stream and waiting query; later calls raise EngineDeadError."""
+        if not self._stopping:
+            logger.error("engine stopped: %s", reason)
+        with self._lock:
+            self.error = reason
+            streams, self._streams = self._streams, {}
+            queries, self._queries = self._queries, {}
+            self._admitted = 0
+        for stream in streams.values():
+            _call_in_loop(stream.loop, stream.offer, EngineDeadError(f"the engine stopped: {reason}"))
+        for loop, future in queries.values():
+            _call_in_loop(loop, _settle, future, None, None)
 
 
 def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:

@@ -60,7 +60,7 @@ class ChatService:
         """Render and submit the request; wait for its first output (errors surface here)."""
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         text = self.template.render(request.messages, request.add_generation_prompt)
-        tokenizer = self.engine.engine.tokenizer
+        tokenizer = self.engine.tokenizer
         prompt = tokenizer.encode(text, add_special_tokens=not self.template.adds_special_tokens)
         stream = self.engine.generate(request_id, prompt, request.sampling_params())
         (first,) = await start_all([stream])

@@ -1,7 +1,7 @@
 """`moe-serve`: load a model and serve it over HTTP (the bundled SimBal model on 127.0.0.1:8000 by default).
 
-The model loads before the port is bound, so a bad checkpoint exits with an error naming the file and
-nothing listening. SIGTERM or Ctrl-C stops accepting, lets in-flight requests finish for --shutdown-grace
+The engine process loads the model before the port is bound, so a bad checkpoint exits with an error naming
+the file and nothing listening. SIGTERM or Ctrl-C stops accepting, lets in-flight requests finish for --shutdown-grace
 seconds, aborts the rest and exits 0.
 """
 
@@ -17,13 +17,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 import uvicorn
 
 from engine.config import DEFAULT_MODEL_DIR, CheckpointError
-from engine.llm_engine import EngineConfig, LLMEngine
+from engine.llm_engine import EngineConfig
 from engine.moe import BACKENDS
 from server.app import ServerSettings, build_app
+from server.async_engine import AsyncEngine
 
 API_KEY_ENV = "MOE_SERVE_API_KEY"
 EXPERT_METRICS = {"auto": None, "per-expert": True, "per-layer": False}
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="per-expert series, or per-layer aggregates only (auto: per-expert up to 4096 layer x expert pairs)",
     )
     parser.add_argument("--expert-load-window", type=float, default=60.0, help="seconds the balance gauges cover")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads of the engine (default: torch's choice)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
 
@@ -78,8 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         config = EngineConfig(
             dtype=args.dtype,
@@ -93,12 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             moe_backend=args.moe_backend,
             enable_prefix_caching=args.enable_prefix_caching,
         )
-        engine = LLMEngine(args.model, config)
+        engine = AsyncEngine(args.model, config, args.max_queue, threads=args.threads)
         settings = ServerSettings(
             model_name=args.served_model_name or args.model.resolve().name,
             model_path=args.model,
             api_key=args.api_key or None,
-            max_queue=args.max_queue,
             max_body_bytes=args.max_body_bytes,
             shutdown_grace_s=args.shutdown_grace,
             per_expert_series=EXPERT_METRICS[args.expert_metrics],

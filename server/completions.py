@@ -89,7 +89,7 @@ class CompletionService:
     def __init__(self, engine: AsyncEngine, model_name: str) -> None:
         self.engine = engine
         self.model_name = model_name
-        self.tokenizer = engine.engine.tokenizer
+        self.tokenizer = engine.tokenizer
 
     async def start(self, request: CompletionRequest) -> tuple[str, list[RequestOutput], list[Stream]]:
         """Submit every prompt and wait for each one's first output (errors surface here, before a response)."""

@@ -1,9 +1,9 @@
-"""Expert load as the server reports it: routed-token counts per (layer, expert), read from the engine's
-device-side counters every few steps without a host sync, with balance figures per layer.
+"""Expert load as the server reports it: routed-token counts per (layer, expert), with balance figures.
 
-The monitor is an engine observer: it starts an asynchronous copy of the counters every `read_every_steps`
-steps and publishes it once the copy has landed, and reads them directly when the engine goes idle (so a
-quiet server's figures are exact). Published counts keep the model's original expert ids.
+The monitor is an engine observer. The engine process copies its device-side counters to the host
+asynchronously every few steps (no host sync per step) and reads them directly when it goes idle; each copy
+arrives with the step's stats and is published here, with a short history for the windowed figures.
+Published counts keep the model's original expert ids.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.llm_engine import LLMEngine
-from engine.moe import PendingSnapshot
 from engine.outputs import RequestOutput
+from server.engine_process import EngineStats
 
 
 @dataclass(frozen=True)
@@ -44,35 +43,26 @@ def layer_balance(counts: np.ndarray) -> list[LayerBalance]:
 class ExpertLoadMonitor:
     """Engine observer that keeps recent snapshots of the expert counters (thread-safe to read)."""
 
-    def __init__(self, num_layers: int, num_experts: int, read_every_steps: int = 16, window_s: float = 60.0) -> None:
-        if read_every_steps < 1:
-            raise ValueError(f"read_every_steps must be at least 1, got {read_every_steps}")
-        self.read_every_steps = read_every_steps
+    def __init__(self, num_layers: int, num_experts: int, window_s: float = 60.0) -> None:
         self.window_s = window_s
         zeros = np.zeros((num_layers, num_experts), dtype=np.int64)
         self._lock = threading.Lock()
         self._history: deque[tuple[float, np.ndarray]] = deque([(time.monotonic(), zeros)])
         self._baseline = zeros
         self._baseline_time = time.time()
-        self._steps = 0
-        self._pending: PendingSnapshot | None = None
 
-    # ----- engine thread -----
+    # ----- engine observer (reader thread) -----
 
-    def on_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
-        self._steps += 1
-        if self._pending is not None and self._pending.ready():
-            self._publish(self._pending.counts().numpy().copy())
-            self._pending = None
-        if self._pending is None and self._steps % self.read_every_steps == 0:
-            self._pending = engine.expert_load_async()
+    def on_step(self, stats: EngineStats, outputs: list[RequestOutput]) -> None:
+        if stats.expert_counts is not None:
+            self._publish(stats.expert_counts)
 
-    def on_abort(self, engine: LLMEngine, request_id: str, num_completions: int) -> None:
+    def on_abort(self, request_id: str, num_sequences: int) -> None:
         pass
 
-    def on_idle(self, engine: LLMEngine) -> None:
-        self._pending = None
-        self._publish(engine.expert_load())
+    def on_idle(self, stats: EngineStats) -> None:
+        if stats.expert_counts is not None:
+            self._publish(stats.expert_counts)
 
     def _publish(self, counts: np.ndarray) -> None:
         now = time.monotonic()

@@ -1,7 +1,8 @@
 """Prometheus metrics: vLLM's serving set under the `moe_serve_` prefix, plus expert load and balance.
 
-Request and engine metrics are updated on the engine thread from each step's outputs and the engine's own
-timestamps (RequestMetrics), so the HTTP side adds no work per token. Expert series are rendered at scrape
+Request and engine metrics are updated from each step's outputs, the engine's own timestamps (RequestMetrics,
+monotonic clock, comparable across processes) and its stats, on the thread that receives them from the
+engine process, so the HTTP handlers add no work per token. Expert series are rendered at scrape
 time from the ExpertLoadMonitor's latest snapshot. Every series carries the model_name label.
 """
 
@@ -24,8 +25,9 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from engine.llm_engine import LLMEngine
+from engine.config import ModelConfig
 from engine.outputs import RequestOutput
+from server.engine_process import EngineStats
 from server.expert_load import ExpertLoadMonitor, layer_balance
 
 # The `_created` companion series double the exposition and no dashboard reads them (process-wide setting).
@@ -63,19 +65,19 @@ class _RequestState:
 
 
 class ServerMetrics:
-    """The server's metric registry, fed by the engine thread (an EngineObserver) and by HTTP middleware."""
+    """The server's metric registry, fed by the engine's steps (an EngineObserver) and by HTTP middleware."""
 
     def __init__(
         self,
         model_name: str,
-        engine: LLMEngine,
+        config: ModelConfig,
+        max_model_len: int,
         expert_load: ExpertLoadMonitor,
         per_expert_series: bool | None = None,
         model_info: dict[str, str] | None = None,
     ) -> None:
         self.model_name = model_name
         self.expert_load = expert_load
-        config = engine.model.config
         pairs = config.num_layers * config.num_experts
         self.per_expert_series = pairs <= AUTO_PER_EXPERT_LIMIT if per_expert_series is None else per_expert_series
         self.moe_layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
@@ -120,7 +122,7 @@ class ServerMetrics:
         self.iteration_tokens = histogram(
             "iteration_tokens", "Tokens run through the model per engine step.", ITERATION_TOKEN_BUCKETS
         )
-        length_buckets = token_count_buckets(engine.max_model_len)
+        length_buckets = token_count_buckets(max_model_len)
         self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per request.", length_buckets)
         self.request_generation_tokens = histogram(
             "request_generation_tokens", "Generated tokens per request.", length_buckets
@@ -146,10 +148,10 @@ class ServerMetrics:
         self._recent_lock = threading.Lock()
         self.throughput.set_function(self._recent_tokens_per_second)
 
-    # ----- engine observer (engine thread) -----
+    # ----- engine observer (reader thread) -----
 
-    def on_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
-        self.iteration_tokens.observe(engine.last_step.num_tokens)
+    def on_step(self, stats: EngineStats, outputs: list[RequestOutput]) -> None:
+        self.iteration_tokens.observe(stats.num_step_tokens)
         new_tokens = 0
         for output in outputs:
             new_tokens += self._observe_request(output)
@@ -157,7 +159,7 @@ class ServerMetrics:
             self.generation_tokens.inc(new_tokens)
             with self._recent_lock:
                 self._recent_tokens.append((time.monotonic(), new_tokens))
-        self._update_engine_gauges(engine)
+        self._update_engine_gauges(stats)
 
     def _observe_request(self, output: RequestOutput) -> int:
         """Observe one request's step; return how many tokens it generated in it."""
@@ -195,22 +197,20 @@ class ServerMetrics:
         for completion in output.outputs:
             self.finished.labels(name, completion.finish_reason or "abort").inc()
 
-    def on_abort(self, engine: LLMEngine, request_id: str, num_completions: int) -> None:
+    def on_abort(self, request_id: str, num_sequences: int) -> None:
         self._requests.pop(request_id, None)
-        self.finished.labels(self.model_name, "abort").inc(num_completions)
-        self._update_engine_gauges(engine)
+        self.finished.labels(self.model_name, "abort").inc(num_sequences)
 
-    def on_idle(self, engine: LLMEngine) -> None:
-        self._update_engine_gauges(engine)
+    def on_idle(self, stats: EngineStats) -> None:
+        self._update_engine_gauges(stats)
 
-    def _update_engine_gauges(self, engine: LLMEngine) -> None:
-        scheduler = engine.scheduler
-        self.running.set(len(scheduler.running))
-        self.waiting.set(len(scheduler.waiting))
-        self.kv_usage.set(engine.block_manager.usage)
-        if scheduler.num_preemptions > self._preemptions_seen:
-            self.preemptions.inc(scheduler.num_preemptions - self._preemptions_seen)
-            self._preemptions_seen = scheduler.num_preemptions
+    def _update_engine_gauges(self, stats: EngineStats) -> None:
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        if stats.num_preemptions > self._preemptions_seen:
+            self.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
+            self._preemptions_seen = stats.num_preemptions
 
     def _recent_tokens_per_second(self) -> float:
         cutoff = time.monotonic() - THROUGHPUT_WINDOW_S

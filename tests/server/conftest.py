@@ -16,8 +16,9 @@ import pytest
 import uvicorn
 
 from engine.config import DEFAULT_MODEL_DIR
-from engine.llm_engine import EngineConfig, LLMEngine
+from engine.llm_engine import EngineConfig
 from server.app import ServerSettings, build_app
+from server.async_engine import AsyncEngine
 from server.launch import wait_ready
 
 # Small enough to allocate quickly, large enough for every test's concurrency.
@@ -27,32 +28,30 @@ TEST_ENGINE = {"max_num_seqs": 32, "kv_cache_memory_bytes": 64 << 20}
 @dataclass
 class LiveServer:
     url: str
-    engine: LLMEngine
+    engine: AsyncEngine
     settings: ServerSettings
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, **kwargs)
 
     def wait_idle(self, timeout: float = 10.0) -> None:
-        """Wait until the engine holds no request and no KV block (what every test must leave behind)."""
+        """Wait until the engine process reports no request and no KV block in use (what every test must leave
+        behind), and the server holds no admitted sequence."""
         deadline = time.monotonic() + timeout
-        blocks = self.engine.block_manager
         while time.monotonic() < deadline:
-            if not self.engine.has_unfinished_requests() and not self.engine.requests and blocks.usage == 0:
+            stats = self.engine.stats
+            if not (stats.num_requests or stats.kv_cache_usage or self.engine.num_sequences):
                 return
             time.sleep(0.02)
-        raise AssertionError(
-            f"engine not idle: {len(self.engine.requests)} requests, KV usage {blocks.usage:.3f}, "
-            f"{len(self.engine.scheduler.running)} running, {len(self.engine.scheduler.waiting)} waiting"
-        )
+        raise AssertionError(f"engine not idle: {self.engine.stats}, {self.engine.num_sequences} sequences admitted")
 
 
 @contextmanager
 def serve(
-    model: Path = DEFAULT_MODEL_DIR, engine_args: dict[str, Any] | None = None, **settings: Any
+    model: Path = DEFAULT_MODEL_DIR, engine_args: dict[str, Any] | None = None, max_queue: int = 256, **settings: Any
 ) -> Iterator[LiveServer]:
-    """Start the app with uvicorn on a free loopback port; stop it (graceful shutdown) on exit."""
-    engine = LLMEngine(model, EngineConfig(**{**TEST_ENGINE, **(engine_args or {})}))
+    """Start the engine process and the app (uvicorn) on a free loopback port; stop both on exit."""
+    engine = AsyncEngine(model, EngineConfig(**{**TEST_ENGINE, **(engine_args or {})}), max_queue, threads=1)
     server_settings = ServerSettings(model_name=settings.pop("model_name", model.name), model_path=model, **settings)
     app = build_app(engine, server_settings)
     sock = socket.socket()
@@ -69,6 +68,7 @@ def serve(
         server.should_exit = True
         thread.join(30)
         sock.close()
+        engine.shutdown(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,36 @@
-"""The engine thread behind the server: concurrent streams batch together, disconnects abort at once, bad
-requests fail before streaming, and the queue bound refuses work instead of growing."""
+"""The engine process behind the server: concurrent streams batch together, closing or cancelling a stream
+aborts it at once, bad requests fail before streaming, the queue bound refuses work instead of growing, and a
+dead engine process fails every caller instead of leaving them waiting."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.llm_engine import EngineConfig, LLMEngine
+from engine import LLM, CheckpointError, InvalidRequestError, SamplingParams
+from engine.llm_engine import EngineConfig
 from engine.outputs import RequestOutput
 from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from server.engine_process import EngineStats
+from tests.conftest import copy_checkpoint
 
 PROMPTS = [f"Prompt number {i} says" for i in range(24)]
+SMALL = {"kv_cache_memory_bytes": 32 << 20}
 
 
-@pytest.fixture
+def start(model: Path, max_num_seqs: int = 8, max_queue: int = 64) -> AsyncEngine:
+    return AsyncEngine(model, EngineConfig(max_num_seqs=max_num_seqs, **SMALL), max_queue, threads=1)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
 def async_engine(tiny_model: Path) -> Iterator[AsyncEngine]:
-    engine = AsyncEngine(LLMEngine(tiny_model, EngineConfig(max_num_seqs=8)), max_queue=64)
+    engine = start(tiny_model)
     yield engine
     engine.shutdown(timeout=30)
 
@@ -30,13 +41,13 @@ class StepCounter:
     def __init__(self) -> None:
         self.outputs_per_step: list[int] = []
 
-    def on_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
+    def on_step(self, stats: EngineStats, outputs: list[RequestOutput]) -> None:
         self.outputs_per_step.append(len(outputs))
 
-    def on_abort(self, engine: LLMEngine, request_id: str, num_completions: int) -> None:
+    def on_abort(self, request_id: str, num_sequences: int) -> None:
         pass
 
-    def on_idle(self, engine: LLMEngine) -> None:
+    def on_idle(self, stats: EngineStats) -> None:
         pass
 
 
@@ -46,6 +57,13 @@ async def collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
         last = output
     assert last is not None and last.finished
     return last
+
+
+def wait_idle(engine: AsyncEngine, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.stats.num_requests or engine.stats.kv_cache_usage or engine.num_sequences:
+        assert time.monotonic() < deadline, f"not idle: {engine.stats}"
+        time.sleep(0.01)
 
 
 def test_concurrent_streams_get_the_offline_answers(async_engine: AsyncEngine, tiny_model: Path) -> None:
@@ -59,30 +77,21 @@ def test_concurrent_streams_get_the_offline_answers(async_engine: AsyncEngine, t
             *(collect(async_engine.generate(f"r{i}", p, params)) for i, p in enumerate(PROMPTS))
         )
 
-    results = asyncio.run(run())
+    try:
+        results = asyncio.run(run())
+    finally:
+        async_engine.observers.remove(steps)
     assert [r.outputs[0].token_ids for r in results] == expected
     assert max(steps.outputs_per_step) == 8  # batched up to max_num_seqs, not served one by one
-    assert async_engine.num_sequences == 0 and not async_engine.engine.has_unfinished_requests()
+    wait_idle(async_engine)
 
 
-def test_closing_a_stream_aborts_the_request_and_frees_its_blocks(async_engine: AsyncEngine) -> None:
-    engine = async_engine.engine
-    free_before = engine.block_manager.num_free_blocks
-
+def test_closing_or_cancelling_a_stream_aborts_the_request(async_engine: AsyncEngine) -> None:
     async def run() -> None:
-        stream = async_engine.generate("gone", "A long answer", SamplingParams(max_tokens=200, ignore_eos=True))
+        stream = async_engine.generate("gone", "A long answer", SamplingParams(max_tokens=300, ignore_eos=True))
         async for _ in stream:
             break
         await stream.aclose()
-        assert await async_engine.call(lambda e: (e.has_unfinished_requests(), len(e.requests))) == (False, 0)
-
-    asyncio.run(run())
-    assert async_engine.num_sequences == 0
-    assert engine.block_manager.num_free_blocks == free_before
-
-
-def test_cancelled_request_is_aborted(async_engine: AsyncEngine) -> None:
-    async def run() -> None:
         task = asyncio.create_task(
             collect(async_engine.generate("c", "x", SamplingParams(max_tokens=300, ignore_eos=True)))
         )
@@ -90,45 +99,60 @@ def test_cancelled_request_is_aborted(async_engine: AsyncEngine) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert await async_engine.call(lambda e: len(e.requests)) == 0
 
     asyncio.run(run())
     assert async_engine.num_sequences == 0
+    wait_idle(async_engine, timeout=2.0)  # long before 300 tokens could have been generated
 
 
 def test_invalid_request_fails_before_streaming(async_engine: AsyncEngine) -> None:
     async def run() -> None:
-        with pytest.raises(ValueError, match="maximum context length"):
+        with pytest.raises(InvalidRequestError, match="maximum context length"):
             await collect(async_engine.generate("big", "x", SamplingParams(max_tokens=10**6)))
 
     asyncio.run(run())
     assert async_engine.num_sequences == 0
 
 
-def test_queue_bound_refuses_extra_requests(tiny_model: Path) -> None:
-    engine = AsyncEngine(LLMEngine(tiny_model, EngineConfig(max_num_seqs=2)), max_queue=1)
-    params = SamplingParams(max_tokens=1500, ignore_eos=True)  # still running when the fourth arrives
+def test_a_reader_that_falls_behind_gets_the_newest_output_only(async_engine: AsyncEngine) -> None:
+    async def run() -> list[RequestOutput]:
+        stream = async_engine.generate("slow", "A tale", SamplingParams(max_tokens=40, ignore_eos=True))
+        first = await anext(stream)
+        while async_engine.num_sequences:  # the engine finishes while nobody reads
+            await asyncio.sleep(0.01)
+        return [first] + [output async for output in stream]
+
+    first, *rest = asyncio.run(run())
+    assert len(rest) == 1 and rest[0].finished and len(rest[0].outputs[0].token_ids) == 40
+    assert rest[0].outputs[0].token_ids[:1] == first.outputs[0].token_ids
+
+
+def test_queue_bound_counts_sequences_and_refuses_extra_requests(tiny_model: Path) -> None:
+    engine = start(tiny_model, max_num_seqs=2, max_queue=1)
+    long = SamplingParams(max_tokens=400, ignore_eos=True)  # still running when the last one arrives
 
     async def run() -> None:
-        tasks = [asyncio.create_task(collect(engine.generate(f"q{i}", "x", params))) for i in range(3)]
+        tasks = [asyncio.create_task(collect(engine.generate("one", "x", long)))]
+        tasks.append(
+            asyncio.create_task(collect(engine.generate("pair", "x", SamplingParams(**{**vars(long), "n": 2}))))
+        )
         while engine.num_sequences < 3:  # two running, one waiting
             await asyncio.sleep(0.01)
         with pytest.raises(QueueFullError, match="waiting queue is full"):
-            await anext(engine.generate("q3", "x", params))
+            await anext(engine.generate("refused", "x", long))
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        assert await engine.call(lambda e: len(e.requests)) == 0
 
     try:
         asyncio.run(run())
-        assert engine.num_sequences == 0
+        wait_idle(engine)
     finally:
         engine.shutdown(timeout=30)
 
 
 def test_shutdown_finishes_short_requests_and_aborts_long_ones(tiny_model: Path) -> None:
-    engine = AsyncEngine(LLMEngine(tiny_model, EngineConfig(max_num_seqs=4)))
+    engine = start(tiny_model, max_num_seqs=4)
 
     async def run() -> list[RequestOutput | BaseException]:
         long = asyncio.create_task(
@@ -148,40 +172,31 @@ def test_shutdown_finishes_short_requests_and_aborts_long_ones(tiny_model: Path)
     short, long = asyncio.run(run())
     assert isinstance(short, RequestOutput) and len(short.outputs[0].token_ids) == 3
     assert isinstance(long, QueueFullError)
-    assert engine.num_sequences == 0 and not engine.engine.has_unfinished_requests()
+    assert engine.num_sequences == 0 and not engine.is_alive
 
 
-def test_a_reader_that_falls_behind_gets_the_newest_output_only(async_engine: AsyncEngine) -> None:
-    async def run() -> list[RequestOutput]:
-        stream = async_engine.generate("slow", "A tale", SamplingParams(max_tokens=40, ignore_eos=True))
-        first = await anext(stream)
-        while async_engine.num_sequences:  # the engine finishes while nobody reads
-            await asyncio.sleep(0.01)
-        return [first] + [output async for output in stream]
-
-    first, *rest = asyncio.run(run())
-    assert len(rest) == 1 and rest[0].finished and len(rest[0].outputs[0].token_ids) == 40
-    assert rest[0].outputs[0].token_ids[:1] == first.outputs[0].token_ids
-
-
-def test_a_failed_engine_refuses_work_instead_of_hanging(tiny_model: Path) -> None:
-    llm_engine = LLMEngine(tiny_model, EngineConfig(max_num_seqs=4))
-
-    def device_fault(*_: object) -> None:
-        raise RuntimeError("simulated device fault")
-
-    llm_engine.runner.execute = device_fault  # type: ignore[method-assign]  # fault injection
-    engine = AsyncEngine(llm_engine)
+def test_a_killed_engine_process_fails_every_caller(tiny_model: Path) -> None:
+    engine = start(tiny_model, max_num_seqs=4)
 
     async def run() -> None:
-        with pytest.raises(EngineDeadError, match="simulated device fault"):
-            await collect(engine.generate("doomed", "x", SamplingParams(max_tokens=4)))
-        while engine.is_alive:
-            await asyncio.sleep(0.01)
-        with pytest.raises(EngineDeadError):
-            await asyncio.wait_for(engine.call(lambda e: len(e.requests)), timeout=5)
+        stream = engine.generate("doomed", "x", SamplingParams(max_tokens=1800, ignore_eos=True))
+        await anext(stream)
+        os.kill(engine.info.pid, signal.SIGKILL)  # a real fault: the process is gone
+        with pytest.raises(EngineDeadError, match="exited"):
+            await asyncio.wait_for(collect(stream), timeout=10)
         with pytest.raises(EngineDeadError):
             await anext(engine.generate("later", "x", SamplingParams()))
+        await asyncio.wait_for(engine.refresh(), timeout=5)  # returns instead of waiting forever
 
-    asyncio.run(run())
-    assert engine.num_sequences == 0
+    try:
+        asyncio.run(run())
+        assert engine.num_sequences == 0 and not engine.is_alive
+    finally:
+        engine.shutdown(timeout=10)
+
+
+def test_a_bad_checkpoint_fails_the_constructor_with_the_engines_message(tmp_path: Path, tiny_model: Path) -> None:
+    broken = copy_checkpoint(tiny_model, tmp_path / "broken")
+    (broken / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        start(broken)

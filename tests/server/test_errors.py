@@ -61,7 +61,7 @@ def test_malformed_json_and_bad_chat_bodies_are_400(live_server: LiveServer) -> 
 
 
 def test_prompt_longer_than_the_context_names_both_numbers(live_server: LiveServer) -> None:
-    limit = live_server.engine.max_model_len
+    limit = live_server.engine.info.max_model_len
     with live_server.client() as http:
         error = assert_error(http.post("/v1/completions", json={"prompt": [1] * 500, "max_tokens": 100}), 400)
         assert "500" in error["message"] and str(limit) in error["message"] and "100" in error["message"]
@@ -135,9 +135,9 @@ def test_a_full_queue_answers_503_with_retry_after(server_factory: Callable[...,
         threads = [threading.Thread(target=hold) for _ in range(2)]
         for thread in threads:
             thread.start()
-        scheduler = live.engine.scheduler
         deadline = time.monotonic() + 30
-        while not (len(scheduler.running) == 1 and len(scheduler.waiting) == 1) and time.monotonic() < deadline:
+        while not (live.engine.stats.num_running == 1 and live.engine.stats.num_waiting == 1):
+            assert time.monotonic() < deadline
             time.sleep(0.01)
         with live.client() as http:
             response = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
@@ -154,11 +154,11 @@ def test_a_client_that_disconnects_mid_stream_is_aborted_at_once(live_server: Li
     with live_server.client() as http, http.stream("POST", "/v1/completions", json=body) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
-        assert live_server.engine.has_unfinished_requests()
+        assert live_server.engine.num_sequences == 1
     start = time.monotonic()
     live_server.wait_idle(timeout=2.0)
     assert time.monotonic() - start < 2.0
-    assert live_server.engine.scheduler.num_preemptions == 0
+    assert live_server.engine.stats.num_preemptions == 0
 
 
 def test_a_non_streaming_client_that_disconnects_is_aborted(live_server: LiveServer) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.llm_engine import LLMEngine
+from server.engine_process import EngineStats, _EngineLoop
 from server.expert_load import ExpertLoadMonitor, layer_balance
 from tests.server.conftest import LiveServer
 
@@ -34,7 +35,7 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 
 
 def test_counters_move_exactly_with_known_traffic(live_server: LiveServer) -> None:
-    config = live_server.engine.model.config
+    config = live_server.engine.model_config
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_layers))
     with live_server.client() as http:
         before = scrape(http)
@@ -130,15 +131,19 @@ def test_per_layer_mode_drops_per_expert_series(server_factory: Callable[..., An
     assert total(samples, "moe_serve_idle_experts") >= 0
 
 
-def test_monitor_reads_every_few_steps_and_windows_the_balance(tiny_model: Any) -> None:
+def test_engine_reads_expert_counts_every_few_steps_and_the_monitor_windows_them(tiny_model: Any) -> None:
     engine = LLMEngine(tiny_model)
-    monitor = ExpertLoadMonitor(engine.model.config.num_layers, engine.model.config.num_experts, read_every_steps=4)
+    loop = _EngineLoop(None, engine, read_every_steps=4)  # type: ignore[arg-type]  # no pipe needed here
     engine.model.expert_load.counts[0, 1] = 7
-    for _ in range(3):
-        monitor.on_step(engine, [])
-    assert monitor.totals().sum() == 0  # no read before the fourth step
-    monitor.on_step(engine, [])  # starts a copy (landed at once on the CPU) ...
-    monitor.on_step(engine, [])  # ... published at the next step
+    reads = [loop._expert_counts() for _ in range(5)]
+    assert all(r is None for r in reads[:4])  # the copy starts at the fourth step ...
+    counts = reads[4]
+    assert counts is not None and counts[0, 1] == 7  # ... and lands by the next
+    config = engine.model.config
+    monitor = ExpertLoadMonitor(config.num_layers, config.num_experts)
+    monitor.on_step(EngineStats(1, 1, 0, 1, 0.1, 0), [])
+    assert monitor.totals().sum() == 0
+    monitor.on_step(EngineStats(1, 1, 0, 1, 0.1, 0, expert_counts=counts), [])
     assert monitor.totals()[0, 1] == 7
     recent, span = monitor.recent()
     assert recent[0, 1] == 7 and span >= 0
