@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -27,6 +29,7 @@ from server.engine_process import EngineInfo, EngineStats, run_engine
 
 logger = logging.getLogger(__name__)
 LOAD_ERRORS: dict[str, type[Exception]] = {"CheckpointError": CheckpointError, "ValueError": ValueError}
+REFRESH_TIMEOUT_S = 10.0
 
 
 class QueueFullError(RuntimeError):
@@ -108,7 +111,10 @@ class AsyncEngine:
         self.ready = threading.Event()
         self.error: str | None = None
         self.stats = EngineStats(0, 0, 0, 0, 0.0, 0)
-        self._lock = threading.Lock()  # guards the maps and counters below, and the pipe's sending end
+        self._lock = threading.Lock()  # guards the maps and counters below (never held during pipe I/O)
+        # Observers see a request's outputs and its abort in order, never an output after its abort.
+        self._observe_lock = threading.RLock()
+        self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()  # the writer's only input
         self._streams: dict[str, _Stream] = {}
         self._admitted = 0  # sequences accepted and not yet finished or aborted
         self._stopping = False
@@ -116,20 +122,26 @@ class AsyncEngine:
         self._next_query = 0
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._conn, child = context.Pipe()
-        args = (child, str(model), config, warmup, threads, expert_read_every_steps)
+        args = (child, str(model), config, warmup, threads, expert_read_every_steps, os.getpid())
         self._process = context.Process(target=run_engine, args=args, name="moe-serve-engine", daemon=True)
         self._process.start()
         child.close()
-        self.info = self._wait_loaded(load_timeout)
-        # What the HTTP side needs of the model, read here too (small files, no weights).
-        self.model_config = ModelConfig.from_dir(Path(model))
-        self.tokenizer = Tokenizer(Path(model), self.model_config.eos_token_ids)
+        try:
+            self.info = self._wait_loaded(load_timeout)
+            # What the HTTP side needs of the model, read here too (small files, no weights).
+            self.model_config = ModelConfig.from_dir(Path(model))
+            self.tokenizer = Tokenizer(Path(model), self.model_config.eos_token_ids)
+        except BaseException:
+            self._process.kill()
+            self._process.join()
+            raise
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
+        self._writer = threading.Thread(target=self._write, name="engine-writer", daemon=True)
         self._reader.start()
+        self._writer.start()
 
     def _wait_loaded(self, timeout: float) -> EngineInfo:
         if not self._conn.poll(timeout):
-            self._process.kill()
             raise RuntimeError(f"the engine process did not load the model within {timeout:g} s")
         try:
             message = self._conn.recv()
@@ -166,12 +178,7 @@ class AsyncEngine:
                 raise QueueFullError(f"the waiting queue is full ({self.max_queue} sequences)")
             self._admitted += params.n
             self._streams[request_id] = stream  # before sending: the reply can arrive at once
-            try:
-                self._conn.send(("add", request_id, prompt, params))
-            except (OSError, ValueError) as exc:
-                del self._streams[request_id]
-                self._admitted -= params.n
-                raise EngineDeadError(f"the engine process is gone: {exc!r}") from exc
+        self._outbox.put(("add", request_id, prompt, params))
         finished = False
         try:
             await stream.added  # inside the try: a caller cancelled while the add is in flight still aborts it
@@ -185,27 +192,30 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread; unknown or finished ids are ignored."""
-        stream = self._forget(request_id)
-        if stream is None:
-            return
-        self._send(("abort", request_id))
-        for observer in self.observers:
-            observer.on_abort(request_id, stream.num_sequences)
+        with self._observe_lock:
+            stream = self._forget(request_id)
+            if stream is None:
+                return
+            self._notify("on_abort", request_id, stream.num_sequences)
+        self._outbox.put(("abort", request_id))
 
     async def refresh(self) -> None:
         """Have an idle engine report exact figures (expert counts, gauges) to the observers now; a busy
         engine's are at most a few steps old already."""
-        if self.error is not None or not self.ready.is_set():
-            return
         loop = asyncio.get_running_loop()
         future: asyncio.Future[EngineStats | None] = loop.create_future()
         with self._lock:
+            if self.error is not None or self._stopping or not self.ready.is_set():
+                return
             query = self._next_query
             self._next_query += 1
             self._queries[query] = (loop, future)
-        if not self._send(("refresh", query)):
-            return
-        await future
+        self._outbox.put(("refresh", query))
+        try:
+            await asyncio.wait_for(future, REFRESH_TIMEOUT_S)
+        except TimeoutError:
+            with self._lock:
+                self._queries.pop(query, None)
 
     @property
     def num_sequences(self) -> int:
@@ -225,12 +235,10 @@ class AsyncEngine:
         deadline = time.monotonic() + grace
         while self._admitted and time.monotonic() < deadline and self.is_alive:
             time.sleep(0.01)
-        for request_id in list(self._streams):
-            stream = self._forget(request_id)
-            if stream is not None:
-                _call_in_loop(stream.loop, stream.offer, QueueFullError("the server is shutting down"))
-        self._send(("abort_all",))
-        self._send(("exit",))
+        self._fail_all(QueueFullError("the server is shutting down"))
+        self._outbox.put(("abort_all",))
+        self._outbox.put(("exit",))
+        self._outbox.put(None)
         self._process.join(timeout)
         if self._process.is_alive():
             self._process.kill()
@@ -238,13 +246,31 @@ class AsyncEngine:
 
     # ----- both threads -----
 
-    def _send(self, message: tuple[Any, ...]) -> bool:
-        with self._lock:
+    def _write(self) -> None:
+        """The only thread that sends on the pipe, so neither the event loop nor the reader ever blocks on it
+        (a full pipe in both directions cannot deadlock)."""
+        while (message := self._outbox.get()) is not None:
             try:
                 self._conn.send(message)
             except (OSError, ValueError):
-                return False
-        return True
+                return  # the engine is gone; the reader reports it
+
+    def _notify(self, event: str, *args: Any) -> None:
+        """Call every observer; a failing observer is logged, never allowed to stop serving."""
+        for observer in self.observers:
+            try:
+                getattr(observer, event)(*args)
+            except Exception:
+                logger.exception("engine observer %r failed in %s", observer, event)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """End every live stream with exc (observers see them aborted)."""
+        with self._observe_lock:
+            for request_id in list(self._streams):
+                stream = self._forget(request_id)
+                if stream is not None:
+                    self._notify("on_abort", request_id, stream.num_sequences)
+                    _call_in_loop(stream.loop, stream.offer, exc)
 
     def _forget(self, request_id: str) -> _Stream | None:
         """Drop a request's stream and release its sequences from the queue bound (exactly once)."""
@@ -267,8 +293,7 @@ class AsyncEngine:
                     self._on_added(message[1], message[2])
                 elif kind == "idle":
                     self.stats = message[1]
-                    for observer in self.observers:
-                        observer.on_idle(message[1])
+                    self._notify("on_idle", message[1])
                 elif kind == "refreshed":
                     self._on_refreshed(message[1], message[2])
                 elif kind == "ready":
@@ -279,25 +304,35 @@ class AsyncEngine:
         except (EOFError, OSError):
             self._process.join(5)
             self._die(f"the engine process exited with status {self._process.exitcode}")
+        except BaseException as exc:  # never leave callers waiting on a reader that is gone
+            logger.exception("engine reader failed")
+            self._process.kill()
+            self._die(f"the engine reader failed: {exc!r}")
 
     def _on_step(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
-        """Hand a step's outputs to their streams with one wake-up per event loop; observers see the outputs
-        of live requests only (an aborted request's last step is not counted again)."""
+        """Hand a step's outputs to their streams with one wake-up per event loop. Observers see the outputs of
+        live requests only, before any abort of them can be observed (an aborted request is not counted again)."""
         self.stats = stats
-        live = []
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
-        for output in outputs:
-            stream = self._forget(output.request_id) if output.finished else self._streams.get(output.request_id)
-            if stream is None:
-                continue
-            live.append(output)
-            batches.setdefault(stream.loop, []).append((stream, output))
+        orphaned = []
+        with self._observe_lock:
+            live = []
+            batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+            for output in outputs:
+                finished = output.finished
+                stream = self._forget(output.request_id) if finished else self._streams.get(output.request_id)
+                if stream is None:
+                    continue
+                if stream.loop.is_closed() and not finished:
+                    orphaned.append(output.request_id)
+                    continue
+                live.append(output)
+                batches.setdefault(stream.loop, []).append((stream, output))
+            self._notify("on_step", stats, live)
         for loop, batch in batches.items():
             if not _call_in_loop(loop, _offer_all, batch):
-                for _, output in batch:
-                    self.abort(output.request_id)
-        for observer in self.observers:
-            observer.on_step(stats, live)
+                orphaned += [output.request_id for _, output in batch]
+        for request_id in orphaned:
+            self.abort(request_id)
 
     def _on_added(self, request_id: str, error: tuple[str, str] | None) -> None:
         if error is None:
@@ -313,12 +348,12 @@ class AsyncEngine:
 
     def _on_refreshed(self, query: int, stats: EngineStats | None) -> None:
         with self._lock:
-            loop, future = self._queries.pop(query)
+            waiting = self._queries.pop(query, None)
         if stats is not None:
             self.stats = stats
-            for observer in self.observers:
-                observer.on_idle(stats)
-        _call_in_loop(loop, _settle, future, None, stats)
+            self._notify("on_idle", stats)
+        if waiting is not None:
+            _call_in_loop(waiting[0], _settle, waiting[1], None, stats)
 
     def _die(self, reason: str) -> None:
         """Fail every live stream and waiting query; later calls raise EngineDeadError."""
@@ -326,13 +361,11 @@ class AsyncEngine:
             logger.error("engine stopped: %s", reason)
         with self._lock:
             self.error = reason
-            streams, self._streams = self._streams, {}
             queries, self._queries = self._queries, {}
-            self._admitted = 0
-        for stream in streams.values():
-            _call_in_loop(stream.loop, stream.offer, EngineDeadError(f"the engine stopped: {reason}"))
+        self._fail_all(EngineDeadError(f"the engine stopped: {reason}"))
         for loop, future in queries.values():
             _call_in_loop(loop, _settle, future, None, None)
+        self._outbox.put(None)  # stop the writer
 
 
 def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:

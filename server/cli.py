@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             expert_window_s=args.expert_load_window,
         )
         app = build_app(engine, settings)
-    except (CheckpointError, ValueError) as exc:
+    except (CheckpointError, ValueError, RuntimeError) as exc:
         print(f"moe-serve: error: {exc}", file=sys.stderr)
         return 1
     uvicorn_config = uvicorn.Config(

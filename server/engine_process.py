@@ -14,9 +14,12 @@ sync per step), and read directly whenever the engine goes idle.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -30,6 +33,7 @@ from engine.moe import PendingSnapshot
 from engine.sampling_params import InvalidRequestError, SamplingParams
 
 logger = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -155,9 +159,13 @@ def run_engine(
     warmup: bool,
     threads: int | None,
     read_every_steps: int,
+    parent_pid: int,
 ) -> None:
     """The engine process's main function."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server drains us
+    # Signals meant for the server (Ctrl-C, `kill -TERM -<group>`) must not reach the engine: the server drains
+    # it. And the engine must not outlive the server, even one killed with SIGKILL.
+    os.setpgrp()
+    _die_with_parent(parent_pid)
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -172,8 +180,8 @@ def run_engine(
         num_kv_blocks=engine.block_manager.num_blocks,
         pid=os.getpid(),
     )
-    conn.send(("loaded", info))
     try:
+        conn.send(("loaded", info))
         if warmup:
             warm_up(engine)
         conn.send(("ready",))
@@ -183,3 +191,12 @@ def run_engine(
     except Exception as exc:
         logger.exception("engine stopped")
         conn.send(("dead", repr(exc)))
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have Linux kill this process when the server's process ends (prctl PR_SET_PDEATHSIG)."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the server died before the line above took effect
+        os._exit(1)
