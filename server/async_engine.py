@@ -1,8 +1,8 @@
 """The HTTP process's handle on the engine process, with one asyncio stream per request.
 
 The engine runs in its own process (server/engine_process.py), so model work never competes with the
-event loop for a GIL. Requests and aborts are sent over a pipe; a reader thread receives each step's
-outputs and hands them to the waiting coroutines with one `call_soon_threadsafe` per step, then to the
+event loop for a GIL. Requests and aborts are sent over a pipe by a writer thread; a reader thread receives
+each step's output deltas, rebuilds the cumulative outputs and hands them to the waiting coroutines with one `call_soon_threadsafe` per step, then to the
 observers (metrics). Admission (the queue bound) is decided here, before anything is sent.
 """
 
@@ -26,6 +26,7 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.tokenizer import Tokenizer
 from server.engine_process import EngineInfo, EngineStats, run_engine
+from server.output_delta import OutputDelta, apply_delta
 
 logger = logging.getLogger(__name__)
 LOAD_ERRORS: dict[str, type[Exception]] = {"CheckpointError": CheckpointError, "ValueError": ValueError}
@@ -64,6 +65,7 @@ class _Stream:
     latest: RequestOutput | None = None
     error: BaseException | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    built: RequestOutput | None = None  # the cumulative output the reader thread rebuilt last
 
     def offer(self, item: RequestOutput | BaseException) -> None:
         """Runs in the stream's event loop."""
@@ -309,7 +311,7 @@ class AsyncEngine:
             self._process.kill()
             self._die(f"the engine reader failed: {exc!r}")
 
-    def _on_step(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+    def _on_step(self, deltas: list[OutputDelta], stats: EngineStats) -> None:
         """Hand a step's outputs to their streams with one wake-up per event loop. Observers see the outputs of
         live requests only, before any abort of them can be observed (an aborted request is not counted again)."""
         self.stats = stats
@@ -317,14 +319,15 @@ class AsyncEngine:
         with self._observe_lock:
             live = []
             batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
-            for output in outputs:
-                finished = output.finished
-                stream = self._forget(output.request_id) if finished else self._streams.get(output.request_id)
+            for delta in deltas:
+                finished = delta.finished
+                stream = self._forget(delta.request_id) if finished else self._streams.get(delta.request_id)
                 if stream is None:
                     continue
                 if stream.loop.is_closed() and not finished:
-                    orphaned.append(output.request_id)
+                    orphaned.append(delta.request_id)
                     continue
+                output = stream.built = apply_delta(stream.built, delta)
                 live.append(output)
                 batches.setdefault(stream.loop, []).append((stream, output))
             self._notify("on_step", stats, live)

@@ -5,7 +5,7 @@ stall the model's steps. Messages go over one duplex pipe, in order:
 
   to the engine:   ("add", id, prompt, params) | ("abort", id) | ("abort_all",) | ("refresh", query id) | ("exit",)
   from the engine: ("loaded", EngineInfo) | ("failed", kind, message) | ("ready",)
-                   ("added", id, None | (kind, message)) | ("step", outputs, EngineStats)
+                   ("added", id, None | (kind, message)) | ("step", [OutputDelta], EngineStats)
                    ("idle", EngineStats) | ("refreshed", query id, EngineStats | None) | ("dead", message)
 
 Expert counts travel inside EngineStats: from an asynchronous device copy started every few steps (no host
@@ -31,6 +31,7 @@ import torch
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.moe import PendingSnapshot
 from engine.sampling_params import InvalidRequestError, SamplingParams
+from server.output_delta import DeltaEncoder
 
 logger = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -92,6 +93,7 @@ class _EngineLoop:
         self.read_every_steps = read_every_steps
         self.steps = 0
         self.pending: PendingSnapshot | None = None
+        self.deltas = DeltaEncoder()
 
     def handle(self, message: tuple[Any, ...]) -> bool:
         """Apply one command; False when told to exit."""
@@ -108,9 +110,11 @@ class _EngineLoop:
             self.conn.send(("added", request_id, error))
         elif kind == "abort":
             self.engine.abort_request(message[1])
+            self.deltas.forget(message[1])
         elif kind == "abort_all":
             for request_id in list(self.engine.requests):
                 self.engine.abort_request(request_id)
+            self.deltas.clear()
         elif kind == "refresh":
             idle = not self.engine.has_unfinished_requests()
             stats = _stats(self.engine, self.engine.expert_load(), False) if idle else None
@@ -137,8 +141,8 @@ class _EngineLoop:
             if not self.engine.has_unfinished_requests():
                 continue
             idle_reported = False
-            outputs = self.engine.step()
-            self.conn.send(("step", outputs, _stats(self.engine, self._expert_counts(), True)))
+            deltas = [self.deltas.encode(output) for output in self.engine.step()]
+            self.conn.send(("step", deltas, _stats(self.engine, self._expert_counts(), True)))
 
     def _expert_counts(self) -> np.ndarray | None:
         """Counts from an asynchronous copy that has landed, if any; start the next every few steps."""
