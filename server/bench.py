@@ -144,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmodel {args.model.name}, {len(prompts[0])}-token prompts, {args.output_len} output tokens, "
           f"torch threads {args.threads}, {os.cpu_count()} CPUs, {args.repeats} alternating pairs per level\n")  # fmt: skip
     print(
-        "| clients | requests | offline tok/s (median) | HTTP tok/s (median) | HTTP / offline, median of pairs | range |"
+        "| clients | requests | offline tok/s (median) | HTTP tok/s (median) | HTTP / offline, median of pairs | range "
+        "| HTTP TTFT median |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         off = statistics.median(r["tokens_per_s"] for r in row["offline"])
         srv = statistics.median(r["tokens_per_s"] for r in row["served"])
