@@ -13,13 +13,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 
+from engine.outputs import RequestOutput
 from server.async_engine import AsyncEngine
 from server.chat import ChatService
 from server.chat_template import ChatTemplate
@@ -41,7 +43,7 @@ from server.protocol import (
     ModelCard,
     ModelList,
 )
-from server.streams import EventStreamResponse, cancel_on_disconnect, close_all
+from server.streams import EventStreamResponse, Stream, cancel_on_disconnect, close_all
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
@@ -60,6 +62,24 @@ STREAMING: dict[int | str, dict[str, Any]] = {
         "description": "JSON, or server-sent events (`data: {chunk}` lines, then `data: [DONE]`) when stream is true",
     }
 }
+
+
+Body = TypeVar("Body", CompletionRequest, ChatCompletionRequest)
+BodyIn = TypeVar("BodyIn", CompletionRequest, ChatCompletionRequest, contravariant=True)
+
+
+class GenerationService(Protocol[BodyIn]):
+    """What completions and chat have in common: start a request, then answer it whole or as a stream."""
+
+    async def start(self, request: BodyIn) -> tuple[str, list[RequestOutput], list[Stream]]: ...
+
+    async def complete(
+        self, request: BodyIn, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
+    ) -> BaseModel: ...
+
+    def stream(
+        self, request: BodyIn, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
+    ) -> AsyncIterator[str]: ...
 
 
 @dataclass
@@ -171,29 +191,25 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         )
         return ModelList(data=[card])
 
+    async def respond(service: GenerationService[Body], body: Body, request: Request) -> Any:
+        """Start the request (errors answer before any response), then stream it or wait for the whole answer;
+        a client that leaves in either phase has its requests aborted."""
+        check_model(body.model)
+        request_id, firsts, streams = await cancel_on_disconnect(request, service.start(body))
+        if body.stream:
+            events = service.stream(body, request_id, firsts, streams)
+            return EventStreamResponse(events, on_close=lambda: close_all(streams))
+        return await cancel_on_disconnect(request, service.complete(body, request_id, firsts, streams))
+
     @app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, **STREAMING})
     async def completions(body: CompletionRequest, request: Request) -> Any:
         """Text completion, OpenAI's legacy endpoint (with vLLM's sampling extras)."""
-        check_model(body.model)
-        service = completions_service
-        request_id, firsts, streams = await cancel_on_disconnect(request, service.start(body))
-        if body.stream:
-            return EventStreamResponse(
-                service.stream(body, request_id, firsts, streams), on_close=lambda: close_all(streams)
-            )
-        return await cancel_on_disconnect(request, service.complete(body, request_id, firsts, streams))
+        return await respond(completions_service, body, request)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **STREAMING})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         """Chat completion: messages rendered with the model's chat template (or the plain default)."""
-        check_model(body.model)
-        service = chat_service
-        request_id, first, stream = await cancel_on_disconnect(request, service.start(body))
-        if body.stream:
-            return EventStreamResponse(
-                service.stream(body, request_id, first, stream), on_close=lambda: close_all([stream])
-            )
-        return await cancel_on_disconnect(request, service.complete(body, request_id, first, stream))
+        return await respond(chat_service, body, request)
 
     def period(counts: np.ndarray, since: float) -> LoadPeriod:
         layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]

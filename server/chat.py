@@ -56,23 +56,22 @@ class ChatService:
         self.model_name = model_name
         self.template = template
 
-    async def start(self, request: ChatCompletionRequest) -> tuple[str, RequestOutput, Stream]:
+    async def start(self, request: ChatCompletionRequest) -> tuple[str, list[RequestOutput], list[Stream]]:
         """Render and submit the request; wait for its first output (errors surface here)."""
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         text = self.template.render(request.messages, request.add_generation_prompt)
         tokenizer = self.engine.tokenizer
         prompt = tokenizer.encode(text, add_special_tokens=not self.template.adds_special_tokens)
-        stream = self.engine.generate(request_id, prompt, request.sampling_params())
-        (first,) = await start_all([stream])
-        return request_id, first, stream
+        streams = [self.engine.generate(request_id, prompt, request.sampling_params())]
+        return request_id, await start_all(streams), streams
 
     async def complete(
-        self, request: ChatCompletionRequest, request_id: str, first: RequestOutput, stream: Stream
+        self, request: ChatCompletionRequest, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
     ) -> ChatCompletionResponse:
         try:
-            output = await last(first, stream)
+            output = await last(firsts[0], streams[0])
         finally:
-            await close_all([stream])
+            await close_all(streams)
         choices = [
             ChatChoice(
                 index=c.index,
@@ -86,8 +85,9 @@ class ChatService:
         return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage_of([output]))
 
     async def stream(
-        self, request: ChatCompletionRequest, request_id: str, first: RequestOutput, stream: Stream
+        self, request: ChatCompletionRequest, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
     ) -> AsyncIterator[str]:
+        """One request (chat has no prompt batches): its n choices, each opened by a role chunk."""
         created = int(time.time())
 
         def chunk(choice: ChatChunkChoice) -> str:
@@ -104,7 +104,7 @@ class ChatService:
         try:
             for index in range(request.n):
                 yield chunk(ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
-            output = first
+            output = firsts[0]
             while True:
                 for c in output.outputs:
                     if c.index in done:
@@ -129,7 +129,7 @@ class ChatService:
                         yield chunk(ChatChunkChoice(index=c.index, delta=DeltaMessage(), finish_reason=reason))  # type: ignore[arg-type]
                 if output.finished:
                     break
-                output = await anext(stream)
+                output = await anext(streams[0])
             if request.include_usage:
                 body = ChatCompletionChunk(
                     id=request_id, created=created, model=self.model_name, choices=[], usage=usage_of([output])
@@ -140,4 +140,4 @@ class ChatService:
             yield stream_error_event(exc)
             yield sse("[DONE]")
         finally:
-            await close_all([stream])
+            await close_all(streams)
