@@ -99,10 +99,9 @@ class _Request:
 
 @dataclass(frozen=True)
 class StepStats:
-    """What the last step computed: tokens run through the model (the batch size in tokens) and sequences."""
+    """What the last step computed: tokens run through the model (the batch size in tokens)."""
 
     num_tokens: int = 0
-    num_sequences: int = 0
 
 
 class LLMEngine:
@@ -245,7 +244,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; return outputs of requests that produced a token or finished."""
         scheduled = self.scheduler.schedule().scheduled
-        self.last_step = StepStats(sum(item.num_new_tokens for item in scheduled), len(scheduled))
+        self.last_step = StepStats(sum(item.num_new_tokens for item in scheduled))
         if not scheduled:
             return []
         start = time.monotonic()

@@ -65,20 +65,20 @@ STREAMING: dict[int | str, dict[str, Any]] = {
 
 
 Body = TypeVar("Body", CompletionRequest, ChatCompletionRequest)
-BodyIn = TypeVar("BodyIn", CompletionRequest, ChatCompletionRequest, contravariant=True)
+Body_contra = TypeVar("Body_contra", CompletionRequest, ChatCompletionRequest, contravariant=True)
 
 
-class GenerationService(Protocol[BodyIn]):
+class GenerationService(Protocol[Body_contra]):
     """What completions and chat have in common: start a request, then answer it whole or as a stream."""
 
-    async def start(self, request: BodyIn) -> tuple[str, list[RequestOutput], list[Stream]]: ...
+    async def start(self, request: Body_contra) -> tuple[str, list[RequestOutput], list[Stream]]: ...
 
     async def complete(
-        self, request: BodyIn, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
+        self, request: Body_contra, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
     ) -> BaseModel: ...
 
     def stream(
-        self, request: BodyIn, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
+        self, request: Body_contra, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
     ) -> AsyncIterator[str]: ...
 
 
@@ -108,6 +108,7 @@ def model_info(engine: AsyncEngine, settings: ServerSettings) -> dict[str, str]:
         "dtype": engine.info.dtype,
         "device": engine.info.device,
         "max_model_len": str(engine.info.max_model_len),
+        "num_kv_blocks": str(engine.info.num_kv_blocks),
         "model_path": str(settings.model_path),
     }
 
