@@ -20,22 +20,10 @@ from engine.checkpoint import load_model
 from engine.model import MoEForCausalLM
 from engine.moe import SparseMoE
 from engine.routing import Routing
+from pruning.pes import expert_cosines, pes_per_token
 from training.corpus import DEFAULT_CORPUS_DIR
 from training.data import eval_windows, split_tokens
 from training.losses import router_orthogonality
-
-
-def expert_cosines(outputs: torch.Tensor) -> torch.Tensor:
-    """Pairwise cosine similarity of expert outputs [E, T, H] per token: [T, E, E]."""
-    unit = F.normalize(outputs.float(), dim=-1)
-    return torch.einsum("eth,fth->tef", unit, unit)
-
-
-def pes_per_token(cosines: torch.Tensor) -> torch.Tensor:
-    """C(x) = 2 / (N (N - 1)) * sum_{i<j} cos(f_i(x), f_j(x)) from [T, E, E] cosines: [T]."""
-    n = cosines.shape[-1]
-    off_diagonal = cosines.sum(dim=(-1, -2)) - cosines.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return off_diagonal / (n * (n - 1))
 
 
 class _RoutingProbe:

@@ -237,7 +237,9 @@ class Trainer:
             return 0, 0.0
         state = torch.load(state_file, map_location=self.device, weights_only=True)
         saved, now = state["identity"], self._identity()
-        differs = {k: (saved["config"].get(k), v) for k, v in now["config"].items() if saved["config"].get(k) != v}
+        differs: dict[str, object] = {
+            k: (saved["config"].get(k), v) for k, v in now["config"].items() if saved["config"].get(k) != v
+        }
         differs |= {k: "changed" for k in ("tokenizer_sha256", "corpus_manifest_sha256") if saved[k] != now[k]}
         if differs:
             raise ValueError(f"{state_file}: cannot resume with different settings or data (saved, now): {differs}")

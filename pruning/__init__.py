@@ -1,0 +1,1 @@
+"""Redundancy-guided expert pruning: calibration, the PES redundancy measure, pruning plans."""
