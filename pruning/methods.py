@@ -1,0 +1,50 @@
+"""Which experts to remove: the baselines, each as its authors define it, ranked from calibration.
+
+A pruning level is the fraction of a layer's routed experts removed; every layer keeps at least top_k.
+- `frequency`: least-routed experts first (tokens that picked them among their top-k on calibration text).
+- `reap`: REAP's saliency, lowest first: the mean over tokens routed to an expert of its gate weight times the
+  norm of its output.
+- `random`: a seeded shuffle, the floor any method must beat.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pruning.calibration import LayerCalibration
+
+BASELINES = ("frequency", "reap", "random")
+
+
+def removal_order(method: str, layer: LayerCalibration, seed: int = 0) -> list[int]:
+    """A layer's expert ids, the first to remove first (ties broken by expert id)."""
+    experts = np.arange(len(layer.routed_tokens))
+    if method == "frequency":
+        score = layer.routed_tokens.astype(np.float64)
+    elif method == "reap":
+        score = layer.reap_saliency
+    elif method == "random":
+        score = np.random.default_rng([seed, layer.layer]).permutation(len(experts)).astype(np.float64)
+    else:
+        raise ValueError(f"unknown pruning method {method!r}; expected one of {', '.join(BASELINES)}")
+    return [int(e) for e in np.lexsort((experts, score))]
+
+
+def experts_to_remove(num_experts: int, top_k: int, level: float) -> int:
+    """How many of a layer's experts a level removes: round(level x E), never leaving fewer than top_k."""
+    if not 0.0 <= level < 1.0:
+        raise ValueError(f"pruning level must be in [0, 1), got {level}")
+    count = round(level * num_experts)
+    if num_experts - count < top_k:
+        raise ValueError(
+            f"level {level} removes {count} of {num_experts} experts, leaving fewer than top_k={top_k}; "
+            f"the highest level this model allows is {(num_experts - top_k) / num_experts:g}"
+        )
+    return count
+
+
+def kept_experts(layer: LayerCalibration, method: str, level: float, top_k: int, seed: int = 0) -> list[int]:
+    """The experts a layer keeps at a level, in id order."""
+    count = experts_to_remove(len(layer.routed_tokens), top_k, level)
+    removed = set(removal_order(method, layer, seed)[:count])
+    return [e for e in range(len(layer.routed_tokens)) if e not in removed]
