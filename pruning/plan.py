@@ -1,0 +1,151 @@
+"""A pruning plan: which experts each MoE layer keeps, for one exact model, as a JSON file.
+
+The plan names the model by a SHA-256 of its weight files, so it is never applied to a different checkpoint.
+It records the method, the level, the kept experts per layer (original ids), an optional redirect of removed
+experts to survivors, and the calibration summary it was made from. The engine runs it through the routing
+seam (`routing_policies`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.routing import RoutingPolicy
+from pruning.calibration import Calibration
+from pruning.methods import kept_experts
+
+FORMAT_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan that cannot be read or does not fit the model; the message names the file and field."""
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """SHA-256 over the model's safetensors files (names and bytes, in name order), streamed."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise PlanError(f"{model_dir}: no .safetensors files to identify the model by")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    model_name: str
+    model_sha256: str
+    method: str
+    level: float
+    num_experts: int
+    top_k: int
+    kept: dict[int, list[int]]  # MoE layer -> kept expert ids, ascending
+    redirect: dict[int, dict[int, int]] = field(default_factory=dict)  # layer -> {removed expert: survivor}
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for layer, kept in self.kept.items():
+            if len(kept) < self.top_k:
+                raise PlanError(f"plan keeps {len(kept)} experts in layer {layer}, fewer than top_k={self.top_k}")
+            if sorted(set(kept)) != kept or not all(0 <= e < self.num_experts for e in kept):
+                raise PlanError(
+                    f"plan's kept experts of layer {layer} must be ascending ids in 0..{self.num_experts - 1}"
+                )
+        for layer, mapping in self.redirect.items():
+            survivors = set(self.kept.get(layer, range(self.num_experts)))
+            bad = {e: s for e, s in mapping.items() if e in survivors or s not in survivors}
+            if bad:
+                raise PlanError(f"plan's redirect of layer {layer} must map removed experts to kept ones: {bad}")
+
+    def routing_policies(self) -> dict[int, RoutingPolicy]:
+        """The engine's routing per MoE layer: removed experts leave the softmax, or their slots are redirected."""
+        policies = {}
+        for layer, kept in self.kept.items():
+            mask = torch.zeros(self.num_experts, dtype=torch.bool)
+            mask[kept] = True
+            if layer in self.redirect:
+                table = torch.arange(self.num_experts)
+                for removed, survivor in self.redirect[layer].items():
+                    table[removed] = survivor
+                policies[layer] = RoutingPolicy(redirect=table)
+            else:
+                policies[layer] = RoutingPolicy(kept_experts=mask)
+        return policies
+
+    def check_model(self, model_dir: Path) -> None:
+        """PlanError unless model_dir holds the exact weights this plan was made for."""
+        found = weights_sha256(model_dir)
+        if found != self.model_sha256:
+            raise PlanError(
+                f"plan for {self.model_name} (weights {self.model_sha256[:12]}) does not fit {model_dir} "
+                f"(weights {found[:12]})"
+            )
+
+    def save(self, path: Path) -> None:
+        """Write the plan as JSON (atomically: a reader never sees half a file)."""
+        body = {"format": FORMAT_VERSION, **asdict(self)}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(body, indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> PruningPlan:
+        try:
+            body = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"{path}: plan file does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PlanError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(body, dict) or body.get("format") != FORMAT_VERSION:
+            raise PlanError(f"{path}: not a pruning plan of format {FORMAT_VERSION}")
+        try:
+            return cls(
+                model_name=str(body["model_name"]),
+                model_sha256=str(body["model_sha256"]),
+                method=str(body["method"]),
+                level=float(body["level"]),
+                num_experts=int(body["num_experts"]),
+                top_k=int(body["top_k"]),
+                kept={int(layer): [int(e) for e in kept] for layer, kept in body["kept"].items()},
+                redirect={
+                    int(layer): {int(e): int(s) for e, s in mapping.items()}
+                    for layer, mapping in body.get("redirect", {}).items()
+                },
+                calibration=dict(body.get("calibration", {})),
+            )
+        except KeyError as exc:
+            raise PlanError(f"{path}: plan field {exc.args[0]!r} is missing") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise PlanError(f"{path}: malformed plan ({exc})") from exc
+
+
+def make_plan(
+    model_dir: Path, calibration: Calibration, method: str, level: float, top_k: int, seed: int = 0
+) -> PruningPlan:
+    """A plan that removes the same fraction of experts in every MoE layer, chosen by a baseline method."""
+    num_experts = len(calibration.layers[0].routed_tokens)
+    return PruningPlan(
+        model_name=model_dir.resolve().name,
+        model_sha256=weights_sha256(model_dir),
+        method=method,
+        level=level,
+        num_experts=num_experts,
+        top_k=top_k,
+        kept={layer.layer: kept_experts(layer, method, level, top_k, seed) for layer in calibration.layers},
+        calibration={
+            "tokens": calibration.layers[0].num_tokens,
+            "sampled_tokens": calibration.layers[0].num_sampled,
+            "pes": {str(layer.layer): layer.pes for layer in calibration.layers},
+            "min_pes": calibration.min_pes,
+        },
+    )
