@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ from server.async_engine import AsyncEngine
 from server.chat import ChatService
 from server.chat_template import ChatTemplate
 from server.completions import CompletionService
-from server.errors import APIError, install_error_handlers
+from server.errors import APIError, ending_with_error_event, install_error_handlers
 from server.expert_load import ExpertLoadMonitor, layer_balance
 from server.metrics import ServerMetrics
 from server.middleware import ServerMiddleware
@@ -79,7 +79,7 @@ class GenerationService(Protocol[Body_contra]):
 
     def stream(
         self, request: Body_contra, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
-    ) -> AsyncIterator[str]: ...
+    ) -> AsyncGenerator[str, None]: ...
 
 
 @dataclass
@@ -198,7 +198,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         check_model(body.model)
         request_id, firsts, streams = await cancel_on_disconnect(request, service.start(body))
         if body.stream:
-            events = service.stream(body, request_id, firsts, streams)
+            events = ending_with_error_event(service.stream(body, request_id, firsts, streams))
             return EventStreamResponse(events, on_close=lambda: close_all(streams))
         return await cancel_on_disconnect(request, service.complete(body, request_id, firsts, streams))
 

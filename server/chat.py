@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from engine.outputs import CompletionOutput, RequestOutput
-from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from server.async_engine import AsyncEngine
 from server.chat_template import ChatTemplate
 from server.completions import usage_of
-from server.errors import stream_error_event
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -86,7 +85,7 @@ class ChatService:
 
     async def stream(
         self, request: ChatCompletionRequest, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """One request (chat has no prompt batches): its n choices, each opened by a role chunk."""
         created = int(time.time())
 
@@ -135,9 +134,6 @@ class ChatService:
                     id=request_id, created=created, model=self.model_name, choices=[], usage=usage_of([output])
                 )
                 yield sse(body.model_dump_json())
-            yield sse("[DONE]")
-        except (QueueFullError, EngineDeadError) as exc:
-            yield stream_error_event(exc)
             yield sse("[DONE]")
         finally:
             await close_all(streams)

@@ -11,13 +11,12 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from engine.tokenizer import Tokenizer
-from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
-from server.errors import stream_error_event
+from server.async_engine import AsyncEngine
 from server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -144,7 +143,7 @@ class CompletionService:
 
     async def stream(
         self, request: CompletionRequest, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         created = int(time.time())
         # Text-only chunks are written by hand (the hot path: one per token per stream); same JSON as the models.
         head = (
@@ -186,9 +185,6 @@ class CompletionService:
                     id=request_id, created=created, model=self.model_name, choices=[], usage=usage
                 )
                 yield sse(chunk.model_dump_json())
-            yield sse("[DONE]")
-        except (QueueFullError, EngineDeadError) as exc:
-            yield stream_error_event(exc)
             yield sse("[DONE]")
         finally:
             await close_all(streams)

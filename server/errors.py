@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import AsyncGenerator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,10 +48,16 @@ def error_body(error: APIError) -> bytes:
     return json.dumps(ErrorResponse(error=detail).model_dump()).encode()
 
 
-def stream_error_event(exc: QueueFullError | EngineDeadError) -> str:
-    """The server-sent event that ends a stream the server had to stop (shutdown past its grace, dead engine)."""
-    error = APIError(503, str(exc), type="server_error")
-    return f"data: {error_body(error).decode()}\n\n"
+async def ending_with_error_event(events: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
+    """A response's server-sent events; if the server has to stop the stream (shutdown past its grace, a dead
+    engine), it ends with an error event and `data: [DONE]` instead of a broken connection."""
+    async with contextlib.aclosing(events) as inner:
+        try:
+            async for event in inner:
+                yield event
+        except (QueueFullError, EngineDeadError) as exc:
+            yield f"data: {error_body(APIError(503, str(exc), type='server_error')).decode()}\n\n"
+            yield "data: [DONE]\n\n"
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
