@@ -213,7 +213,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         return await respond(chat_service, body, request)
 
     def period(counts: np.ndarray, since: float) -> LoadPeriod:
-        layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
+        layers = metrics.moe_layers
         balances = layer_balance(counts)
         rows = []
         for layer in layers:
