@@ -27,12 +27,12 @@ from typing import Any
 import httpx
 import torch
 
+from corpus.splits import read_split
 from engine.config import DEFAULT_MODEL_DIR
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from server.launch import launched
-from training.corpus import read_split
 
 
 def progress(message: str) -> None:

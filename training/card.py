@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from training.corpus import DEFAULT_CORPUS_DIR
+from corpus.splits import DEFAULT_CORPUS_DIR
 from training.trainer import TrainConfig
 
 

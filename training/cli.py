@@ -16,18 +16,11 @@ from pathlib import Path
 
 import torch
 
+from corpus.splits import DEFAULT_CORPUS_DIR, REPO_ROOT, SPLITS, CorpusError, read_split
 from engine.tokenizer import save_tokenizer_files
 from training.bpe import train_tokenizer
 from training.card import write_model_card
-from training.corpus import (
-    DEFAULT_CACHE_DIR,
-    DEFAULT_CORPUS_DIR,
-    REPO_ROOT,
-    SPLITS,
-    CorpusError,
-    build_corpus,
-    read_split,
-)
+from training.corpus import DEFAULT_CACHE_DIR, build_corpus
 from training.evaluate import evaluate_checkpoint
 from training.trainer import TrainConfig, Trainer
 

@@ -22,18 +22,12 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from corpus.splits import SPLITS, CorpusError
 from training.rdata import read_lazyload
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CORPUS_DIR = REPO_ROOT / "data" / "corpus"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "moe-serve" / "sources"
-SPLITS = ("train", "validation", "test")
 # Percent of documents (by id hash) in each held-out split; the rest is train.
 TEST_PERCENT, VALIDATION_PERCENT = 5, 5
-
-
-class CorpusError(RuntimeError):
-    """A corpus that cannot be built or read; the message names the source, file or split."""
 
 
 @dataclass(frozen=True)
@@ -232,20 +226,3 @@ def build_corpus(out: Path, cache_dir: Path = DEFAULT_CACHE_DIR, files: list[Pat
         for s in SOURCES
     ]
     return write_corpus(documents(), out, described)
-
-
-def read_split(split: str, corpus_dir: Path = DEFAULT_CORPUS_DIR) -> list[str]:
-    """The documents' texts of one split ("train", "validation" or "test"), in corpus order."""
-    if split not in SPLITS:
-        raise CorpusError(f"unknown split {split!r}; expected one of {SPLITS}")
-    file = corpus_dir / f"{split}.jsonl"
-    if not file.is_file():
-        raise CorpusError(f"{file}: missing; build the corpus with `moe-train corpus --out {corpus_dir}`")
-    texts = []
-    with open(file, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CorpusError(f"{file}:{number}: not a document record ({exc!r})") from exc
-    return texts

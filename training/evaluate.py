@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from corpus.splits import DEFAULT_CORPUS_DIR
+from corpus.tokens import eval_windows, split_tokens
 from engine.attention import DenseCausal
 from engine.checkpoint import load_model
 from engine.model import MoEForCausalLM
 from engine.moe import SparseMoE
 from engine.routing import Routing
 from pruning.pes import expert_cosines, pes_per_token
-from training.corpus import DEFAULT_CORPUS_DIR
-from training.data import eval_windows, split_tokens
 from training.losses import router_orthogonality
 
 

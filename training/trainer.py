@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from corpus.splits import DEFAULT_CORPUS_DIR
+from corpus.tokens import eval_windows, split_tokens
 from engine.attention import DenseCausal
 from engine.checkpoint import save_checkpoint
 from engine.config import ModelConfig
@@ -34,8 +36,7 @@ from engine.moe import SparseMoE
 from engine.random_checkpoint import hf_config
 from engine.routing import Routing
 from engine.tokenizer import save_tokenizer_files
-from training.corpus import DEFAULT_CORPUS_DIR
-from training.data import eval_windows, split_tokens, train_batch
+from training.data import train_batch
 from training.evaluate import evaluate
 from training.losses import lbl_loss, simbal_loss, z_loss
 

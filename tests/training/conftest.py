@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from corpus.splits import DEFAULT_CORPUS_DIR, read_split
 from engine.tokenizer import save_tokenizer_files
 from training.bpe import train_tokenizer
-from training.corpus import DEFAULT_CORPUS_DIR, build_corpus, read_split
+from training.corpus import build_corpus
 from training.trainer import TrainConfig
 
 # A model small enough to train for a few steps in a second or two.

@@ -11,11 +11,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from corpus.splits import REPO_ROOT
+from corpus.tokens import eval_windows, split_tokens
 from engine import LLM, SamplingParams
 from engine.attention import DenseCausal
 from engine.checkpoint import load_model
-from training.corpus import REPO_ROOT
-from training.data import eval_windows, split_tokens
 from training.evaluate import evaluate
 
 BUNDLED = {"tiny-simbal": "simbal", "tiny-lbl": "lbl"}

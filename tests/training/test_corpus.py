@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from corpus.splits import DEFAULT_CORPUS_DIR, SPLITS, CorpusError, read_split
+from corpus.tokens import encode_documents, eval_windows
 from training.bpe import train_tokenizer
-from training.corpus import DEFAULT_CORPUS_DIR, SPLITS, CorpusError, build_corpus, read_split, split_of
-from training.data import encode_documents, eval_windows, train_batch
+from training.corpus import build_corpus, split_of
+from training.data import train_batch
 
 
 @pytest.mark.skipif(shutil.which("apt-get") is None, reason="the Austen source comes from Debian's apt-get")
