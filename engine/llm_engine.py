@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,10 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     moe_backend: str = "grouped"
     enable_prefix_caching: bool = True
+    # The pruning seam at load: per-MoE-layer routing policies, installed before the KV cache is sized; with
+    # release_unrouted_experts, the weights of experts no policy can reach are freed first.
+    routing_policies: dict[int, RoutingPolicy] = field(default_factory=dict)
+    release_unrouted_experts: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -124,6 +128,7 @@ class LLMEngine:
             select_backend(config.moe_backend, model_config.hidden_size, model_config.moe_intermediate_size, self.dtype)
         )
         self.model.eval()
+        self.released_expert_bytes = self._install_routing(config)
         self.max_model_len = self._max_model_len(model_config)
         num_blocks = self._num_kv_blocks()
         if num_blocks * config.block_size < self.max_model_len:
@@ -146,6 +151,27 @@ class LLMEngine:
             config.block_size,
             self.max_model_len,
         )
+
+    def _install_routing(self, config: EngineConfig) -> int:
+        if not config.routing_policies:
+            return 0
+        self.model.set_routing_policies(config.routing_policies)
+        if not config.release_unrouted_experts:
+            return 0
+        released = self.model.release_unrouted_experts()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.info(
+            "routing policies on %d MoE layers; released %.1f MiB of expert weights",
+            len(config.routing_policies),
+            released / 2**20,
+        )
+        return released
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's parameters as loaded (after any released experts)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def _max_model_len(self, model_config: ModelConfig) -> int:
         limit = model_config.max_position_embeddings

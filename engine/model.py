@@ -167,11 +167,29 @@ class MoEForCausalLM(nn.Module):
         unknown = sorted(set(policies) - set(blocks))
         if unknown:
             raise ValueError(f"layers {unknown} have no MoE block (MoE layers: {sorted(blocks)})")
-        for policy in policies.values():
-            policy.validate(self.config.num_experts, self.config.top_k)
+        for layer, block in blocks.items():
+            policy = policies.get(layer, RoutingPolicy())
+            policy.validate(block.num_experts, block.top_k)
+            missing = torch.nonzero(policy.reachable_experts(block.num_experts) & ~block.present_experts())
+            if len(missing):
+                raise ValueError(
+                    f"layer {layer}: the routing policy reaches experts {missing.squeeze(1).tolist()}, "
+                    "whose weights were released"
+                )
         device = self.lm_head.weight.device
         for layer, block in blocks.items():
             block.policy = policies[layer].to(device) if layer in policies else None
+
+    def release_unrouted_experts(self) -> int:
+        """Free the weights of every expert the installed routing policies can no longer reach (static pruning:
+        the memory goes back to the device, e.g. for KV cache). Returns the bytes released."""
+        released = 0
+        for block in self.moe_blocks():
+            if block.policy is not None:
+                keep = block.policy.reachable_experts(block.num_experts) & block.present_experts()
+                if not bool(keep.all()):
+                    released += block.release_experts(keep)
+        return released
 
     def set_routing_observer(self, observer: RoutingObserver | None) -> None:
         """Install (or remove, with None) the callback every MoE block calls with its routing decision."""

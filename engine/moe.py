@@ -47,6 +47,19 @@ class Experts(nn.Module):
     def num_experts(self) -> int:
         return self.gate_up_proj.shape[0]
 
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in (self.gate_up_proj, self.down_proj))
+
+    def subset(self, rows: torch.Tensor) -> Experts:
+        """A new Experts holding copies of the given rows only (this one's memory is freed once it is dropped)."""
+        _, width, hidden = self.gate_up_proj.shape
+        with torch.device("meta"):
+            kept = Experts(len(rows), hidden, width // 2)
+        rows = rows.to(self.gate_up_proj.device)
+        kept.gate_up_proj = nn.Parameter(self.gate_up_proj.detach()[rows].clone(), requires_grad=False)
+        kept.down_proj = nn.Parameter(self.down_proj.detach()[rows].clone(), requires_grad=False)
+        return kept
+
     def apply_all(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's output for every token, [E, T, H]: the dense pass that redundancy measures need."""
         gate, up = torch.einsum("th,eih->eti", x, self.gate_up_proj).chunk(2, dim=-1)
@@ -190,6 +203,33 @@ class SparseMoE(nn.Module):
         # A bound ExpertLoad.record (a plain attribute: the counters belong to the model, not to each block).
         self.record_load: Callable[[int, torch.Tensor], None] | None = None
         self.observer: RoutingObserver | None = None
+        # After release_experts: original expert id -> row of the kept experts' weights (sentinel -> sentinel).
+        self.expert_rows: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        """Experts the router chooses among (the checkpoint's count, also after weights were released)."""
+        return self.gate.out_features
+
+    def present_experts(self) -> torch.Tensor:
+        """bool [E]: experts whose weights are loaded."""
+        if self.expert_rows is None:
+            return torch.ones(self.num_experts, dtype=torch.bool)
+        return self.expert_rows[:-1].cpu() < self.experts.num_experts
+
+    def release_experts(self, keep: torch.Tensor) -> int:
+        """Free the weights of experts outside `keep` (bool [E]); routing still speaks original expert ids, so
+        load counts and policies are unchanged. Returns the bytes released."""
+        if bool((keep & ~self.present_experts()).any()):
+            raise ValueError(f"layer {self.layer_idx}: cannot keep experts whose weights were already released")
+        ids = torch.nonzero(keep).squeeze(1)
+        current_rows = ids if self.expert_rows is None else self.expert_rows[ids.to(self.expert_rows.device)]
+        before = self.experts.nbytes()
+        self.experts = self.experts.subset(current_rows)
+        rows = torch.full((self.num_experts + 1,), len(ids), dtype=torch.long)
+        rows[ids] = torch.arange(len(ids))
+        self.expert_rows = rows.to(self.gate.weight.device)
+        return before - self.experts.nbytes()
 
     def set_backend(self, backend: str) -> None:
         if backend not in BACKENDS:
@@ -203,6 +243,8 @@ class SparseMoE(nn.Module):
             self.record_load(self.layer_idx, routing.expert_ids)
         if self.observer is not None:
             self.observer(self, x, router_logits, routing)
+        if self.expert_rows is not None:
+            routing = Routing(self.expert_rows[routing.expert_ids], routing.weights)
         out = dispatch(x, routing, self.experts, self.backend)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             out = out + (torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)).float()

@@ -53,6 +53,14 @@ class RoutingPolicy:
         if not 0.0 <= self.min_prob < 1.0:
             raise ValueError(f"min_prob must be in [0, 1), got {self.min_prob}")
 
+    def reachable_experts(self, num_experts: int) -> torch.Tensor:
+        """bool [E]: the experts this policy can ever hand a token to (the others' weights can be released)."""
+        selectable = torch.ones(num_experts, dtype=torch.bool) if self.kept_experts is None else self.kept_experts.cpu()
+        targets = torch.arange(num_experts) if self.redirect is None else self.redirect.cpu()
+        reachable = torch.zeros(num_experts, dtype=torch.bool)
+        reachable[targets[selectable]] = True
+        return reachable
+
     def to(self, device: torch.device) -> RoutingPolicy:
         move = lambda t: None if t is None else t.to(device)
         return RoutingPolicy(move(self.kept_experts), move(self.redirect), self.top_k, self.min_prob)

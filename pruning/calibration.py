@@ -3,7 +3,8 @@
 Per layer: tokens routed to each expert, the router's probability mass per expert, and for a budget of evenly
 sampled tokens the output of EVERY expert (as PES requires): from those, the mean pairwise cosine matrix
 [E, E] (the redundancy map), and REAP's saliency per expert (the mean, over sampled tokens routed to it, of
-its gate weight times the norm of its output). Batches stream through the model, so memory stays bounded
+its gate weight times the norm of its output). The sampled tokens' inputs are kept, so a pruner can replay
+the layer's routing and experts on them. Batches stream through the model, so memory stays bounded
 whatever the amount of text. It uses the engine's own model through the routing observer seam.
 """
 
@@ -32,6 +33,7 @@ class LayerCalibration:
     router_prob: np.ndarray  # [E] summed softmax probability of each expert over all tokens
     similarity: np.ndarray  # [E, E] mean over sampled tokens of the cosine between two experts' outputs
     reap_saliency: np.ndarray  # [E] mean gate x |f_e(x)| over sampled tokens routed to e (0 if none)
+    inputs: np.ndarray  # [sampled, H] float32: the sampled tokens' MoE inputs, to replay routing and experts
     num_tokens: int
     num_sampled: int
 
@@ -62,6 +64,7 @@ class _Recorder:
         self.saliency_count: dict[int, torch.Tensor] = {}
         self.seen: dict[int, int] = {}
         self.sampled: dict[int, int] = {}
+        self.inputs: dict[int, list[torch.Tensor]] = {}
 
     def __call__(self, block: SparseMoE, x: torch.Tensor, logits: torch.Tensor, routing: Routing) -> None:
         layer, e = block.layer_idx, self.num_experts
@@ -90,6 +93,7 @@ class _Recorder:
         self.saliency_sum[layer] = self.saliency_sum.get(layer, zeros) + (gates * norms).sum(0)
         self.saliency_count[layer] = self.saliency_count.get(layer, zeros) + (gates > 0).double().sum(0)
         self.sampled[layer] = self.sampled.get(layer, 0) + len(rows)
+        self.inputs.setdefault(layer, []).append(x[rows].float().cpu())
 
     def result(self, layers: list[int]) -> Calibration:
         out = []
@@ -103,6 +107,7 @@ class _Recorder:
                     router_prob=self.prob[layer].cpu().numpy(),
                     similarity=(self.cosine_sum[layer] / self.sampled[layer]).numpy(),
                     reap_saliency=saliency.cpu().numpy(),
+                    inputs=torch.cat(self.inputs[layer]).numpy(),
                     num_tokens=self.seen[layer],
                     num_sampled=self.sampled[layer],
                 )

@@ -157,3 +157,35 @@ def test_llm_expert_load_and_policies(tiny_model: Path) -> None:
     assert (llm.expert_load().sum(axis=1) == (len(prompt) + 3 * 4) * config.top_k).all()
     with pytest.raises(ValueError, match="no MoE block"):
         llm.set_routing_policies({99: RoutingPolicy()})
+
+
+@pytest.mark.parametrize("by", ["mask", "redirect"])
+def test_released_experts_free_memory_and_route_as_the_policy_does(tiny_model: Path, by: str) -> None:
+    """Releasing the experts a policy cannot reach changes no logprob, frees their bytes, keeps original ids."""
+    args = {"dtype": "float32", "device": "cpu", "max_model_len": 64, "enable_prefix_caching": False}
+    config = LLM(tiny_model, **args).engine.model.config
+    removed = [1, 2, 5]
+    if by == "mask":
+        kept = torch.ones(config.num_experts, dtype=torch.bool)
+        kept[removed] = False
+        policy = RoutingPolicy(kept_experts=kept)
+    else:
+        table = torch.arange(config.num_experts)
+        table[removed] = 0
+        policy = RoutingPolicy(redirect=table)
+    policies = {layer: policy for layer in range(config.num_layers) if config.is_moe_layer(layer)}
+    masked = LLM(tiny_model, routing_policies=policies, release_unrouted_experts=False, **args)
+    released = LLM(tiny_model, routing_policies=policies, **args)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2, prompt_logprobs=2)
+    prompt = list(range(10, 30))
+    want, got = (llm.generate([prompt], params, use_tqdm=False)[0] for llm in (masked, released))
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert got.outputs[0].logprobs == want.outputs[0].logprobs and got.prompt_logprobs == want.prompt_logprobs
+    layer_bytes = masked.engine.model.moe_blocks()[0].experts.nbytes()
+    assert released.engine.released_expert_bytes == len(policies) * layer_bytes * len(removed) // config.num_experts
+    assert released.engine.weight_bytes == masked.engine.weight_bytes - released.engine.released_expert_bytes
+    load = released.expert_load()
+    assert load.shape == (config.num_layers, config.num_experts)  # original expert ids
+    assert load.sum() > 0 and load[:, removed].sum() == 0  # redirected slots count for the expert serving them
+    with pytest.raises(ValueError, match=r"reaches experts \[1, 2, 5\], whose weights were released"):
+        released.set_routing_policies({})

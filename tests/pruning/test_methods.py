@@ -17,6 +17,7 @@ def layer(routed: list[int], saliency: list[float], index: int = 0) -> LayerCali
         router_prob=np.ones(e),
         similarity=np.eye(e),
         reap_saliency=np.array(saliency),
+        inputs=np.zeros((0, 4), dtype=np.float32),
         num_tokens=sum(routed),
         num_sampled=sum(routed),
     )
