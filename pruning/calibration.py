@@ -11,7 +11,9 @@ whatever the amount of text. It uses the engine's own model through the routing 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +44,9 @@ class LayerCalibration:
         return pes_of(torch.from_numpy(self.similarity))
 
 
+_ARRAYS = ("routed_tokens", "router_prob", "similarity", "reap_saliency", "inputs")
+
+
 @dataclass(frozen=True)
 class Calibration:
     layers: list[LayerCalibration]
@@ -50,6 +55,30 @@ class Calibration:
     def min_pes(self) -> float:
         """The paper's headline: the least redundant layer's PES."""
         return min(layer.pes for layer in self.layers)
+
+    def save(self, path: Path) -> None:
+        """One .npz file, written atomically (a reader never sees half a file)."""
+        arrays: dict[str, np.ndarray] = {"layers": np.array([layer.layer for layer in self.layers])}
+        for layer in self.layers:
+            for name in _ARRAYS:
+                arrays[f"{layer.layer}.{name}"] = getattr(layer, name)
+            arrays[f"{layer.layer}.counts"] = np.array([layer.num_tokens, layer.num_sampled])
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        try:
+            with np.load(path) as data:
+                layers = []
+                for layer in data["layers"].tolist():
+                    num_tokens, num_sampled = data[f"{layer}.counts"].tolist()
+                    fields = {name: data[f"{layer}.{name}"] for name in _ARRAYS}
+                    layers.append(LayerCalibration(layer, num_tokens=num_tokens, num_sampled=num_sampled, **fields))
+        except (OSError, KeyError, ValueError) as exc:
+            raise ValueError(f"{path}: not a calibration file ({exc})") from exc
+        return cls(layers)
 
 
 class _Recorder:

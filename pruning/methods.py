@@ -9,11 +9,17 @@ A pruning level is the fraction of a layer's routed experts removed; every layer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from pruning.calibration import LayerCalibration
+from engine.model import MoEForCausalLM
+from pruning.calibration import Calibration, LayerCalibration
+from pruning.redundancy import HANDLINGS, LayerReplay, layer_budgets, redirect_targets, removal_path
 
 BASELINES = ("frequency", "reap", "random")
+METHODS = ("pes", *BASELINES)
+BUDGETS = ("uniform", "adaptive")
 
 
 def removal_order(method: str, layer: LayerCalibration, seed: int = 0) -> list[int]:
@@ -48,3 +54,53 @@ def kept_experts(layer: LayerCalibration, method: str, level: float, top_k: int,
     count = experts_to_remove(len(layer.routed_tokens), top_k, level)
     removed = set(removal_order(method, layer, seed)[:count])
     return [e for e in range(len(layer.routed_tokens)) if e not in removed]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a method removes: per MoE layer the removed experts (removal order) and, when redirecting, where
+    each removed expert's slots go."""
+
+    removed: dict[int, list[int]]
+    redirect: dict[int, dict[int, int]]
+
+
+def select(
+    method: str,
+    calibration: Calibration,
+    model: MoEForCausalLM,
+    level: float,
+    budget: str = "uniform",
+    handling: str = "repick",
+    seed: int = 0,
+) -> Selection:
+    """The experts `method` removes at `level`. `budget="adaptive"` (pes only) spreads the same total over layers
+    by measured cost instead of the same count per layer; `handling` says where removed experts' tokens go."""
+    if method not in METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; expected one of {', '.join(METHODS)}")
+    if budget not in BUDGETS or handling not in HANDLINGS:
+        raise ValueError(f"budget must be one of {BUDGETS} and handling one of {HANDLINGS}")
+    if budget == "adaptive" and method != "pes":
+        raise ValueError(f"the adaptive budget needs the pes method's costs; {method!r} prunes uniformly")
+    top_k = model.config.top_k
+    count = experts_to_remove(model.config.num_experts, top_k, level)
+    if method != "pes":
+        removed = {layer.layer: removal_order(method, layer, seed)[:count] for layer in calibration.layers}
+    else:
+        blocks = {block.layer_idx: block for block in model.moe_blocks()}
+        depth = model.config.num_experts - top_k if budget == "adaptive" else count
+        paths = {
+            layer.layer: removal_path(
+                LayerReplay.of(blocks[layer.layer], layer.inputs), layer.similarity, depth, handling
+            )
+            for layer in calibration.layers
+        }
+        counts = layer_budgets(paths, count * len(paths)) if budget == "adaptive" else dict.fromkeys(paths, count)
+        removed = {layer: [e for e, _ in path[: counts[layer]]] for layer, path in paths.items()}
+    redirect = {}
+    if handling == "redirect":
+        similarity = {layer.layer: layer.similarity for layer in calibration.layers}
+        redirect = {
+            layer: redirect_targets(similarity[layer], experts) for layer, experts in removed.items() if experts
+        }
+    return Selection(removed, redirect)

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from engine.model import MoEForCausalLM
 from engine.routing import RoutingPolicy
 from pruning.calibration import Calibration
-from pruning.methods import kept_experts
+from pruning.methods import select
 
 FORMAT_VERSION = 1
 
@@ -51,6 +52,8 @@ class PruningPlan:
     top_k: int
     kept: dict[int, list[int]]  # MoE layer -> kept expert ids, ascending
     redirect: dict[int, dict[int, int]] = field(default_factory=dict)  # layer -> {removed expert: survivor}
+    budget: str = "uniform"  # or "adaptive": per-layer counts by measured cost
+    handling: str = "repick"  # or "redirect": removed experts' slots go to their most similar survivor
     calibration: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -121,6 +124,8 @@ class PruningPlan:
                     int(layer): {int(e): int(s) for e, s in mapping.items()}
                     for layer, mapping in body.get("redirect", {}).items()
                 },
+                budget=str(body.get("budget", "uniform")),
+                handling=str(body.get("handling", "repick")),
                 calibration=dict(body.get("calibration", {})),
             )
         except KeyError as exc:
@@ -130,18 +135,32 @@ class PruningPlan:
 
 
 def make_plan(
-    model_dir: Path, calibration: Calibration, method: str, level: float, top_k: int, seed: int = 0
+    model_dir: Path,
+    model: MoEForCausalLM,
+    calibration: Calibration,
+    method: str,
+    level: float,
+    budget: str = "uniform",
+    handling: str = "repick",
+    seed: int = 0,
 ) -> PruningPlan:
-    """A plan that removes the same fraction of experts in every MoE layer, chosen by a baseline method."""
-    num_experts = len(calibration.layers[0].routed_tokens)
+    """The plan `method` makes at `level` for the model in model_dir (loaded as `model`) from its calibration."""
+    selection = select(method, calibration, model, level, budget, handling, seed)
+    num_experts = model.config.num_experts
     return PruningPlan(
         model_name=model_dir.resolve().name,
         model_sha256=weights_sha256(model_dir),
         method=method,
         level=level,
         num_experts=num_experts,
-        top_k=top_k,
-        kept={layer.layer: kept_experts(layer, method, level, top_k, seed) for layer in calibration.layers},
+        top_k=model.config.top_k,
+        kept={
+            layer: [e for e in range(num_experts) if e not in set(removed)]
+            for layer, removed in selection.removed.items()
+        },
+        redirect=selection.redirect,
+        budget=budget,
+        handling=handling,
         calibration={
             "tokens": calibration.layers[0].num_tokens,
             "sampled_tokens": calibration.layers[0].num_sampled,

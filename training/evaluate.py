@@ -12,16 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from corpus.splits import DEFAULT_CORPUS_DIR
 from corpus.tokens import eval_windows, split_tokens
-from engine.attention import DenseCausal
 from engine.checkpoint import load_model
 from engine.model import MoEForCausalLM
 from engine.moe import SparseMoE
 from engine.routing import Routing
+from pruning.perplexity import perplexity
 from pruning.pes import expert_cosines, pes_per_token
 from training.losses import router_orthogonality
 
@@ -62,28 +61,17 @@ def evaluate(
     if len(windows) == 0 or pes_tokens < 1:
         raise ValueError(f"evaluation needs windows and pes_tokens >= 1 (got {len(windows)}, {pes_tokens})")
     seq_len = windows.shape[1] - 1
-    device = model.lm_head.weight.device
-    num_batches = math.ceil(len(windows) / batch_size)
     probe = _RoutingProbe(every=max(1, (len(windows) * seq_len) // pes_tokens), budget=pes_tokens)
     model.set_routing_observer(probe)
     model.expert_load.reset()
-    total_loss, total_tokens = 0.0, 0
     try:
-        for b in range(num_batches):
-            batch = windows[b * batch_size : (b + 1) * batch_size].to(device)
-            rows = len(batch)
-            inputs, targets = batch[:, :-1].reshape(-1), batch[:, 1:].reshape(-1)
-            positions = torch.arange(seq_len, device=device).repeat(rows)
-            logits = model.compute_logits(model(inputs, positions, DenseCausal(rows, seq_len)))
-            total_loss += float(F.cross_entropy(logits, targets, reduction="sum"))
-            total_tokens += targets.numel()
+        scored = perplexity(model, windows, batch_size)
     finally:
         model.set_routing_observer(None)
     load = model.expert_load.snapshot().double()
     model.expert_load.reset()
     blocks = model.moe_blocks()
     layers = [block.layer_idx for block in blocks]
-    loss = total_loss / total_tokens
     pes = [probe.sums[layer] / probe.counts[layer] for layer in layers]
     # Correlation, over experts, between a router row's logit for the mean input and the expert's load.
     alignment = [
@@ -95,9 +83,9 @@ def evaluate(
         for block in blocks
     ]
     return {
-        "loss": loss,
-        "ppl": math.exp(loss),
-        "tokens": total_tokens,
+        "loss": scored.loss,
+        "ppl": scored.ppl,
+        "tokens": scored.tokens,
         "experts_in_use": [int((load[layer] > 0).sum()) for layer in layers],
         "imbalance": [float(load[layer].max() / load[layer].mean()) for layer in layers],
         "router_orthogonality": [router_orthogonality(block.gate.weight) for block in blocks],

@@ -15,10 +15,10 @@ from pruning.plan import PlanError, PruningPlan, make_plan
 from tests.conftest import copy_checkpoint
 
 
-def plan_for(model_dir: Path, method: str, level: float) -> PruningPlan:
+def plan_for(model_dir: Path, method: str, level: float, **options: str) -> PruningPlan:
     model = load_model(model_dir, torch.float32, torch.device("cpu")).eval()
     windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
-    return make_plan(model_dir, calibrate(model, windows, sample_tokens=32), method, level, model.config.top_k)
+    return make_plan(model_dir, model, calibrate(model, windows, sample_tokens=32), method, level, **options)
 
 
 def test_plans_round_trip_and_keep_at_least_top_k(tiny_model: Path, tmp_path: Path) -> None:
