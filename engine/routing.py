@@ -29,12 +29,15 @@ class RoutingPolicy:
     redirect: long [E]; a slot selected for expert e is served by expert redirect[e] with e's weight.
     top_k: overrides the model's experts per token.
     min_prob: drops routed experts whose routing probability is below it (no replacement, no renormalization).
+    skip_top: masks each token's highest-probability experts and picks top-k among the rest (DeepSeekMoE's
+        redundancy test: how much worse are the next-best experts?).
     """
 
     kept_experts: torch.Tensor | None = None
     redirect: torch.Tensor | None = None
     top_k: int | None = None
     min_prob: float = 0.0
+    skip_top: int = 0
 
     def validate(self, num_experts: int, default_top_k: int) -> None:
         """Raise ValueError naming the field that does not fit a layer of num_experts experts."""
@@ -52,6 +55,8 @@ class RoutingPolicy:
             raise ValueError(f"top_k must be in 1..{num_experts}, got {self.top_k}")
         if not 0.0 <= self.min_prob < 1.0:
             raise ValueError(f"min_prob must be in [0, 1), got {self.min_prob}")
+        if not 0 <= self.skip_top <= num_experts - (self.top_k or default_top_k):
+            raise ValueError(f"skip_top must leave top_k experts to pick from, got {self.skip_top}")
 
     def reachable_experts(self, num_experts: int) -> torch.Tensor:
         """bool [E]: the experts this policy can ever hand a token to (the others' weights can be released)."""
@@ -63,7 +68,7 @@ class RoutingPolicy:
 
     def to(self, device: torch.device) -> RoutingPolicy:
         move = lambda t: None if t is None else t.to(device)
-        return RoutingPolicy(move(self.kept_experts), move(self.redirect), self.top_k, self.min_prob)
+        return RoutingPolicy(move(self.kept_experts), move(self.redirect), self.top_k, self.min_prob, self.skip_top)
 
 
 def route(
@@ -76,6 +81,9 @@ def route(
         logits = logits.masked_fill(~policy.kept_experts, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     k = policy.top_k if policy is not None and policy.top_k else top_k
+    if policy is not None and policy.skip_top:
+        top = torch.topk(probs, policy.skip_top, dim=-1).indices
+        probs = probs.scatter(-1, top, 0.0)
     weights, expert_ids = torch.topk(probs, k, dim=-1)
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)

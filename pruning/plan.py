@@ -8,6 +8,7 @@ seam (`routing_policies`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -29,12 +30,19 @@ class PlanError(ValueError):
 
 
 def weights_sha256(model_dir: Path) -> str:
-    """SHA-256 over the model's safetensors files (names and bytes, in name order), streamed."""
+    """SHA-256 over the model's safetensors files (names and bytes, in name order), streamed; remembered per
+    process while the files' sizes and modification times stay the same."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise PlanError(f"{model_dir}: no .safetensors files to identify the model by")
+    return _files_sha256(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=32)
+def _files_sha256(files: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for file in files:
+    for name, _, _ in files:
+        file = Path(name)
         digest.update(file.name.encode() + b"\0")
         with file.open("rb") as stream:
             while chunk := stream.read(1 << 20):

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -93,6 +93,7 @@ class ServerSettings:
     shutdown_grace_s: float = 30.0
     per_expert_series: bool | None = None  # None: on unless layers x experts is large
     expert_window_s: float = 60.0
+    pruning_labels: dict[str, str] = field(default_factory=dict)  # pruning settings, for the model-info metric
 
 
 def model_info(engine: AsyncEngine, settings: ServerSettings) -> dict[str, str]:
@@ -110,6 +111,7 @@ def model_info(engine: AsyncEngine, settings: ServerSettings) -> dict[str, str]:
         "max_model_len": str(engine.info.max_model_len),
         "num_kv_blocks": str(engine.info.num_kv_blocks),
         "model_path": str(settings.model_path),
+        **settings.pruning_labels,
     }
 
 
@@ -124,6 +126,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         monitor,
         settings.per_expert_series,
         model_info(engine, settings),
+        engine.info.weight_bytes,
+        engine.info.released_expert_bytes,
     )
     engine.observers += [metrics, monitor]
     template = ChatTemplate.from_model_dir(settings.model_path, engine.tokenizer.tokenizer_config)

@@ -19,9 +19,13 @@ from pathlib import Path
 
 import uvicorn
 
+from corpus.splits import CorpusError
 from engine.config import DEFAULT_MODEL_DIR, CheckpointError
 from engine.llm_engine import EngineConfig
 from engine.moe import BACKENDS
+from pruning.methods import BUDGETS, METHODS
+from pruning.redundancy import HANDLINGS
+from pruning.serving import PruningSettings
 from server.app import ServerSettings, build_app
 from server.async_engine import AsyncEngine
 
@@ -70,6 +74,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="per-expert series, or per-layer aggregates only (auto: per-expert up to 4096 layer x expert pairs)",
     )
     parser.add_argument("--expert-load-window", type=float, default=60.0, help="seconds the balance gauges cover")
+    pruning = parser.add_argument_group("pruning (docs/pruning.md)")
+    pruning.add_argument(
+        "--prune-level", type=float, default=0.0, help="fraction of routed experts to remove, e.g. 0.25"
+    )
+    pruning.add_argument("--prune-method", choices=METHODS, default="pes", help="how experts are chosen (default pes)")
+    pruning.add_argument("--prune-budget", choices=BUDGETS, default="uniform", help="pes: adaptive = per-layer by cost")
+    pruning.add_argument(
+        "--prune-handling", choices=HANDLINGS, default="repick", help="where removed experts' tokens go"
+    )
+    pruning.add_argument("--prune-plan", type=Path, help="a plan file from `moe-prune plan` (instead of a level)")
+    pruning.add_argument(
+        "--route-threshold", type=float, default=0.0, help="drop routed experts below this probability"
+    )
+    pruning.add_argument("--top-k", type=int, help="experts per token (default: the model's)")
     parser.add_argument("--threads", type=int, help="torch CPU threads of the engine (default: torch's choice)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
@@ -79,6 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        pruning = PruningSettings(
+            args.prune_level,
+            args.prune_method,
+            args.prune_budget,
+            args.prune_handling,
+            args.prune_plan,
+            args.route_threshold,
+            args.top_k,
+        )
+        policies, plan = pruning.resolve(args.model, args.device, args.dtype)
         config = EngineConfig(
             dtype=args.dtype,
             device=args.device,
@@ -90,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             gpu_memory_utilization=args.gpu_memory_utilization,
             moe_backend=args.moe_backend,
             enable_prefix_caching=args.enable_prefix_caching,
+            routing_policies=policies,
         )
         engine = AsyncEngine(args.model, config, args.max_queue, threads=args.threads)
         settings = ServerSettings(
@@ -100,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_grace_s=args.shutdown_grace,
             per_expert_series=EXPERT_METRICS[args.expert_metrics],
             expert_window_s=args.expert_load_window,
+            pruning_labels=pruning.labels(plan),
         )
         app = build_app(engine, settings)
-    except (CheckpointError, ValueError, RuntimeError) as exc:
+    except (CheckpointError, ValueError, RuntimeError, CorpusError) as exc:
         print(f"moe-serve: error: {exc}", file=sys.stderr)
         return 1
     uvicorn_config = uvicorn.Config(

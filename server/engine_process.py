@@ -46,6 +46,8 @@ class EngineInfo:
     device: str
     num_kv_blocks: int
     pid: int
+    weight_bytes: int  # parameters resident on the device
+    released_expert_bytes: int  # expert weights freed because no routing policy reaches them
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,8 @@ def run_engine(
         device=str(engine.device),
         num_kv_blocks=engine.block_manager.num_blocks,
         pid=os.getpid(),
+        weight_bytes=engine.weight_bytes,
+        released_expert_bytes=engine.released_expert_bytes,
     )
     try:
         conn.send(("loaded", info))

@@ -75,6 +75,8 @@ class ServerMetrics:
         expert_load: ExpertLoadMonitor,
         per_expert_series: bool | None = None,
         model_info: dict[str, str] | None = None,
+        weight_bytes: int = 0,
+        released_expert_bytes: int = 0,
     ) -> None:
         self.model_name = model_name
         self.expert_load = expert_load
@@ -140,6 +142,10 @@ class ServerMetrics:
             f"{PREFIX}_model", "The served model: balancing method, shape and runtime.", labels, registry=registry
         )
         info.labels(model_name).info(model_info or {})
+        gauge("model_weight_bytes", "Bytes of model weights resident on the device.").set(weight_bytes)
+        gauge(
+            "released_expert_weight_bytes", "Bytes of expert weights freed at load because pruning removed them."
+        ).set(released_expert_bytes)
         registry.register(_ExpertCollector(self))
 
         self._requests: dict[str, _RequestState] = {}

@@ -109,6 +109,16 @@ def test_policy_top_k_override_and_threshold() -> None:
     assert torch.equal(routing.weights[~below], plain.weights[~below])
 
 
+def test_policy_skip_top_picks_the_next_best_experts() -> None:
+    logits = torch.randn(50, E) * 3
+    ranked = torch.argsort(torch.softmax(logits, dim=-1), dim=-1, descending=True)
+    routing = route(logits, K, False, RoutingPolicy(skip_top=2))
+    assert torch.equal(routing.expert_ids, ranked[:, 2 : 2 + K])
+    assert torch.allclose(routing.weights, torch.gather(torch.softmax(logits, dim=-1), 1, ranked[:, 2 : 2 + K]))
+    with pytest.raises(ValueError, match="skip_top must leave top_k"):
+        RoutingPolicy(skip_top=E - 1).validate(E, K)
+
+
 def test_policy_validation_names_the_field() -> None:
     with pytest.raises(ValueError, match="at least top_k"):
         RoutingPolicy(kept_experts=torch.tensor([True] + [False] * (E - 1))).validate(E, K)
