@@ -39,9 +39,18 @@ class LayerReplay:
         x = torch.from_numpy(inputs).to(block.gate.weight.device, block.gate.weight.dtype)
         return cls(block.gate(x).float(), block.experts.apply_all(x).float(), block.top_k, block.norm_topk_prob)
 
-    def output(self, removed: list[int], redirect: dict[int, int] | None = None) -> torch.Tensor:
-        """The MoE output [T, H] with `removed` experts gone: re-picked, or redirected when a map is given."""
-        logits = self.logits
+    def output(
+        self, removed: list[int], redirect: dict[int, int] | None = None, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The MoE output [T, H] (or of `rows` only) with `removed` experts gone: re-picked, or redirected when a
+        map is given."""
+        return self._combine(*self.route(removed, redirect, rows), rows)
+
+    def route(
+        self, removed: list[int], redirect: dict[int, int] | None = None, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert ids [T, k], weights [T, k]) of the tokens (or `rows`) with `removed` experts gone."""
+        logits = self.logits if rows is None else self.logits[rows]
         if redirect is None and removed:
             logits = logits.index_fill(1, torch.tensor(removed, device=logits.device), float("-inf"))
         weights, ids = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
@@ -51,7 +60,10 @@ class LayerReplay:
             table = torch.arange(logits.shape[1], device=ids.device)
             table[list(redirect)] = torch.tensor(list(redirect.values()), device=ids.device)
             ids = table[ids]
-        tokens = torch.arange(ids.shape[0], device=ids.device)[:, None]
+        return ids, weights
+
+    def _combine(self, ids: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        tokens = (torch.arange(ids.shape[0], device=ids.device) if rows is None else rows)[:, None]
         return (self.outputs[ids, tokens] * weights[..., None]).sum(dim=1)
 
 
@@ -66,7 +78,9 @@ def removal_path(replay: LayerReplay, similarity: np.ndarray, count: int, handli
     if handling not in HANDLINGS:
         raise ValueError(f"unknown handling {handling!r} of a removed expert's tokens; expected one of {HANDLINGS}")
     full = replay.output([])
-    scale = float(full.pow(2).sum(dim=-1).mean())
+    scale = float(full.pow(2).sum(dim=-1).sum())
+    if handling == "repick":
+        return _repick_path(replay, full, scale, count)
     removed: list[int] = []
     path = []
     for _ in range(count):
@@ -75,13 +89,43 @@ def removal_path(replay: LayerReplay, similarity: np.ndarray, count: int, handli
             if e in removed:
                 continue
             trial = removed + [e]
-            redirect = redirect_targets(similarity, trial) if handling == "redirect" else None
-            error = float((replay.output(trial, redirect) - full).pow(2).sum(dim=-1).mean()) / scale
+            error = float((replay.output(trial, redirect_targets(similarity, trial)) - full).pow(2).sum()) / scale
             if best is None or error < best[0]:
                 best = (error, e)
         assert best is not None
         removed.append(best[1])
         path.append((best[1], best[0]))
+    return path
+
+
+def _repick_path(replay: LayerReplay, full: torch.Tensor, scale: float, count: int) -> list[tuple[int, float]]:
+    """The greedy path when tokens re-pick, scored exactly but cheaply: removing e re-routes only the tokens
+    that route to e now; every other token keeps its experts, with weights scaled by 1 / (1 - p_e) when the
+    softmax loses e (unless top-k weights are renormalized), so its error follows from three dot products."""
+    removed: list[int] = []
+    full_sq = full.pow(2).sum(dim=-1).double()
+    path = []
+    for _ in range(count):
+        ids, _ = replay.route(removed)
+        current = replay.output(removed)
+        probs = torch.softmax(replay.logits.index_fill(1, torch.tensor(removed, dtype=torch.long), float("-inf")), -1)
+        current_sq = current.pow(2).sum(dim=-1).double()
+        cross = (current * full).sum(dim=-1).double()
+        best: tuple[float, int] | None = None
+        for e in range(replay.logits.shape[1]):
+            if e in removed:
+                continue
+            rerouted = (ids == e).any(dim=-1)
+            rows = torch.nonzero(rerouted).squeeze(1)
+            changed = (replay.output(removed + [e], rows=rows) - full[rows]).pow(2).sum(dim=-1).double()
+            grow = torch.ones_like(full_sq) if replay.norm_topk_prob else 1.0 / (1.0 - probs[:, e].double())
+            kept_error = grow.pow(2) * current_sq - 2 * grow * cross + full_sq
+            error = float(changed.sum()) + float(kept_error[~rerouted].sum())
+            if best is None or error < best[0]:
+                best = (error, e)
+        assert best is not None
+        removed.append(best[1])
+        path.append((best[1], best[0] / scale))
     return path
 
 
