@@ -27,9 +27,9 @@ class CalibrationSpec:
 
     split: str = "validation"
     files: tuple[Path, ...] = field(default_factory=tuple)
-    max_tokens: int = 65536
+    max_tokens: int = 262144
     seq_len: int = 512
-    sample_tokens: int = 4096
+    sample_tokens: int = 16384
 
 
 def _key(*parts: object) -> str:

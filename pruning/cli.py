@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--calibration-files", type=Path, nargs="+", help="UTF-8 text files (default: the corpus's validation split)"
     )
-    common.add_argument("--calibration-tokens", type=int, default=65536, help="token budget of calibration text")
+    common.add_argument("--calibration-tokens", type=int, default=262144, help="token budget of calibration text")
     common.add_argument(
         "--sample-tokens", type=int, default=4096, help="tokens per layer that get every expert applied"
     )

@@ -21,6 +21,16 @@ def _pyplot() -> Any:
     return plt
 
 
+def _finish(plt: Any, fig: Any, axes: list[Any], out: Path) -> Path:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def similarity_heatmap(calibration: Calibration, title: str, out: Path) -> Path:
     """One panel per MoE layer: the mean pairwise cosine of expert outputs (the PES map), diagonal blanked."""
     plt = _pyplot()
@@ -59,12 +69,7 @@ def level_plot(results: dict[str, dict[str, Any]], out: Path) -> Path:
         ax.set_title(f"{model} ({result['balancing']})")
         ax.set_xlabel("fraction of routed experts removed")
         ax.set_ylabel("test perplexity")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, list(axes[0]), out)
 
 
 def threshold_plot(results: dict[str, dict[str, Any]], out: Path) -> Path:
@@ -78,13 +83,7 @@ def threshold_plot(results: dict[str, dict[str, Any]], out: Path) -> Path:
         right.plot([r["tau"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=label)
     left.set(xlabel="tau (routed experts below it are dropped)", ylabel="test perplexity")
     right.set(xlabel="tau", ylabel="scoring throughput, tokens/s")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, [left, right], out)
 
 
 def dropped_top_plot(results: dict[str, dict[str, Any]], out: Path) -> Path:
@@ -100,12 +99,7 @@ def dropped_top_plot(results: dict[str, dict[str, Any]], out: Path) -> Path:
             label=f"{model} ({result['balancing']})",
         )
     ax.set(xlabel="top experts masked per token", ylabel="test loss (nats)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, [ax], out)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,0 +1,124 @@
+"""What static pruning buys at serving time: resident weights, process memory and decode step time per level.
+
+`python -m pruning.bench MODEL [--levels 0,0.25,0.5] [--method random] [--batch-sizes 1,8,32,64] [--json PATH]`
+
+Each level loads the model in a fresh process with the plan's routing policies, so the removed experts'
+weights are released before anything else is allocated, and reports the weights' bytes, the process's
+resident memory (peak and after load; on CUDA the allocator's figures) and the median decode step at each batch
+size with the experts a step actually touches per layer. Static pruning leaves the work per token unchanged
+(k experts), so it should pay off only once a batch's tokens touch most of the experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.bench import decode_step, make_prompts, progress
+from engine.checkpoint import load_model
+from engine.llm import LLM
+from engine.llm_engine import resolve_device
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def measure_level(model_dir: Path, level: float, method: str, args: dict[str, Any]) -> dict[str, Any]:
+    """One level, measured in the calling process (run it in a fresh one)."""
+    from pruning.cache import cached_plan
+
+    torch.set_num_threads(args["threads"])
+    device = resolve_device(args["device"])
+    policies = {}
+    if level > 0:
+        model = load_model(model_dir, torch.float32, torch.device("cpu")).eval()
+        policies = cached_plan(model_dir, model, method, level, progress=False).routing_policies()
+        del model
+    rss_before = _resident_bytes()
+    llm = LLM(
+        model_dir,
+        dtype=args["dtype"],
+        device=args["device"],
+        routing_policies=policies,
+        max_num_seqs=max(args["batch_sizes"]),
+        kv_cache_memory_bytes=args["kv_bytes"],
+    )
+    row: dict[str, Any] = {
+        "level": level,
+        "method": method if level > 0 else "none",
+        "kept_experts": min(int(b.present_experts().sum()) for b in llm.engine.model.moe_blocks()),
+        "weight_bytes": llm.engine.weight_bytes,
+        "released_expert_bytes": llm.engine.released_expert_bytes,
+        "rss_load_delta_bytes": _resident_bytes() - rss_before,
+    }
+    if device.type == "cuda":
+        row["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
+    vocab = llm.engine.model.config.vocab_size
+    for batch in args["batch_sizes"]:
+        decode = decode_step(llm, make_prompts(batch, args["prompt_len"], vocab, seed=batch), args["steps"], device)
+        row[f"decode_step_ms_b{batch}"] = 1e3 * decode["step_s"]
+        row[f"experts_touched_b{batch}"] = decode["measured_experts"]
+    return row
+
+
+def markdown(rows: list[dict[str, Any]], batch_sizes: list[int]) -> str:
+    base = rows[0]
+    head = ["level", "kept/layer", "weights MiB", "released MiB", "RSS at load MiB"]
+    head += [f"b={b} step ms (vs 0)" for b in batch_sizes]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [f"{row['level']:g}", str(row["kept_experts"]), f"{row['weight_bytes'] / 2**20:.1f}"]
+        cells += [f"{row['released_expert_bytes'] / 2**20:.1f}", f"{row['rss_load_delta_bytes'] / 2**20:.0f}"]
+        for b in batch_sizes:
+            ms, touched = row[f"decode_step_ms_b{b}"], row[f"experts_touched_b{b}"]
+            cells.append(f"{ms:.2f} ({base[f'decode_step_ms_b{b}'] / ms:.2f}x, {touched:.1f} experts)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pruning.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--levels", default="0,0.25,0.5")
+    parser.add_argument("--method", default="random", help="any moe-prune method (random: no quality concern here)")
+    parser.add_argument("--batch-sizes", default="1,8,32,64")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20, help="timed decode steps per batch size (median)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kv-bytes", type=int, default=256 << 20, help="KV cache bytes on CPU")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    settings = {
+        "batch_sizes": [int(b) for b in args.batch_sizes.split(",")],
+        "prompt_len": args.prompt_len,
+        "steps": args.steps,
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "kv_bytes": args.kv_bytes,
+    }
+    rows = []
+    context = multiprocessing.get_context("spawn")
+    for level in [float(x) for x in args.levels.split(",")]:
+        progress(f"level {level:g}")
+        with context.Pool(1) as pool:
+            rows.append(pool.apply(measure_level, (args.model, level, args.method, settings)))
+    print(markdown(rows, settings["batch_sizes"]))
+    if args.json:
+        args.json.write_text(
+            json.dumps({"model": str(args.model), "settings": settings, "rows": rows}, indent=2) + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
