@@ -181,7 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--calibration-tokens", type=int, default=262144, help="token budget of calibration text")
     common.add_argument(
-        "--sample-tokens", type=int, default=4096, help="tokens per layer that get every expert applied"
+        "--sample-tokens",
+        type=int,
+        default=16384,
+        help="tokens per layer that get every expert applied (and are replayed)",
     )
     common.add_argument("--seq-len", type=int, default=512, help="window length (capped at the model's context)")
     common.add_argument(

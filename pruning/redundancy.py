@@ -81,20 +81,41 @@ def removal_path(replay: LayerReplay, similarity: np.ndarray, count: int, handli
     scale = float(full.pow(2).sum(dim=-1).sum())
     if handling == "repick":
         return _repick_path(replay, full, scale, count)
+    return _redirect_path(replay, similarity, full, scale, count)
+
+
+def _redirect_path(
+    replay: LayerReplay, similarity: np.ndarray, full: torch.Tensor, scale: float, count: int
+) -> list[tuple[int, float]]:
+    """The greedy path when slots are redirected: routing itself never changes, only which expert serves a
+    slot, so a candidate is scored on the tokens whose slots it (or an expert redirected to it) holds."""
+    ids, weights = replay.route([])
+    num_experts = replay.logits.shape[1]
+    served_by = torch.arange(num_experts, device=ids.device)
+    token_error = torch.zeros(full.shape[0], dtype=torch.float64, device=full.device)
     removed: list[int] = []
     path = []
     for _ in range(count):
-        best: tuple[float, int] | None = None
-        for e in range(len(similarity)):
+        best: tuple[float, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        total = float(token_error.sum())
+        for e in range(num_experts):
             if e in removed:
                 continue
-            trial = removed + [e]
-            error = float((replay.output(trial, redirect_targets(similarity, trial)) - full).pow(2).sum()) / scale
+            table = torch.arange(num_experts, device=ids.device)
+            for removed_expert, survivor in redirect_targets(similarity, removed + [e]).items():
+                table[removed_expert] = survivor
+            moved = torch.nonzero(table != served_by).squeeze(1)
+            rows = torch.nonzero(torch.isin(ids, moved).any(dim=-1)).squeeze(1)
+            out = (replay.outputs[table[ids[rows]], rows[:, None]] * weights[rows][..., None]).sum(dim=1)
+            changed = (out - full[rows]).pow(2).sum(dim=-1).double()
+            error = total - float(token_error[rows].sum()) + float(changed.sum())
             if best is None or error < best[0]:
-                best = (error, e)
+                best = (error, e, table, rows, changed)
         assert best is not None
-        removed.append(best[1])
-        path.append((best[1], best[0]))
+        error, expert, served_by, rows, changed = best
+        token_error[rows] = changed
+        removed.append(expert)
+        path.append((expert, error / scale))
     return path
 
 

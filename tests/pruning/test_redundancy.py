@@ -92,20 +92,22 @@ def test_calibration_round_trips_through_its_file(tiny_model: Path, tmp_path: Pa
         Calibration.load(tmp_path / "bad.npz")
 
 
-@pytest.mark.parametrize("norm_topk_prob", [False, True])
-def test_fast_repick_path_is_the_exact_greedy(tiny_model: Path, norm_topk_prob: bool) -> None:
-    """The re-pick path scores only re-routed tokens exactly and rescales the rest: the same as recomputing the
-    whole layer for every candidate."""
-    model = load_model(tiny_model, torch.float32, torch.device("cpu")).eval()
+@pytest.mark.parametrize(("handling", "norm_topk_prob"), [("repick", False), ("repick", True), ("redirect", False)])
+def test_fast_paths_are_the_exact_greedy(tiny_model: Path, handling: str, norm_topk_prob: bool) -> None:
+    """Each path re-scores only the tokens a removal touches (re-pick also rescales the rest): the same choices
+    and errors as recomputing the whole layer for every candidate."""
+    model = model_with_twins(tiny_model, {3: 0})
     layer = calibration_of(model).layers[0]
     replay = LayerReplay.of(model.moe_blocks()[0], layer.inputs)
     replay = LayerReplay(replay.logits, replay.outputs, replay.top_k, norm_topk_prob)
     full = replay.output([])
     scale = float(full.pow(2).sum())
     removed: list[int] = []
-    for expert, error in removal_path(replay, layer.similarity, 4, "repick"):
-        errors = {
-            e: float((replay.output(removed + [e]) - full).pow(2).sum()) / scale for e in range(8) if e not in removed
-        }
-        assert expert == min(errors, key=lambda e: errors[e]) and error == pytest.approx(errors[expert], rel=1e-6)
+    for expert, error in removal_path(replay, layer.similarity, 4, handling):
+        errors = {}
+        for e in (e for e in range(8) if e not in removed):
+            redirect = redirect_targets(layer.similarity, removed + [e]) if handling == "redirect" else None
+            errors[e] = float((replay.output(removed + [e], redirect) - full).pow(2).sum()) / scale
+        assert error == pytest.approx(min(errors.values()), rel=1e-6, abs=1e-9)
+        assert errors[expert] == pytest.approx(error, rel=1e-6, abs=1e-9)
         removed.append(expert)
