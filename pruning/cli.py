@@ -234,9 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_grad_enabled(False)
     try:
-        args.run(args)
+        with torch.no_grad():
+            args.run(args)
     except (
         PlanError,
         CheckpointError,
