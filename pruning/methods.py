@@ -49,13 +49,6 @@ def experts_to_remove(num_experts: int, top_k: int, level: float) -> int:
     return count
 
 
-def kept_experts(layer: LayerCalibration, method: str, level: float, top_k: int, seed: int = 0) -> list[int]:
-    """The experts a layer keeps at a level, in id order."""
-    count = experts_to_remove(len(layer.routed_tokens), top_k, level)
-    removed = set(removal_order(method, layer, seed)[:count])
-    return [e for e in range(len(layer.routed_tokens)) if e not in removed]
-
-
 @dataclass(frozen=True)
 class Selection:
     """What a method removes: per MoE layer the removed experts (removal order) and, when redirecting, where
