@@ -7,6 +7,7 @@ has_unfinished_requests); `LLM` wraps it for offline batches.
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -172,6 +173,14 @@ class LLMEngine:
     def weight_bytes(self) -> int:
         """Bytes of the model's parameters as loaded (after any released experts)."""
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        """The most memory the engine has held: torch's peak reservation on CUDA, the process's peak RSS on CPU
+        (what sizing a machine for a model and pruning level needs)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_reserved(self.device)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
     def _max_model_len(self, model_config: ModelConfig) -> int:
         limit = model_config.max_position_embeddings

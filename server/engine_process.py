@@ -60,6 +60,7 @@ class EngineStats:
     num_requests: int  # requests the engine holds
     kv_cache_usage: float
     num_preemptions: int
+    peak_memory_bytes: int = 0  # see LLMEngine.peak_memory_bytes
     expert_counts: np.ndarray | None = None  # routed tokens per [layer, expert], when a read landed
 
 
@@ -84,6 +85,7 @@ def _stats(engine: LLMEngine, counts: np.ndarray | None, stepped: bool) -> Engin
         num_requests=len(engine.requests),
         kv_cache_usage=engine.block_manager.usage,
         num_preemptions=scheduler.num_preemptions,
+        peak_memory_bytes=engine.peak_memory_bytes,
         expert_counts=counts,
     )
 

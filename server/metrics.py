@@ -146,6 +146,10 @@ class ServerMetrics:
         gauge(
             "released_expert_weight_bytes", "Bytes of expert weights freed at load because pruning removed them."
         ).set(released_expert_bytes)
+        self.peak_memory = gauge(
+            "engine_peak_memory_bytes",
+            "Peak memory of the engine process: torch's peak reservation on CUDA, peak resident set size on CPU.",
+        )
         registry.register(_ExpertCollector(self))
 
         self._requests: dict[str, _RequestState] = {}
@@ -214,6 +218,7 @@ class ServerMetrics:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)
+        self.peak_memory.set(stats.peak_memory_bytes)
         if stats.num_preemptions > self._preemptions_seen:
             self.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions

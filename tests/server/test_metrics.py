@@ -73,6 +73,8 @@ def test_counters_move_exactly_with_known_traffic(live_server: LiveServer) -> No
     info = next(dict(ls) for (n, ls) in after if n == "moe_serve_model_info")
     assert info["balancing_method"] == "simbal" and info["num_experts"] == "32" and info["top_k"] == "4"
     assert after[("moe_serve_generation_tokens_per_second", (name,))] > 0
+    # The engine process's peak RSS holds at least the weights it serves (the gauge is not the HTTP process's).
+    assert after[("moe_serve_engine_peak_memory_bytes", (name,))] > after[("moe_serve_model_weight_bytes", (name,))]
 
 
 def test_metric_names_follow_prometheus_rules_and_carry_the_model(live_server: LiveServer) -> None:
