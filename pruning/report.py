@@ -10,7 +10,8 @@ import numpy as np
 from pruning.calibration import Calibration
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only, no screen), or an error naming the extra to install."""
     try:
         import matplotlib
     except ImportError:
@@ -21,7 +22,8 @@ def _pyplot() -> Any:
     return plt
 
 
-def _finish(plt: Any, fig: Any, axes: list[Any], out: Path) -> Path:
+def finish_figure(plt: Any, fig: Any, axes: list[Any], out: Path) -> Path:
+    """Grid and legend on every axis, then save to out as PNG and free the figure."""
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -33,7 +35,7 @@ def _finish(plt: Any, fig: Any, axes: list[Any], out: Path) -> Path:
 
 def similarity_heatmap(calibration: Calibration, title: str, out: Path) -> Path:
     """One panel per MoE layer: the mean pairwise cosine of expert outputs (the PES map), diagonal blanked."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = calibration.layers
     cols = min(4, len(layers))
     rows = -(-len(layers) // cols)
@@ -59,7 +61,7 @@ def similarity_heatmap(calibration: Calibration, title: str, out: Path) -> Path:
 
 def level_plot(results: dict[str, dict[str, Any]], out: Path) -> Path:
     """Test perplexity against pruning level: a panel per model, a curve per method variant."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.0), squeeze=False)
     for ax, (model, result) in zip(axes[0], results.items()):
         base = next(r["ppl"] for r in result["pruning"] if r["variant"] == "none")
@@ -69,12 +71,12 @@ def level_plot(results: dict[str, dict[str, Any]], out: Path) -> Path:
         ax.set_title(f"{model} ({result['balancing']})")
         ax.set_xlabel("fraction of routed experts removed")
         ax.set_ylabel("test perplexity")
-    return _finish(plt, fig, list(axes[0]), out)
+    return finish_figure(plt, fig, list(axes[0]), out)
 
 
 def threshold_plot(results: dict[str, dict[str, Any]], out: Path) -> Path:
     """Table 6 as a picture: perplexity and scoring speed against the routing threshold tau, per model."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.4, 4.0))
     for model, result in results.items():
         rows = result["thresholds"]
@@ -83,12 +85,12 @@ def threshold_plot(results: dict[str, dict[str, Any]], out: Path) -> Path:
         right.plot([r["tau"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=label)
     left.set(xlabel="tau (routed experts below it are dropped)", ylabel="test perplexity")
     right.set(xlabel="tau", ylabel="scoring throughput, tokens/s")
-    return _finish(plt, fig, [left, right], out)
+    return finish_figure(plt, fig, [left, right], out)
 
 
 def dropped_top_plot(results: dict[str, dict[str, Any]], out: Path) -> Path:
     """Fig. 4: test loss when each token's r most probable experts are masked."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 4.0))
     for model, result in results.items():
         rows = result["dropped_top"]
@@ -99,7 +101,7 @@ def dropped_top_plot(results: dict[str, dict[str, Any]], out: Path) -> Path:
             label=f"{model} ({result['balancing']})",
         )
     ax.set(xlabel="top experts masked per token", ylabel="test loss (nats)")
-    return _finish(plt, fig, [ax], out)
+    return finish_figure(plt, fig, [ax], out)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
