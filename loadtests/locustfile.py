@@ -11,13 +11,17 @@ Headless:
 
 Users send their next request as soon as the last one ends (a closed loop of -u concurrent clients). Prompts are
 stretches of the corpus's test split cut to a drawn token length; outputs run to the drawn length (`ignore_eos`).
+--max-requests and --samples-file count and write per locust process (run it as one process, as the sweep does).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ from locust.env import Environment
 from locust.exception import StopUser
 
 from corpus.splits import REPO_ROOT
+from loadtests.stream import StreamError, read_stream
 from loadtests.workload import LengthDistribution, PromptPool
 
 COMPLETIONS = "/v1/completions"
@@ -46,33 +51,60 @@ def _add_arguments(parser: Any) -> None:
     group.add_argument("--temperature", type=float, default=0.8)
     group.add_argument("--tokenizer", default=str(BUNDLED_TOKENIZER), help="cuts the prompts")
     group.add_argument("--api-key", default="", env_var="MOE_SERVE_API_KEY", help="sent as a Bearer token")
-    group.add_argument("--max-requests", type=int, default=0, help="stop the run after this many (0: no bound)")
+    group.add_argument("--max-requests", type=int, default=0, help="stop after starting this many (0: no bound)")
     group.add_argument("--workload-seed", type=int, default=0, help="seeds prompts and lengths per user")
     group.add_argument("--request-timeout", type=float, default=300.0, help="seconds without a byte before failing")
     group.add_argument("--samples-file", default="", help="write every request's timings here as JSON at the end")
 
 
-@events.test_start.add_listener
-def _prepare(environment: Environment, **_: Any) -> None:
+@dataclass
+class RunState:
+    """What this locust process's users share during one run."""
+
+    prompts: PromptPool
+    prompt_tokens: LengthDistribution
+    output_tokens: LengthDistribution
+    started: int = 0
+    quitting: bool = False
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_options(cls, options: Any) -> RunState:
+        return cls(
+            PromptPool(Path(options.tokenizer)),
+            LengthDistribution.parse(options.prompt_tokens),
+            LengthDistribution.parse(options.output_tokens),
+        )
+
+
+@events.init.add_listener
+def _check_options(environment: Environment, **_: Any) -> None:
+    """Bad lengths or a missing tokenizer end locust at once, naming the option, instead of failing every user."""
     options = environment.parsed_options
-    environment.workload = {  # type: ignore[attr-defined]
-        "prompts": PromptPool(Path(options.tokenizer)),
-        "prompt_tokens": LengthDistribution.parse(options.prompt_tokens),
-        "output_tokens": LengthDistribution.parse(options.output_tokens),
-        "started": 0,
-        "samples": [],
-    }
+    if options is None:
+        return
+    try:
+        RunState.from_options(options)
+        if not 0.0 <= options.chat_share <= 1.0:
+            raise ValueError(f"--chat-share must be in [0, 1], got {options.chat_share}")
+    except (ValueError, FileNotFoundError) as exc:
+        sys.exit(f"loadtests/locustfile.py: {exc}")
+
+
+@events.test_start.add_listener
+def _start_run(environment: Environment, **_: Any) -> None:
+    environment.run_state = RunState.from_options(environment.parsed_options)  # type: ignore[attr-defined]
 
 
 @events.test_stop.add_listener
 def _write_samples(environment: Environment, **_: Any) -> None:
     """Exact per-request timings (locust's own statistics round times above 100 ms to 2 significant digits)."""
     if environment.parsed_options.samples_file:
-        Path(environment.parsed_options.samples_file).write_text(json.dumps(environment.workload["samples"]))
+        samples = environment.run_state.samples  # type: ignore[attr-defined]
+        Path(environment.parsed_options.samples_file).write_text(json.dumps(samples))
 
 
-class StreamError(Exception):
-    """The server answered with an error status or broke off a stream; the message carries its body."""
+USER_NUMBERS = itertools.count()
 
 
 class OpenAIStreamingUser(User):
@@ -82,13 +114,11 @@ class OpenAIStreamingUser(User):
 
     def on_start(self) -> None:
         options = self.environment.parsed_options
-        self.workload: dict[str, Any] = self.environment.workload  # type: ignore[attr-defined]
+        self.state: RunState = self.environment.run_state  # type: ignore[attr-defined]
         self.client = requests.Session()
         self.timeout = (10.0, options.request_timeout)
-        self.headers = {}
-        if options.api_key:
-            self.headers["Authorization"] = f"Bearer {options.api_key}"
-        self.rng = random.Random(options.workload_seed * 1_000_003 + id(self) % 1_000_003)
+        self.headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
+        self.rng = random.Random(f"{options.workload_seed}/{next(USER_NUMBERS)}")  # the same draws every run
         self.model = options.model_name or self._first_model()
 
     def on_stop(self) -> None:
@@ -102,13 +132,15 @@ class OpenAIStreamingUser(User):
 
     @task
     def generate(self) -> None:
-        options = self.environment.parsed_options
-        if options.max_requests and self.workload["started"] >= options.max_requests:
-            gevent.spawn(self.environment.runner.quit)
+        options, state = self.environment.parsed_options, self.state
+        if options.max_requests and state.started >= options.max_requests:
+            if not state.quitting:  # the first user to reach the bound ends the run; the others just stop
+                state.quitting = True
+                gevent.spawn(self.environment.runner.quit)
             raise StopUser()
-        self.workload["started"] += 1
-        prompt = self.workload["prompts"].prompt(self.workload["prompt_tokens"].sample(self.rng), self.rng)
-        max_tokens = self.workload["output_tokens"].sample(self.rng)
+        state.started += 1
+        prompt = state.prompts.prompt(state.prompt_tokens.sample(self.rng), self.rng)
+        max_tokens = state.output_tokens.sample(self.rng)
         body: dict[str, Any] = {
             "model": self.model,
             "stream": True,
@@ -126,41 +158,19 @@ class OpenAIStreamingUser(User):
 
     def _stream(self, route: str, body: dict[str, Any]) -> None:
         fire = self.environment.events.request.fire
+
+        def on_text(kind: str, seconds: float) -> None:
+            fire(request_type=kind, name=route, response_time=seconds * 1000, response_length=0)
+
         start_wall, start = time.time(), time.perf_counter()
-        last: float | None = None
-        ttft: float | None = None
-        gaps: list[float] = []
-        output_tokens = 0
-        error: Exception | None = None
+        timings, error = None, None
         try:
             with self.client.post(
                 f"{self.host}{route}", json=body, headers=self.headers, stream=True, timeout=self.timeout
             ) as response:
                 if response.status_code != 200:
                     raise StreamError(f"{response.status_code}: {response.text[:300]}")
-                done = False
-                for line in response.iter_lines():
-                    if not line.startswith(b"data: "):
-                        continue
-                    data = line[6:].strip()
-                    if data == b"[DONE]":
-                        done = True  # read on to the end of the body, so the connection can be reused
-                        continue
-                    chunk = json.loads(data)
-                    if chunk.get("usage"):
-                        output_tokens = chunk["usage"]["completion_tokens"]
-                    if not any(_content(choice) for choice in chunk.get("choices", [])):
-                        continue
-                    now = time.perf_counter()
-                    if last is None:
-                        ttft = now - start
-                        fire(request_type="TTFT", name=route, response_time=ttft * 1000, response_length=0)
-                    else:
-                        gaps.append(now - last)
-                        fire(request_type="ITL", name=route, response_time=gaps[-1] * 1000, response_length=0)
-                    last = now
-            if not done:
-                raise StreamError("the stream ended before [DONE]")
+                timings = read_stream(response.iter_lines(), start, on_text)
         except Exception as exc:  # noqa: BLE001 - every failure is reported to locust as this request's
             error = exc
         end = time.perf_counter()
@@ -169,14 +179,12 @@ class OpenAIStreamingUser(User):
             name=route,
             start_time=start_wall,
             response_time=(end - start) * 1000,
-            response_length=output_tokens,
+            response_length=timings.output_tokens if timings else 0,
             exception=error,
             context={},
         )
-        self.workload["samples"].append(
-            {"start": start, "end": end, "ok": error is None, "ttft": ttft, "itl": gaps, "tokens": output_tokens}
-        )
-
-
-def _content(choice: dict[str, Any]) -> str:
-    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+        sample: dict[str, Any] = {"start": start, "end": end, "ok": error is None}
+        if timings is not None:
+            sample |= {"ttft": timings.ttft, "itl": timings.itl, "prompt_tokens": timings.prompt_tokens}
+            sample["tokens"] = timings.output_tokens
+        self.state.samples.append(sample)

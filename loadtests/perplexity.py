@@ -43,12 +43,16 @@ def served_perplexity(
             response = client.post("/v1/completions", json=body)
             if response.status_code != 200:
                 raise RuntimeError(f"{url}/v1/completions answered {response.status_code}: {response.text[:300]}")
+            choices = response.json()["choices"]
+            if len(choices) != len(batch):
+                raise RuntimeError(f"{url}: {len(batch)} prompts scored, {len(choices)} choices answered")
             total = 0.0
-            for choice in response.json()["choices"]:
-                logprobs = choice["logprobs"]["token_logprobs"]
-                if len(logprobs) != windows.shape[1] or logprobs[0] is not None:
+            for choice in choices:
+                logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
+                if len(logprobs) != windows.shape[1] or None in logprobs[1:]:
                     raise RuntimeError(
-                        f"expected {windows.shape[1]} prompt logprobs (the first null), got {logprobs[:3]}..."
+                        f"{url}: expected {windows.shape[1]} prompt logprobs (all but the first numbers), "
+                        f"got {len(logprobs)}: {logprobs[:3]}..."
                     )
                 total -= sum(logprobs[1:])
             return total

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,9 @@ from pruning.report import finish_figure, pyplot
 
 COLUMNS = (
     "model", "balancing", "method", "level", "route_threshold", "users", "requests", "failures", "duration_s",
-    "requests_per_s", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
-    "e2e_p50_ms", "e2e_p99_ms", "peak_memory_mib", "weight_mib", "perplexity", "ppl_tokens",
+    "requests_per_s", "input_tokens_per_s", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
+    "itl_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "peak_memory_mib", "weight_mib",
+    "perplexity", "ppl_tokens",
 )  # fmt: skip
 
 
@@ -24,9 +26,15 @@ def write_tables(rows: list[dict[str, Any]], settings: dict[str, Any], out: Path
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
         writer.writerows({column: row[column] for column in COLUMNS} for row in rows)
-    (out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    table = {"settings": settings, "rows": [{k: _null_if_nan(v) for k, v in row.items()} for row in rows]}
+    (out / "results.json").write_text(json.dumps(table, indent=2, allow_nan=False) + "\n")
     (out / "results.md").write_text(markdown(rows))
     return [out / "results.csv", out / "results.md", out / "results.json"]
+
+
+def _null_if_nan(value: Any) -> Any:
+    """JSON has no NaN (a percentile of no values): null instead."""
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

@@ -3,23 +3,27 @@ lengths. Kept free of torch so that every locust process starts fast and stays s
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tokenizers import Tokenizer
 
 from corpus.splits import DEFAULT_CORPUS_DIR, read_split
+
+SPEC_FORMS = "N, A-B or lognormal:MEDIAN:SIGMA"
 
 
 @dataclass(frozen=True)
 class LengthDistribution:
     """Token lengths: fixed `N`, uniform `A-B` (inclusive), or `lognormal:MEDIAN:SIGMA` clipped to [1, 8 x median]."""
 
-    kind: str
-    a: float
-    b: float = 0.0
+    kind: Literal["fixed", "uniform", "lognormal"]
+    center: float  # the fixed length, the uniform low end, or the lognormal median
+    spread: float = 0.0  # the uniform high end, or the lognormal sigma
 
     @classmethod
     def parse(cls, text: str) -> LengthDistribution:
@@ -34,26 +38,30 @@ class LengthDistribution:
             else:
                 distribution = cls("fixed", int(spec))
         except ValueError:
-            raise ValueError(f"length distribution {text!r}: expected N, A-B or lognormal:MEDIAN:SIGMA") from None
-        if distribution.a < 1 or distribution.kind == "uniform" and distribution.b < distribution.a:
-            raise ValueError(f"length distribution {text!r}: lengths must be at least 1 and A <= B")
+            raise ValueError(f"length distribution {text!r}: expected {SPEC_FORMS}") from None
+        if not (math.isfinite(distribution.center) and math.isfinite(distribution.spread)):
+            raise ValueError(f"length distribution {text!r}: numbers must be finite")
+        if distribution.center < 1 or distribution.spread < 0:
+            raise ValueError(f"length distribution {text!r}: lengths must be at least 1, sigma at least 0")
+        if distribution.kind == "uniform" and distribution.spread < distribution.center:
+            raise ValueError(f"length distribution {text!r}: A must not exceed B")
         return distribution
 
     def sample(self, rng: random.Random) -> int:
         if self.kind == "fixed":
-            return int(self.a)
+            return int(self.center)
         if self.kind == "uniform":
-            return rng.randint(int(self.a), int(self.b))
-        value = self.a * math.exp(self.b * rng.gauss(0.0, 1.0))
-        return max(1, min(round(value), round(8 * self.a)))
+            return rng.randint(int(self.center), int(self.spread))
+        value = self.center * math.exp(self.spread * rng.gauss(0.0, 1.0))
+        return max(1, min(round(value), round(8 * self.center)))
 
     @property
     def mean(self) -> float:
         if self.kind == "fixed":
-            return self.a
+            return self.center
         if self.kind == "uniform":
-            return (self.a + self.b) / 2
-        return self.a * math.exp(self.b**2 / 2)  # unclipped
+            return (self.center + self.spread) / 2
+        return self.center * math.exp(self.spread**2 / 2)  # unclipped
 
 
 class PromptPool:
@@ -65,14 +73,14 @@ class PromptPool:
             raise FileNotFoundError(f"{tokenizer_file}: no tokenizer to cut prompts with")
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         encodings = self.tokenizer.encode_batch(read_split(split, corpus_dir), add_special_tokens=False)
-        self.documents = [e.ids for e in encodings if e.ids]
+        self.documents = sorted((e.ids for e in encodings if e.ids), key=len)  # shortest first
         if not self.documents:
             raise ValueError(f"the {split} split of {corpus_dir} has no text to cut prompts from")
-        self.longest = max(len(ids) for ids in self.documents)
+        self.lengths = [len(ids) for ids in self.documents]
 
     def prompt(self, num_tokens: int, rng: random.Random) -> str:
         """Text of about num_tokens tokens (fewer when no document is that long)."""
-        candidates = [ids for ids in self.documents if len(ids) >= num_tokens] or [max(self.documents, key=len)]
-        ids = rng.choice(candidates)
+        first_long_enough = min(bisect.bisect_left(self.lengths, num_tokens), len(self.documents) - 1)
+        ids = self.documents[rng.randrange(first_long_enough, len(self.documents))]
         start = rng.randint(0, max(0, len(ids) - num_tokens))
         return self.tokenizer.decode(ids[start : start + num_tokens])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.checkpoint import load_model
-from loadtests.locust_run import Workload
+from loadtests.locust_run import Workload, run_locust
 from loadtests.perplexity import served_perplexity
 from loadtests.sweep import ServerOptions, Setting, main, settings_grid, sweep
 from pruning.cache import CalibrationSpec
@@ -30,6 +30,20 @@ def test_perplexity_through_the_server_equals_the_offline_pass(tiny_model: Path)
         served = served_perplexity(server.url, tiny_model.name, windows, windows_per_request=4)
     assert served.tokens == offline.tokens == 6 * 127
     assert served.loss == pytest.approx(offline.loss, rel=1e-5)
+
+
+def test_a_locust_run_stops_at_its_request_budget(tiny_model: Path, tmp_path: Path) -> None:
+    workload = Workload(prompt_tokens="4-16", output_tokens="2-4", duration_s=120, max_requests=6, chat_share=0.5)
+    with launched(SERVER.args(tiny_model)) as server:
+        result = run_locust(server.url, 3, workload, tmp_path, tokenizer=tiny_model / "tokenizer.json")
+    assert (result.requests, result.failures) == (6, 0)
+    assert result.duration_s < 60 and result.output_tokens_per_s > 0 and result.ttft_ms[50] > 0
+    locust_stats = json.loads((tmp_path / "locust-u3-stats.json").read_text())  # locust's own statistics too
+    assert {(e["method"], e["name"]) for e in locust_stats} >= {
+        ("POST", "/v1/completions"),
+        ("TTFT", "/v1/completions"),
+    }
+    assert sum(e["num_requests"] for e in locust_stats if e["method"] == "POST") == 6
 
 
 def test_short_sweep_writes_rows_with_throughput_and_perplexity_and_a_plot(tiny_model: Path, tmp_path: Path) -> None:

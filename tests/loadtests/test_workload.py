@@ -23,7 +23,7 @@ def test_lengths_stay_in_their_distribution(spec: str, low: int, high: int) -> N
         assert len(set(draws)) > 10
 
 
-@pytest.mark.parametrize("spec", ["", "0", "32-8", "abc", "lognormal:50", "5-x"])
+@pytest.mark.parametrize("spec", ["", "0", "32-8", "abc", "lognormal:50", "5-x", "lognormal:inf:1", "lognormal:9:-1"])
 def test_bad_length_specs_name_the_input(spec: str) -> None:
     with pytest.raises(ValueError, match="length distribution"):
         LengthDistribution.parse(spec)
@@ -45,13 +45,15 @@ def test_missing_tokenizer_is_named(tmp_path: Path) -> None:
 
 def test_summary_counts_only_successes_over_the_whole_span() -> None:
     samples = [
-        {"start": 0.0, "end": 1.0, "ok": True, "ttft": 0.1, "itl": [0.01, 0.03], "tokens": 10},
-        {"start": 0.5, "end": 2.0, "ok": True, "ttft": 0.3, "itl": [0.02], "tokens": 30},
-        {"start": 1.0, "end": 4.0, "ok": False, "ttft": None, "itl": [], "tokens": 0},
+        {"start": 0.0, "end": 1.0, "ok": True, "ttft": 0.1, "itl": [0.01, 0.03], "tokens": 10, "prompt_tokens": 6},
+        {"start": 0.5, "end": 2.0, "ok": True, "ttft": 0.3, "itl": [0.02], "tokens": 31, "prompt_tokens": 2},
+        {"start": 1.0, "end": 4.0, "ok": False},
     ]
     result = summarize(samples, users=2)
     assert (result.requests, result.failures, result.duration_s) == (2, 1, 4.0)
-    assert result.requests_per_s == 0.5 and result.output_tokens_per_s == 10.0
+    assert result.requests_per_s == 0.5 and result.output_tokens_per_s == 10.25 and result.input_tokens_per_s == 2.0
+    # Time per output token after the first: 0.9 s / 9 tokens and 1.2 s / 30 tokens.
+    assert result.tpot_ms[50] == pytest.approx((100.0 + 40.0) / 2)
     assert result.ttft_ms[50] == pytest.approx(200.0) and result.itl_ms[50] == pytest.approx(20.0)
     assert result.e2e_ms[99] == pytest.approx(1495.0)
     with pytest.raises(RuntimeError, match="no request successfully"):
