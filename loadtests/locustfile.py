@@ -2,8 +2,8 @@
 clients do, reporting per request type:
 
   POST /v1/completions, POST /v1/chat/completions   end-to-end time; "size" = output tokens (from `usage`)
-  TTFT <route>                                       request sent to first content chunk
-  ITL <route>                                        gap between consecutive content chunks
+  TTFT <route>                                       request sent to the first chunk carrying a token
+  ITL <route>                                        gap between consecutive chunks carrying tokens
 
 Headless:
   locust -f loadtests/locustfile.py --headless -u 8 -r 8 -t 60s --host http://127.0.0.1:8000 \
@@ -159,7 +159,7 @@ class OpenAIStreamingUser(User):
     def _stream(self, route: str, body: dict[str, Any]) -> None:
         fire = self.environment.events.request.fire
 
-        def on_text(kind: str, seconds: float) -> None:
+        def on_token(kind: str, seconds: float) -> None:
             fire(request_type=kind, name=route, response_time=seconds * 1000, response_length=0)
 
         start_wall, start = time.time(), time.perf_counter()
@@ -170,7 +170,7 @@ class OpenAIStreamingUser(User):
             ) as response:
                 if response.status_code != 200:
                     raise StreamError(f"{response.status_code}: {response.text[:300]}")
-                timings = read_stream(response.iter_lines(), start, on_text)
+                timings = read_stream(response.iter_lines(), start, on_token)
         except Exception as exc:  # noqa: BLE001 - every failure is reported to locust as this request's
             error = exc
         end = time.perf_counter()

@@ -1,5 +1,5 @@
-"""Reading one OpenAI server-sent event stream as a load-test client: when text arrived, and how many tokens the
-server says it produced. Free of locust (importing locust patches the process for gevent), so tests read it too."""
+"""Reading one OpenAI server-sent event stream as a load-test client: when tokens arrived, and how many the server
+says it produced. Free of locust (importing locust patches the process for gevent), so tests read it too."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class StreamError(Exception):
 
 @dataclass
 class StreamTimings:
-    """Seconds from the request to its first text (TTFT), and between texts (inter-token latencies)."""
+    """Seconds from the request to its first token's chunk (TTFT), and between token chunks (inter-token latencies)."""
 
     ttft: float | None = None
     itl: list[float] = field(default_factory=list)
@@ -26,11 +26,12 @@ class StreamTimings:
 def read_stream(
     lines: Iterable[bytes],
     start: float,
-    on_text: Callable[[str, float], None] | None = None,
+    on_token: Callable[[str, float], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> StreamTimings:
-    """Consume an SSE body to its end; on_text("TTFT" | "ITL", seconds) is told of each chunk with text. Raises
-    StreamError on an error event, or a stream that ends without [DONE] or without usage."""
+    """Consume an SSE body to its end; on_token("TTFT" | "ITL", seconds) is told of each chunk that carries a token
+    (as vLLM's benchmarks count them: its text may be empty while the server holds back an incomplete character).
+    Raises StreamError on an error event, or a stream that ends without [DONE] or without usage."""
     timings = StreamTimings()
     last: float | None = None
     done = usage = False
@@ -48,7 +49,7 @@ def read_stream(
             usage = True
             timings.prompt_tokens = chunk["usage"]["prompt_tokens"]
             timings.output_tokens = chunk["usage"]["completion_tokens"]
-        if not any(_text(choice) for choice in chunk.get("choices") or []):
+        if not any(_carries_token(choice) for choice in chunk.get("choices") or []):
             continue
         now = clock()
         if last is None:
@@ -57,8 +58,8 @@ def read_stream(
         else:
             timings.itl.append(now - last)
             kind, seconds = "ITL", timings.itl[-1]
-        if on_text is not None:
-            on_text(kind, seconds)
+        if on_token is not None:
+            on_token(kind, seconds)
         last = now
     if not done:
         raise StreamError("the stream ended before [DONE]")
@@ -67,5 +68,7 @@ def read_stream(
     return timings
 
 
-def _text(choice: dict) -> str:
-    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+def _carries_token(choice: dict) -> bool:
+    """A completion chunk's choice always does; a chat chunk's does unless it only opens (role) or closes it."""
+    delta = choice.get("delta")
+    return "text" in choice if delta is None else "content" in delta and "role" not in delta

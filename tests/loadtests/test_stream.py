@@ -26,16 +26,18 @@ def ticking(times: list[float]) -> Iterator[float]:
     yield from times
 
 
-def test_timings_come_from_chunks_with_text_and_tokens_from_usage() -> None:
-    clock = ticking([1.25, 1.5, 2.0])
+def test_timings_come_from_token_chunks_and_token_counts_from_usage() -> None:
+    clock = ticking([1.25, 1.5, 2.0, 2.25])
     seen: list[tuple[str, float]] = []
     chat_role = event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
     chat_text = event({"choices": [{"index": 0, "delta": {"content": "Hi"}}]})
-    lines = [chat_role, b"", completion("a"), b": keep-alive", chat_text, completion("c"), USAGE, b"", DONE, b""]
-    timings = read_stream(lines, start=1.0, on_text=lambda kind, s: seen.append((kind, s)), clock=lambda: next(clock))
-    assert timings.ttft == 0.25 and timings.itl == [0.25, 0.5]
+    chat_end = event({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+    held_back = completion("")  # a token whose text waits for the rest of its character
+    lines = [chat_role, b"", completion("a"), b": keep", chat_text, held_back, completion("c"), chat_end, USAGE, DONE]
+    timings = read_stream(lines, start=1.0, on_token=lambda kind, s: seen.append((kind, s)), clock=lambda: next(clock))
+    assert timings.ttft == 0.25 and timings.itl == [0.25, 0.5, 0.25]
     assert (timings.prompt_tokens, timings.output_tokens) == (7, 3)
-    assert seen == [("TTFT", 0.25), ("ITL", 0.25), ("ITL", 0.5)]
+    assert seen == [("TTFT", 0.25), ("ITL", 0.25), ("ITL", 0.5), ("ITL", 0.25)]
 
 
 def test_data_lines_without_a_space_are_read() -> None:
