@@ -54,10 +54,15 @@ def launched(args: list[str], ready_timeout: float = 120.0, **popen: Any) -> Ite
         wait_ready(server.url, ready_timeout, process)
         yield server
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process, 60.0)
+
+
+def stop(process: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within timeout seconds: nothing outlives its test."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

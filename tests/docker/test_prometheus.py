@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from server.launch import LaunchedServer, free_port, launched
+from server.launch import LaunchedServer, free_port, launched, stop
 from tests.docker.deploy_files import (
     DEPLOY_DOC,
     LABEL_VALUES,
@@ -168,12 +168,7 @@ def prometheus(server: LaunchedServer, tmp_path_factory: pytest.TempPathFactory)
         wait_for(url, "moe_serve_generation_tokens_total", final_value(metrics, "moe_serve_generation_tokens_total"))
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, 10.0)
 
 
 def resolve_variables(prometheus: str, dashboard: dict[str, Any]) -> dict[str, str]:
