@@ -1,4 +1,5 @@
-"""One headless locust run of loadtests/locustfile.py in its own process, read back from its JSON stats."""
+"""One headless locust run of loadtests/locustfile.py in its own process, summarized from the per-request timings
+it writes."""
 
 from __future__ import annotations
 
@@ -74,11 +75,13 @@ def run_locust(
     if tokenizer is not None:
         command += ["--tokenizer", str(tokenizer)]
     log = out_dir / f"locust-u{users}.log"
-    with open(log, "w") as log_file:
-        # Locust's own limit ends the run; this bound only catches a locust that hangs on its way out.
-        finished = subprocess.run(
-            command, check=False, stdout=log_file, stderr=subprocess.STDOUT, timeout=workload.duration_s + 120
-        )
+    # Locust's own limits end the run; this bound only catches a locust that hangs on its way out.
+    limit = workload.duration_s + workload.stop_timeout_s + 60
+    try:
+        with open(log, "w") as log_file:
+            finished = subprocess.run(command, check=False, stdout=log_file, stderr=subprocess.STDOUT, timeout=limit)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"locust ran past {limit} s and was killed; see {log}") from None
     if finished.returncode not in (0, 1):  # 1: some requests failed, which the result reports
         raise RuntimeError(f"locust exited with status {finished.returncode}; see {log}")
     if not samples_file.is_file():

@@ -16,6 +16,7 @@ stretches of the corpus's test split cut to a drawn token length; outputs run to
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
@@ -57,6 +58,12 @@ def _add_arguments(parser: Any) -> None:
     group.add_argument("--samples-file", default="", help="write every request's timings here as JSON at the end")
 
 
+@functools.cache
+def _prompt_pool(tokenizer: str) -> PromptPool:
+    """Tokenizing the test split once per process: the option check at start and every run share it."""
+    return PromptPool(Path(tokenizer))
+
+
 @dataclass
 class RunState:
     """What this locust process's users share during one run."""
@@ -71,7 +78,7 @@ class RunState:
     @classmethod
     def from_options(cls, options: Any) -> RunState:
         return cls(
-            PromptPool(Path(options.tokenizer)),
+            _prompt_pool(options.tokenizer),
             LengthDistribution.parse(options.prompt_tokens),
             LengthDistribution.parse(options.output_tokens),
         )
