@@ -1,12 +1,28 @@
-"""moe-serve's engine: load Hugging Face MoE checkpoints and generate with continuous batching."""
+"""moe-serve's engine: load Hugging Face MoE checkpoints and generate with continuous batching.
 
-from engine.config import CheckpointError, ModelConfig, RouterBalancing
-from engine.llm import LLM
-from engine.llm_engine import EngineConfig, LLMEngine
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
-from engine.routing import RoutingPolicy
-from engine.sampling_params import InvalidRequestError, SamplingParams
+Names are imported on first use, so that light modules (sampling parameters, request limits, the tokenizer)
+can be used without importing torch: the server's request workers read them and nothing else.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "LLM": "engine.llm",
+    "CheckpointError": "engine.config",
+    "CompletionOutput": "engine.outputs",
+    "EngineConfig": "engine.llm_engine",
+    "InvalidRequestError": "engine.sampling_params",
+    "LLMEngine": "engine.llm_engine",
+    "Logprob": "engine.outputs",
+    "ModelConfig": "engine.config",
+    "RequestOutput": "engine.outputs",
+    "RouterBalancing": "engine.config",
+    "RoutingPolicy": "engine.routing",
+    "SamplingParams": "engine.sampling_params",
+}
 __all__ = [
     "LLM",
     "CheckpointError",
@@ -21,3 +37,17 @@ __all__ = [
     "RoutingPolicy",
     "SamplingParams",
 ]
+
+if TYPE_CHECKING:
+    from engine.config import CheckpointError, ModelConfig, RouterBalancing
+    from engine.llm import LLM
+    from engine.llm_engine import EngineConfig, LLMEngine
+    from engine.outputs import CompletionOutput, Logprob, RequestOutput
+    from engine.routing import RoutingPolicy
+    from engine.sampling_params import InvalidRequestError, SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

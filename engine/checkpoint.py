@@ -167,7 +167,8 @@ def _missing_name(param: str, shape: tuple[int, ...], pieces: set[tuple[int | No
 def load_model(
     path: str | Path, dtype: torch.dtype, device: torch.device, config: ModelConfig | None = None
 ) -> MoEForCausalLM:
-    """Build the model of a checkpoint directory on `device` in `dtype`; CheckpointError on any defect.
+    """Build the model of a checkpoint directory on `device` in `dtype`; CheckpointError on any defect, NaN and
+    infinite weights included (checked as each tensor is read).
 
     `config` skips re-reading config.json when the caller has already parsed it.
     """
@@ -193,7 +194,14 @@ def load_model(
         for file, names in by_file.items():
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for name in names:
-                    _copy_into(params[plan[name].param], plan[name], handle.get_tensor(name))
+                    tensor = handle.get_tensor(name)
+                    if not bool(torch.isfinite(tensor).all()):
+                        bad = int((~torch.isfinite(tensor)).sum())
+                        raise CheckpointError(
+                            f"{file}: tensor {name} holds {bad} NaN or infinite values of {tensor.numel()}; "
+                            "refusing to serve it"
+                        )
+                    _copy_into(params[plan[name].param], plan[name], tensor)
     return model
 
 

@@ -19,6 +19,7 @@ from engine.attention import DenseCausal
 from engine.block_manager import BlockManager
 from engine.checkpoint import load_model
 from engine.config import CheckpointError, ModelConfig
+from engine.limits import check_request
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from engine.moe import PendingSnapshot, select_backend
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
@@ -26,11 +27,10 @@ from engine.routing import RoutingPolicy
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.stop_strings import StopStrings
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
-
-MAX_LOGPROBS = 20
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -224,7 +224,8 @@ class LLMEngine:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate(token_ids, params)
+        check_request(token_ids, params, self.model.config.vocab_size, self.max_model_len)
+        stop_strings = StopStrings(params.stop) if params.stop else None
         max_output = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(token_ids)
         seqs = []
         for index in range(params.n):
@@ -232,35 +233,13 @@ class LLMEngine:
             if params.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
             detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
-            seq = Sequence(request_id, index, token_ids, params, detokenizer, max_output, generator)
+            seq = Sequence(request_id, index, token_ids, params, detokenizer, max_output, generator, stop_strings)
             if seq.wants_prompt_logprobs:
                 seq.prompt_logprobs = [None]
             seqs.append(seq)
         self.requests[request_id] = _Request(text, token_ids, seqs, RequestMetrics(arrival_time=time.monotonic()))
         for seq in seqs:
             self.scheduler.add(seq)
-
-    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        if not token_ids:
-            raise InvalidRequestError("prompt must contain at least one token")
-        vocab = self.model.config.vocab_size
-        bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary (0..{vocab - 1})")
-        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"stop_token_ids holds {bad}, outside the vocabulary (0..{vocab - 1})")
-        most = min(MAX_LOGPROBS, vocab)
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name)
-            if value is not None and value > most:
-                raise InvalidRequestError(f"{name} must be at most {most}, got {value}")
-        wanted = len(token_ids) + (params.max_tokens if params.max_tokens is not None else 1)
-        if wanted > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) is {wanted} tokens, "
-                f"more than the maximum context length of {self.max_model_len}"
-            )
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks; unknown ids are ignored."""
@@ -317,29 +296,38 @@ class LLMEngine:
         piece = seq.detokenizer.add(token)
         params = seq.params
         past_min = seq.num_output_tokens >= params.min_tokens
+        stop_hit = self._stop_string_hit(seq, piece, past_min)
         if past_min and not params.ignore_eos and token in self.tokenizer.eos_token_ids:
             self.scheduler.finish(seq, "stop")
         elif past_min and token in params.stop_token_ids:
             seq.stop_reason = token
             self.scheduler.finish(seq, "stop")
-        elif past_min and params.stop and self._hit_stop_string(seq, len(piece)):
+        elif stop_hit is not None:
+            end, stop = stop_hit
+            text = seq.detokenizer.text
+            end += len(text) - len(piece)
+            seq.stop_reason = stop
+            seq.output_text = text[:end] if params.include_stop_str_in_output else text[: end - len(stop)]
             self.scheduler.finish(seq, "stop")
         elif seq.num_output_tokens >= seq.max_output_tokens or seq.num_tokens >= self.max_model_len:
             self.scheduler.finish(seq, "length")
         if not isinstance(seq.stop_reason, str):
             seq.output_text = seq.detokenizer.text
 
-    def _hit_stop_string(self, seq: Sequence, new_chars: int) -> bool:
-        """Find a stop string that the newest characters complete (each searched only as far back as it needs)."""
-        text = seq.detokenizer.text
-        hits = [(text.find(s, max(0, len(text) - new_chars - len(s) + 1)), s) for s in seq.params.stop]
-        hits = [(pos, s) for pos, s in hits if pos >= 0]
-        if not hits:
-            return False
-        pos, stop = min(hits)
-        seq.stop_reason = stop
-        seq.output_text = text[: pos + len(stop)] if seq.params.include_stop_str_in_output else text[:pos]
-        return True
+    @staticmethod
+    def _stop_string_hit(seq: Sequence, piece: str, past_min: bool) -> tuple[int, str] | None:
+        """Feed the newest text to the sequence's stop-string automaton (always, so that a stop string begun
+        before min_tokens is still found after it); the first hit once past min_tokens, as (characters of
+        piece up to its end, the stop string)."""
+        if seq.stop_strings is None:
+            return None
+        consumed = 0
+        while consumed < len(piece):
+            seq.stop_state, used, stop = seq.stop_strings.feed(seq.stop_state, piece[consumed:])
+            consumed += used
+            if stop is not None and past_min:
+                return consumed, stop
+        return None
 
     def _request_output(self, request_id: str, now: float) -> RequestOutput:
         request = self.requests[request_id]

@@ -10,7 +10,12 @@ INT64_MAX = 2**63 - 1
 
 
 class InvalidRequestError(ValueError):
-    """A request the engine can never run; the message names the field (a server answers 400)."""
+    """A request the engine can never run; the message names the field, and `param` is that field's name when
+    there is one (a server answers 400 with it)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -63,7 +68,7 @@ class SamplingParams:
         ]
         for ok, name, message in checks:
             if not ok:
-                raise InvalidRequestError(f"SamplingParams.{name} {message}, got {getattr(self, name)!r}")
+                raise InvalidRequestError(f"SamplingParams.{name} {message}, got {getattr(self, name)!r}", name)
 
     @property
     def greedy(self) -> bool:

@@ -8,6 +8,7 @@ import torch
 
 from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
+from engine.stop_strings import StopStrings
 from engine.tokenizer import IncrementalDetokenizer
 
 
@@ -32,6 +33,7 @@ class Sequence:
         detokenizer: IncrementalDetokenizer,
         max_output_tokens: int,
         generator: torch.Generator | None = None,
+        stop_strings: StopStrings | None = None,
     ) -> None:
         self.request_id = request_id
         self.index = index
@@ -54,6 +56,8 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None
         self.generator = generator
+        self.stop_strings = stop_strings  # shared by a request's sequences; each keeps its own state
+        self.stop_state = 0
 
     @property
     def num_tokens(self) -> int:

@@ -183,6 +183,18 @@ def break_integer_weights(path: Path) -> None:
     _save(path, tensors)
 
 
+def break_nan_lm_head(path: Path) -> None:
+    tensors = _tensors(path)
+    tensors["lm_head.weight"] = torch.full_like(tensors["lm_head.weight"], float("nan"))
+    _save(path, tensors)
+
+
+def break_inf_expert(path: Path) -> None:
+    tensors = _tensors(path)
+    tensors["model.layers.2.mlp.experts.1.down_proj.weight"][0, 0] = float("inf")
+    _save(path, tensors)
+
+
 BAD_CHECKPOINTS = [
     (break_missing_dir, r"model directory does not exist"),
     (break_missing_config, r"config\.json: config\.json is missing"),
@@ -201,6 +213,8 @@ BAD_CHECKPOINTS = [
     (break_index_escape, r"index\.json: tensor x maps to '\.\./model\.safetensors'; expected a file name in"),
     (break_index_types, r"index\.json: 'weight_map' must be a non-empty object"),
     (break_integer_weights, r"tensor model\.norm\.weight has dtype I64, expected a floating-point dtype"),
+    (break_nan_lm_head, r"model\.safetensors: tensor lm_head\.weight holds \d+ NaN or infinite values"),
+    (break_inf_expert, r"tensor model\.layers\.2\.mlp\.experts\.1\.down_proj\.weight holds 1 NaN or infinite"),
 ]
 
 
