@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.outputs import RequestOutput
-from server.engine_process import EngineStats
+from server.engine_messages import EngineStats
 
 
 @dataclass(frozen=True)

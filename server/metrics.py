@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from engine.config import ModelConfig
 from engine.outputs import RequestOutput
-from server.engine_process import EngineStats
+from server.engine_messages import EngineStats
 from server.expert_load import ExpertLoadMonitor, layer_balance
 
 # The `_created` companion series double the exposition and no dashboard reads them (process-wide setting).

@@ -17,7 +17,7 @@ from engine import LLM, CheckpointError, InvalidRequestError, SamplingParams
 from engine.llm_engine import EngineConfig
 from engine.outputs import RequestOutput
 from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
-from server.engine_process import EngineStats
+from server.engine_messages import EngineStats
 from tests.conftest import copy_checkpoint
 
 PROMPTS = [f"Prompt number {i} says" for i in range(24)]

@@ -1,0 +1,137 @@
+"""The typed messages between the HTTP process and the engine process, one dataclass per kind.
+
+They travel pickled over one duplex pipe, in order. Each side dispatches on the message's type through a
+table of handlers, so adding a message is a dataclass and a table line, not another branch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.sampling_params import SamplingParams
+from server.output_delta import OutputDelta
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the HTTP side needs to know about the loaded engine."""
+
+    max_model_len: int
+    dtype: str
+    device: str
+    num_kv_blocks: int
+    pid: int
+    weight_bytes: int  # parameters resident on the device
+    released_expert_bytes: int  # expert weights freed because no routing policy reaches them
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's state after a step (or when idle): what gauges and the expert-load monitor read."""
+
+    num_step_tokens: int  # tokens run through the model in the step (0 when idle)
+    num_running: int  # sequences
+    num_waiting: int
+    num_requests: int  # requests the engine holds
+    kv_cache_usage: float
+    num_preemptions: int
+    peak_memory_bytes: int = 0  # see LLMEngine.peak_memory_bytes
+    expert_counts: np.ndarray | None = None  # routed tokens per [layer, expert], when a read landed
+
+
+# ----- to the engine -----
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    """A request already tokenized and checked by the HTTP process: the engine sees token ids only."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class AbortAll:
+    pass
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """Report exact figures now if idle (answered with Refreshed)."""
+
+    query: int
+
+
+@dataclass(frozen=True)
+class Exit:
+    pass
+
+
+ToEngine = AddRequest | AbortRequest | AbortAll | Refresh | Exit
+
+
+# ----- from the engine -----
+
+
+@dataclass(frozen=True)
+class Loaded:
+    info: EngineInfo
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    kind: str  # the exception's class name, raised again on the HTTP side
+    message: str
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Warm-up is done."""
+
+
+@dataclass(frozen=True)
+class Added:
+    """The engine's answer to AddRequest: error is None, or (kind, message) with kind "invalid" or "error"."""
+
+    request_id: str
+    error: tuple[str, str] | None
+
+
+@dataclass(frozen=True)
+class StepDone:
+    deltas: list[OutputDelta]
+    stats: EngineStats
+
+
+@dataclass(frozen=True)
+class Idle:
+    stats: EngineStats
+
+
+@dataclass(frozen=True)
+class Refreshed:
+    query: int
+    stats: EngineStats | None  # None when the engine was busy
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Sent at least every HEARTBEAT_INTERVAL_S while the engine loop is idle (a busy loop's steps count too)."""
+
+
+@dataclass(frozen=True)
+class Dead:
+    message: str
+
+
+FromEngine = Loaded | LoadFailed | Ready | Added | StepDone | Idle | Refreshed | Heartbeat | Dead
+
+HEARTBEAT_INTERVAL_S = 0.5
