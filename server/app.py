@@ -1,19 +1,22 @@
 """The FastAPI application: OpenAI-compatible generation, health, metrics and expert load over one engine.
 
-A request's path: the route validates its body (protocol), the completion or chat service submits it to the
-AsyncEngine (the engine process batches it with every other live request) and turns the outputs into a
-response or a stream of server-sent events; the metrics observer watches each engine step.
+A request's path: the middleware checks host, key and body size; the route reads the body and hands it to
+a request worker (server/preprocess.py), which parses, validates, renders and tokenizes it off the event loop;
+the completion or chat service admits it to the AsyncEngine (the engine process batches it with every other
+live request) and turns the outputs into a response or a stream of server-sent events; the metrics observer
+watches each engine step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.message
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -24,18 +27,19 @@ from pydantic import BaseModel
 from engine.outputs import RequestOutput
 from server.async_engine import AsyncEngine
 from server.chat import ChatService
-from server.chat_template import ChatTemplate
 from server.completions import CompletionService
 from server.errors import APIError, ending_with_error_event, install_error_handlers
 from server.expert_load import ExpertLoadMonitor, layer_balance
 from server.metrics import ServerMetrics
 from server.middleware import ServerMiddleware
+from server.openapi import AUTH_ERRORS, GENERATION_ERRORS, generation_responses, install_openapi, request_body
+from server.preprocess import ModelBounds, PreparedRequest, Preprocessor
 from server.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
-    ErrorResponse,
     ExpertLoadResponse,
     HealthResponse,
     LayerLoad,
@@ -43,42 +47,21 @@ from server.protocol import (
     ModelCard,
     ModelList,
 )
+from server.request_limits import RequestLimits
 from server.streams import EventStreamResponse, Stream, cancel_on_disconnect, close_all
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        400: "Invalid parameters, malformed JSON, or a prompt too long for the context",
-        401: "Missing or wrong API key (when the server has one)",
-        404: "Unknown model name",
-        413: "Body larger than the server accepts",
-        503: "Waiting queue full (retry after Retry-After seconds) or server shutting down",
-    }.items()
-}
-AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: ERRORS[401]}
-STREAMING: dict[int | str, dict[str, Any]] = {
-    200: {
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-        "description": "JSON, or server-sent events (`data: {chunk}` lines, then `data: [DONE]`) when stream is true",
-    }
-}
 
+class GenerationService(Protocol):
+    """What completions and chat have in common: start a prepared request, then answer it whole or as a stream."""
 
-Body = TypeVar("Body", CompletionRequest, ChatCompletionRequest)
-Body_contra = TypeVar("Body_contra", CompletionRequest, ChatCompletionRequest, contravariant=True)
-
-
-class GenerationService(Protocol[Body_contra]):
-    """What completions and chat have in common: start a request, then answer it whole or as a stream."""
-
-    async def start(self, request: Body_contra) -> tuple[str, list[RequestOutput], list[Stream]]: ...
+    async def start(self, prepared: PreparedRequest) -> tuple[str, list[RequestOutput], list[Stream]]: ...
 
     async def complete(
-        self, request: Body_contra, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
+        self, request: Any, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
     ) -> BaseModel: ...
 
     def stream(
-        self, request: Body_contra, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
+        self, request: Any, request_id: str, firsts: list[RequestOutput], streams: list[Stream]
     ) -> AsyncGenerator[str, None]: ...
 
 
@@ -94,6 +77,10 @@ class ServerSettings:
     per_expert_series: bool | None = None  # None: on unless layers x experts is large
     expert_window_s: float = 60.0
     pruning_labels: dict[str, str] = field(default_factory=dict)  # pruning settings, for the model-info metric
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    request_workers: int = 2
+    allowed_hosts: frozenset[str] | None = None  # None: any Host header
+    body_timeout_s: float = 30.0
 
 
 def model_info(engine: AsyncEngine, settings: ServerSettings) -> dict[str, str]:
@@ -116,8 +103,13 @@ def model_info(engine: AsyncEngine, settings: ServerSettings) -> dict[str, str]:
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
-    """The app for one started engine; the app's lifespan stops the engine at the end."""
+    """The app for one started engine: starts the request workers (a chat template that cannot render refuses
+    here, with ChatTemplateError); the app's lifespan stops both at the end."""
     config = engine.model_config
+    bounds = ModelBounds(settings.model_name, config.vocab_size, engine.info.max_model_len, engine.capacity)
+    preprocessor = Preprocessor(
+        settings.model_path, settings.limits, bounds, settings.request_workers, max_pending=engine.capacity
+    )
     monitor = ExpertLoadMonitor(config.num_layers, config.num_experts, settings.expert_window_s)
     metrics = ServerMetrics(
         settings.model_name,
@@ -130,22 +122,17 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         engine.info.released_expert_bytes,
     )
     engine.observers += [metrics, monitor]
-    template = ChatTemplate.from_model_dir(settings.model_path, engine.tokenizer.tokenizer_config)
-    completions_service = CompletionService(engine, settings.model_name)
-    chat_service = ChatService(engine, settings.model_name, template)
-    started_at = time.time()
+
+    def stop(grace: float) -> None:
+        preprocessor.shutdown()
+        engine.shutdown(grace, settings.shutdown_grace_s + 10)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            await asyncio.to_thread(engine.shutdown, 0.0, settings.shutdown_grace_s + 10)
-
-    def drain() -> None:
-        """Refuse new requests, give in-flight ones the grace period, abort the rest (their streams end with an
-        error event) and stop the engine; called as soon as the HTTP server starts shutting down."""
-        engine.shutdown(settings.shutdown_grace_s, settings.shutdown_grace_s + 10)
+            await asyncio.to_thread(stop, 0.0)
 
     app = FastAPI(
         title="moe-serve",
@@ -153,38 +140,68 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.state.drain = drain
+    # Refuse new requests, give in-flight ones the grace period, abort the rest (their streams end with an error
+    # event) and stop the engine: called as soon as the HTTP server starts shutting down.
+    app.state.drain = lambda: stop(settings.shutdown_grace_s)
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(
         ServerMiddleware,
         api_key=settings.api_key,
         max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        allowed_hosts=settings.allowed_hosts,
         count=lambda method, route, status: metrics.observe_http(method, route, status),
     )
+    _add_health_routes(app, engine, metrics)
+    _add_generation_routes(app, engine, settings, preprocessor)
+    _add_expert_routes(app, engine, settings, metrics, monitor)
+    return app
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != settings.model_name:
-            raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
 
+def _add_health_routes(app: FastAPI, engine: AsyncEngine, metrics: ServerMetrics) -> None:
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def health() -> Any:
-        """Alive: the engine process runs."""
-        if not engine.is_alive:
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
-        return HealthResponse(status="ok")
+        """Alive: the engine process runs and has been heard from within its heartbeat bound (answered at once,
+        without asking the engine)."""
+        state = engine.health()
+        body = HealthResponse(status=state.status, engine_silent_s=round(state.seconds_since_heard, 3))
+        return body if state.healthy else JSONResponse(body.model_dump(), status_code=503)
 
     @app.get("/ready", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     async def ready() -> Any:
-        """Ready: the model is loaded and warmed up, and the engine runs."""
-        if not engine.is_alive or not engine.ready.is_set():
-            return JSONResponse({"status": "warming up" if engine.is_alive else "engine stopped"}, status_code=503)
-        return HealthResponse(status="ready")
+        """Ready: the model is loaded and warmed up, and the engine is healthy."""
+        state = engine.health()
+        silent = round(state.seconds_since_heard, 3)
+        if not state.healthy or not engine.ready.is_set():
+            status = state.status if not state.healthy else "warming up"
+            return JSONResponse(HealthResponse(status=status, engine_silent_s=silent).model_dump(), status_code=503)
+        return HealthResponse(status="ready", engine_silent_s=silent)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     async def prometheus_metrics() -> Response:
         """Prometheus text exposition: serving metrics and expert load."""
         await engine.refresh()
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_generation_routes(
+    app: FastAPI, engine: AsyncEngine, settings: ServerSettings, preprocessor: Preprocessor
+) -> None:
+    completions_service = CompletionService(engine, settings.model_name)
+    chat_service = ChatService(engine, settings.model_name)
+    started_at = time.time()
+
+    async def respond(service: GenerationService, kind: str, request: Request) -> Any:
+        """Prepare the body in a worker, start the request (errors answer before any response), then stream it
+        or wait for the whole answer; a client that leaves in any phase has its work cancelled or aborted."""
+        body = await _json_body(request)
+        prepared = await cancel_on_disconnect(request, preprocessor.prepare(kind, body))
+        request_id, firsts, streams = await cancel_on_disconnect(request, service.start(prepared))
+        if prepared.body.stream:
+            events = ending_with_error_event(service.stream(prepared.body, request_id, firsts, streams))
+            return EventStreamResponse(events, on_close=lambda: close_all(streams))
+        return await cancel_on_disconnect(request, service.complete(prepared.body, request_id, firsts, streams))
 
     @app.get("/v1/models", response_model=ModelList, responses=AUTH_ERRORS)
     async def models() -> ModelList:
@@ -196,25 +213,46 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         )
         return ModelList(data=[card])
 
-    async def respond(service: GenerationService[Body], body: Body, request: Request) -> Any:
-        """Start the request (errors answer before any response), then stream it or wait for the whole answer;
-        a client that leaves in either phase has its requests aborted."""
-        check_model(body.model)
-        request_id, firsts, streams = await cancel_on_disconnect(request, service.start(body))
-        if body.stream:
-            events = ending_with_error_event(service.stream(body, request_id, firsts, streams))
-            return EventStreamResponse(events, on_close=lambda: close_all(streams))
-        return await cancel_on_disconnect(request, service.complete(body, request_id, firsts, streams))
-
-    @app.post("/v1/completions", response_model=CompletionResponse, responses={**ERRORS, **STREAMING})
-    async def completions(body: CompletionRequest, request: Request) -> Any:
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses={**GENERATION_ERRORS, **generation_responses(CompletionResponse)},
+        openapi_extra=request_body(CompletionRequest),
+    )
+    async def completions(request: Request) -> Any:
         """Text completion, OpenAI's legacy endpoint (with vLLM's sampling extras)."""
-        return await respond(completions_service, body, request)
+        return await respond(completions_service, "completion", request)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**ERRORS, **STREAMING})
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses={**GENERATION_ERRORS, **generation_responses(ChatCompletionChunk)},
+        openapi_extra=request_body(ChatCompletionRequest),
+    )
+    async def chat_completions(request: Request) -> Any:
         """Chat completion: messages rendered with the model's chat template (or the plain default)."""
-        return await respond(chat_service, body, request)
+        return await respond(chat_service, "chat", request)
+
+
+async def _json_body(request: Request) -> bytes:
+    """The body of a JSON request (no Content-Type is taken as JSON, as FastAPI does); 415 for other types,
+    which also keeps browsers' form posts from other sites out."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None:
+        parsed = email.message.Message()
+        parsed["content-type"] = content_type
+        subtype = parsed.get_content_subtype()
+        if parsed.get_content_maintype() != "application" or not (subtype == "json" or subtype.endswith("+json")):
+            raise APIError(415, f"Content-Type must be application/json, got {content_type!r}",
+                           code="unsupported_media_type")  # fmt: skip
+    return await request.body()
+
+
+def _add_expert_routes(
+    app: FastAPI, engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics, monitor: ExpertLoadMonitor
+) -> None:
+    config = engine.model_config
+    started_at = time.time()
 
     def period(counts: np.ndarray, since: float) -> LoadPeriod:
         layers = metrics.moe_layers
@@ -256,5 +294,3 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         await engine.refresh()
         monitor.reset()
         return await expert_load()
-
-    return app

@@ -9,8 +9,8 @@ from collections.abc import AsyncGenerator
 
 from engine.outputs import CompletionOutput, RequestOutput
 from server.async_engine import AsyncEngine
-from server.chat_template import ChatTemplate
 from server.completions import usage_of
+from server.preprocess import PreparedRequest
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -48,20 +48,16 @@ def chat_logprobs(completion: CompletionOutput, start: int, top: int) -> ChatLog
 
 
 class ChatService:
-    """Serves chat completion requests from the shared engine, with the model's chat template."""
+    """Serves chat completion requests from the shared engine (rendered and tokenized by a request worker)."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, template: ChatTemplate) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
         self.engine = engine
         self.model_name = model_name
-        self.template = template
 
-    async def start(self, request: ChatCompletionRequest) -> tuple[str, list[RequestOutput], list[Stream]]:
-        """Render and submit the request; wait for its first output (errors surface here)."""
+    async def start(self, prepared: PreparedRequest) -> tuple[str, list[RequestOutput], list[Stream]]:
+        """Admit the request; wait for its first output (errors surface here)."""
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        text = self.template.render(request.messages, request.add_generation_prompt)
-        tokenizer = self.engine.tokenizer
-        prompt = tokenizer.encode(text, add_special_tokens=not self.template.adds_special_tokens)
-        streams = [self.engine.generate(request_id, prompt, request.sampling_params())]
+        streams = self.engine.submit(request_id, prepared.prompts, prepared.params)
         return request_id, await start_all(streams), streams
 
     async def complete(

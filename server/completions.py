@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from engine.tokenizer import Tokenizer
 from server.async_engine import AsyncEngine
+from server.preprocess import PreparedRequest
 from server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -90,13 +91,11 @@ class CompletionService:
         self.model_name = model_name
         self.tokenizer = engine.tokenizer
 
-    async def start(self, request: CompletionRequest) -> tuple[str, list[RequestOutput], list[Stream]]:
-        """Submit every prompt and wait for each one's first output (errors surface here, before a response)."""
+    async def start(self, prepared: PreparedRequest) -> tuple[str, list[RequestOutput], list[Stream]]:
+        """Admit every prompt at once and wait for each one's first output (errors surface here, before a
+        response)."""
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        params = request.sampling_params()
-        streams = [
-            self.engine.generate(f"{request_id}-{i}", prompt, params) for i, prompt in enumerate(request.prompts())
-        ]
+        streams = self.engine.submit(request_id, prepared.prompts, prepared.params, prepared.prompt_texts)
         return request_id, await start_all(streams), streams
 
     def _prompt_text(self, output: RequestOutput) -> str:

@@ -2,62 +2,88 @@
 
 Requests accept OpenAI's fields plus the sampling extras vLLM accepts in the same body (top_k, min_tokens,
 ignore_eos, stop_token_ids, include_stop_str_in_output, skip_special_tokens). Unknown fields are refused, as
-OpenAI refuses them, so a misspelled parameter never silently does nothing.
+OpenAI refuses them, so a misspelled parameter never silently does nothing; and types are strict (no "16" for
+16, no 14.0 for 14, no "yes" for true), so a client's mistake is named rather than guessed at. Parameters
+accepted only at their neutral value say so in the schema. An integer field takes any JSON number with no
+fraction (14.0 is 14, as JSON Schema reads its own "integer"), never 14.5, "14" or true. The per-request cost limits (server/request_limits.py)
+are the server's flags and are checked after this shape.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from engine.llm_engine import MAX_LOGPROBS
+from engine.limits import MAX_LOGPROBS
 from engine.sampling_params import SamplingParams
 
 MAX_N = 64
 
 
+def _whole_number(value: object) -> object:
+    """14.0 -> 14: JSON has one number type, and JSON Schema's integer is any number without a fraction."""
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
+# With a strict int, `Annotated[int, Field(...), WHOLE]` takes no strings, booleans or fractions but does take
+# integral JSON numbers such as 14.0 (the bounds still show in the JSON schema as minimum and maximum).
+WHOLE = BeforeValidator(_whole_number)
+TokenId = Annotated[int, Field(ge=0), WHOLE]
+
+
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body part: unknown fields refused, no type coercion."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+def _requires(field: str, kind: str, then: dict[str, Any]) -> dict[str, Any]:
+    """A JSON Schema rule: when `field` is given as `kind`, the body must also match `then`."""
+    return {"if": {"required": [field], "properties": {field: {"type": kind}}}, "then": then}
+
+
+STREAM_OPTIONS_RULE = _requires(
+    "stream_options", "object", {"required": ["stream"], "properties": {"stream": {"const": True}}}
+)
+
+
 class _SamplingRequest(StrictModel):
     """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [STREAM_OPTIONS_RULE]})
 
     model: str | None = Field(None, description="A served model name (GET /v1/models); defaults to the only one.")
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    stop: str | list[str] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N), WHOLE] = 1
+    stop: str | list[Annotated[str, Field(min_length=1)]] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1), WHOLE] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float = Field(0.0, description="Accepted for compatibility; only 0 is supported.")
-    frequency_penalty: float = Field(0.0, description="Accepted for compatibility; only 0 is supported.")
-    logit_bias: dict[str, float] | None = Field(None, description="Accepted for compatibility; must be empty.")
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Accepted for compatibility; only 0.")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Accepted for compatibility; only 0.")
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=0, description="Accepted for compatibility; must be empty."
+    )
     # vLLM's extra sampling parameters.
-    top_k: int | None = Field(None, description="Keep the k most likely tokens; 0 or -1 disables.")
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    top_k: Annotated[int, Field(ge=-1), WHOLE] | None = Field(
+        None, description="Keep the k most likely tokens; 0 or -1 disables."
+    )
+    min_tokens: Annotated[int, Field(ge=0), WHOLE] = 0
     ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
     @model_validator(mode="after")
     def _supported(self) -> _SamplingRequest:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0.0:
-                raise ValueError(f"{name} is not supported by this server; send 0 or leave it out")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
-        if self.top_k is not None and self.top_k < -1:
-            raise ValueError("top_k must be -1, 0 (disabled) or positive")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
         return self
@@ -88,26 +114,17 @@ class _SamplingRequest(StrictModel):
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="Text, a batch of texts, token ids, or a batch of token-id lists."
-    )
-    max_tokens: Annotated[int, Field(ge=0)] | None = 16
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
+    ) = Field(description="Text, a batch of texts, token ids, or a batch of token-id lists (none empty).")
+    max_tokens: Annotated[int, Field(ge=0), WHOLE] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), WHOLE] | None = None
     echo: bool = False
-    best_of: int | None = Field(None, description="Accepted for compatibility; must equal n.")
-    suffix: str | None = Field(None, description="Accepted for compatibility; must be empty.")
-
-    @model_validator(mode="after")
-    def _completion_supported(self) -> CompletionRequest:
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of is not supported by this server; leave it out or set it equal to n")
-        if self.suffix:
-            raise ValueError("suffix is not supported by this server")
-        if isinstance(self.prompt, list) and (not self.prompt or any(p in ("", []) for p in self.prompt)):
-            raise ValueError("prompt must not be empty")
-        if self.prompt == "":
-            raise ValueError("prompt must not be empty")
-        return self
+    best_of: Literal[1] | None = Field(None, description="Accepted for compatibility (as vLLM's V1 engine): only 1.")
+    suffix: str | None = Field(None, max_length=0, description="Accepted for compatibility; must be empty.")
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts this request carries, in order."""
@@ -144,11 +161,24 @@ class ChatMessage(StrictModel):
 class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                STREAM_OPTIONS_RULE,
+                _requires(
+                    "top_logprobs", "integer", {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}
+                ),
+            ]
+        }
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Annotated[int, Field(ge=1)] | None = Field(None, description="Deprecated alias of the next field.")
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1), WHOLE] | None = Field(
+        None, description="Deprecated alias of the next field."
+    )
+    max_completion_tokens: Annotated[int, Field(ge=1), WHOLE] | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), WHOLE] | None = None
     add_generation_prompt: bool = True
 
     @model_validator(mode="after")
@@ -290,6 +320,7 @@ class ErrorResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     status: str
+    engine_silent_s: float | None = Field(None, description="Seconds since the engine process was last heard from.")
 
 
 class LayerLoad(BaseModel):

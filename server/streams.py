@@ -14,9 +14,10 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from engine.outputs import RequestOutput
+from server.async_engine import RequestStream
 
 T = TypeVar("T")
-Stream = AsyncGenerator[RequestOutput, None]
+Stream = RequestStream
 
 
 async def start_all(streams: list[Stream]) -> list[RequestOutput]:
