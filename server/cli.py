@@ -1,8 +1,10 @@
 """`moe-serve`: load a model and serve it over HTTP (the bundled SimBal model on 127.0.0.1:8000 by default).
 
-The engine process loads the model before the port is bound, so a bad checkpoint exits with an error naming
-the file and nothing listening. SIGTERM or Ctrl-C stops accepting, lets in-flight requests finish for --shutdown-grace
-seconds, aborts the rest and exits 0.
+The engine process loads the model, and the request workers dry-run the chat template, before the port is
+bound, so a bad checkpoint or template exits with an error naming the file and nothing listening. SIGTERM or
+Ctrl-C stops accepting, lets in-flight requests finish for --shutdown-grace seconds, aborts the rest and exits 0.
+If the engine process dies, the server fails in-flight requests, stops and exits 1, so that a supervisor
+(systemd's Restart=on-failure, Kubernetes, Docker's restart policy) starts it again.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import uvicorn
@@ -28,18 +31,37 @@ from pruning.redundancy import HANDLINGS
 from pruning.serving import PruningSettings
 from server.app import ServerSettings, build_app
 from server.async_engine import AsyncEngine
+from server.http_protocol import HEADER_TIMEOUT_S, bounded_protocol
+from server.middleware import LOOPBACK_HOSTS
+from server.request_limits import RequestLimits, flag
 
 API_KEY_ENV = "MOE_SERVE_API_KEY"
+LIMIT_HELP = {
+    "max_prompts_per_request": "prompts in one completions request",
+    "max_prompt_tokens_per_request": "prompt tokens in one request, all prompts together",
+    "max_sequences_per_request": "sequences one request asks for (prompts x n)",
+    "max_stop_strings": "stop strings in one request",
+    "max_stop_string_chars": "characters in one stop string",
+    "max_logprobs": "top logprobs per token (logprobs, top_logprobs)",
+    "chat_template_timeout": "seconds a chat template may take to render one request",
+}
 EXPERT_METRICS = {"auto": None, "per-expert": True, "per-layer": False}
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, with the engine drained as soon as shutdown begins (uvicorn alone would only cancel the
-    streams still open when its own timeout ran out)."""
+    streams still open when its own timeout ran out), and stopped when the engine dies."""
 
     def __init__(self, config: uvicorn.Config, drain: Callable[[], None]) -> None:
         super().__init__(config)
         self.drain = drain
+        self.engine_died = False
+
+    def stop_for_dead_engine(self, reason: str) -> None:
+        """Called from the engine reader thread: stop serving (uvicorn polls should_exit) and exit non-zero."""
+        logging.getLogger(__name__).error("the engine process died (%s); stopping so a supervisor can restart", reason)
+        self.engine_died = True
+        self.should_exit = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         drain = asyncio.create_task(asyncio.to_thread(self.drain))
@@ -64,8 +86,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use")
     parser.add_argument("--moe-backend", choices=BACKENDS, default="grouped")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 503")
+    parser.add_argument("--max-queue", type=int, default=256, help="sequences waiting beyond a full batch before 503")
     parser.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger bodies get 413")
+    parser.add_argument(
+        "--allowed-hosts",
+        help="comma-separated Host header names the server answers to, '*' for any (default: localhost, 127.0.0.1 "
+        "and ::1 when bound to loopback, any otherwise): refuses DNS-rebinding pages",
+    )
+    parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S, help="seconds for request headers")
+    parser.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request body to arrive")
+    parser.add_argument("--max-connections", type=int, default=1024, help="open connections before 503")
+    parser.add_argument(
+        "--request-workers", type=int, default=2, help="processes that parse, render and tokenize requests"
+    )
+    parser.add_argument(
+        "--engine-health-timeout",
+        type=float,
+        default=10.0,
+        help="seconds without a word from the engine before /health reports it unresponsive",
+    )
+    limits = parser.add_argument_group("per-request limits (each refusal is a 400 naming its flag)")
+    for item in fields(RequestLimits):
+        kind = float if isinstance(item.default, float) else int
+        limits.add_argument(f"--{flag(item.name)}", type=kind, default=item.default, help=LIMIT_HELP[item.name])
     parser.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get on stop")
     parser.add_argument(
         "--expert-metrics",
@@ -120,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             enable_prefix_caching=args.enable_prefix_caching,
             routing_policies=policies,
         )
-        engine = AsyncEngine(args.model, config, args.max_queue, threads=args.threads)
+        limits = RequestLimits(**{item.name: getattr(args, item.name) for item in fields(RequestLimits)})
+        engine = AsyncEngine(
+            args.model, config, args.max_queue, threads=args.threads, heartbeat_timeout=args.engine_health_timeout
+        )
         settings = ServerSettings(
             model_name=args.served_model_name or args.model.resolve().name,
             model_path=args.model,
@@ -130,9 +176,18 @@ def main(argv: list[str] | None = None) -> int:
             per_expert_series=EXPERT_METRICS[args.expert_metrics],
             expert_window_s=args.expert_load_window,
             pruning_labels=pruning.labels(plan),
+            limits=limits,
+            request_workers=args.request_workers,
+            allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),
+            body_timeout_s=args.body_timeout,
         )
-        app = build_app(engine, settings)
     except (CheckpointError, ValueError, RuntimeError, CorpusError) as exc:
+        print(f"moe-serve: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        app = build_app(engine, settings)
+    except (ValueError, RuntimeError) as exc:
+        engine.shutdown(timeout=30)
         print(f"moe-serve: error: {exc}", file=sys.stderr)
         return 1
     uvicorn_config = uvicorn.Config(
@@ -142,13 +197,27 @@ def main(argv: list[str] | None = None) -> int:
         log_level=args.log_level,
         timeout_graceful_shutdown=round(args.shutdown_grace) + 10,  # a backstop: drain() ends streams first
         access_log=args.log_level == "debug",
+        http=bounded_protocol(args.header_timeout),
+        limit_concurrency=args.max_connections,
     )
     # uvicorn handles SIGTERM/SIGINT itself (stop accepting, drain, lifespan shutdown) and then re-raises the
     # signal to the handler it found; a no-op one lets a clean shutdown end with exit status 0.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda *_: None)
-    DrainingServer(uvicorn_config, app.state.drain).run()
-    return 0
+    server = DrainingServer(uvicorn_config, app.state.drain)
+    engine.on_death.append(server.stop_for_dead_engine)
+    if engine.failed:  # it died while the app was being built
+        server.stop_for_dead_engine(engine.error or "")
+    server.run()
+    return 1 if server.engine_died or engine.failed else 0
+
+
+def allowed_hosts(flag_value: str | None, bind_host: str) -> frozenset[str] | None:
+    """The Host names to answer to: the flag's list ('*': any), else the loopback names for a loopback bind."""
+    if flag_value is not None:
+        names = frozenset(name.strip().lower() for name in flag_value.split(",") if name.strip())
+        return None if "*" in names else names
+    return LOOPBACK_HOSTS if bind_host in LOOPBACK_HOSTS else None
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
-"""The server's front door, as plain ASGI (no per-request overhead beyond what it checks): the API key on
-/v1 routes, a bound on body size, and a count of every HTTP response by route and status."""
+"""The server's front door, as plain ASGI (no per-request overhead beyond what it checks): the Host header
+against the allowed hosts, the API key on /v1 routes, a bound on body size and on the time the body may take
+to arrive, and a count of every HTTP response by route and status."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import time
 from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import APIError, error_body
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def _too_large_message(limit: int) -> str:
@@ -23,8 +28,23 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, _too_large_message(limit))
 
 
+class BodyTimeout(HTTPException):
+    """Raised while the app reads a body that has not arrived within the limit (answered as 408)."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__(408, f"the request body did not arrive within {limit:g} s")
+
+
+def host_of(header: str) -> str:
+    """The host part of a Host header: 'example.com:80' -> 'example.com', '[::1]:8000' -> '::1'."""
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
 class ServerMiddleware:
-    """Checks the API key (when one is set) and the body size before the app runs, and counts responses."""
+    """Checks the Host header (when hosts are restricted), the API key (when one is set) and the body size
+    before the app runs, bounds the time the body takes to arrive, and counts responses."""
 
     def __init__(
         self,
@@ -32,10 +52,14 @@ class ServerMiddleware:
         api_key: str | None,
         max_body_bytes: int,
         count: Callable[[str, str, int], None],
+        body_timeout_s: float = 30.0,
+        allowed_hosts: frozenset[str] | None = None,
     ) -> None:
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.allowed_hosts = allowed_hosts
         self.count = count
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -61,10 +85,19 @@ class ServerMiddleware:
 
     def _refuse(self, scope: Scope) -> APIError | None:
         headers = dict(scope["headers"])
+        if self.allowed_hosts is not None:
+            host = host_of(headers.get(b"host", b"").decode("latin-1")).lower()
+            if host not in self.allowed_hosts:
+                return APIError(
+                    400,
+                    f"Host header {host!r} is not allowed; this server answers to {sorted(self.allowed_hosts)} "
+                    "(--allowed-hosts)",
+                    code="host_not_allowed",
+                )
         if self.api_key is not None and scope["path"].startswith("/v1/"):
             given = headers.get(b"authorization", b"").decode("latin-1")
-            token = given.removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
                 message = "missing API key" if not given else "incorrect API key provided"
                 return APIError(401, f"{message}: send 'Authorization: Bearer <key>'", code="invalid_api_key")
         length = headers.get(b"content-length")
@@ -73,15 +106,28 @@ class ServerMiddleware:
         return None
 
     def _bounded(self, receive: Receive) -> Receive:
+        """receive, refusing a body that grows past the size limit or is still arriving past the time limit
+        (which counts from the first read; once the body is complete, receive passes through untimed)."""
         seen = 0
+        deadline: float | None = None
+        complete = False
 
         async def bounded() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, deadline, complete
+            if complete:
+                return await receive()
+            if deadline is None:
+                deadline = time.monotonic() + self.body_timeout_s
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(self.body_timeout_s) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:
                     raise BodyTooLarge(self.max_body_bytes)
+                complete = not message.get("more_body", False)
             return message
 
         return bounded
@@ -89,7 +135,7 @@ class ServerMiddleware:
 
 def _route_of(scope: Scope) -> str:
     """The route template that served the request, or the path when it names a route that refused it early
-    (401, 413); anything else is "unmatched", so labels stay bounded."""
+    (400, 401, 413); anything else is "unmatched", so labels stay bounded."""
     route = scope.get("route")
     if route is not None:
         return route.path
