@@ -48,12 +48,21 @@ class LiveServer:
 
 @contextmanager
 def serve(
-    model: Path = DEFAULT_MODEL_DIR, engine_args: dict[str, Any] | None = None, max_queue: int = 256, **settings: Any
+    model: Path = DEFAULT_MODEL_DIR,
+    engine_args: dict[str, Any] | None = None,
+    max_queue: int = 256,
+    heartbeat_timeout: float = 10.0,
+    **settings: Any,
 ) -> Iterator[LiveServer]:
     """Start the engine process and the app (uvicorn) on a free loopback port; stop both on exit."""
-    engine = AsyncEngine(model, EngineConfig(**{**TEST_ENGINE, **(engine_args or {})}), max_queue, threads=1)
+    config = EngineConfig(**{**TEST_ENGINE, **(engine_args or {})})
+    engine = AsyncEngine(model, config, max_queue, threads=1, heartbeat_timeout=heartbeat_timeout)
     server_settings = ServerSettings(model_name=settings.pop("model_name", model.name), model_path=model, **settings)
-    app = build_app(engine, server_settings)
+    try:
+        app = build_app(engine, server_settings)
+    except BaseException:
+        engine.shutdown(timeout=30)
+        raise
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

@@ -199,8 +199,9 @@ def test_models_health_and_ready(live_server: LiveServer, client: openai.OpenAI)
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny-simbal"]
     with live_server.client() as http:
-        assert http.get("/health").json() == {"status": "ok"}
-        assert http.get("/ready").json() == {"status": "ready"}
+        health, ready = http.get("/health").json(), http.get("/ready").json()
+    assert health["status"] == "ok" and ready["status"] == "ready"
+    assert 0 <= health["engine_silent_s"] < live_server.engine.heartbeat_timeout
 
 
 def test_many_concurrent_streaming_clients_get_complete_correct_answers(live_server: LiveServer, offline: LLM) -> None:

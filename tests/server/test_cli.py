@@ -85,3 +85,62 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(grace: int, max_token
         assert result["finish"] is None and 0 < result["chunks"] < max_tokens  # type: ignore[operator]
         assert "completion_tokens" not in result
         assert "shutting down" in result["error"]["message"]  # type: ignore[index]
+
+
+def children(pid: int) -> dict[int, str]:
+    """A process's children and their names (what /proc/PID/comm holds)."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found[int(child)] = Path(f"/proc/{child}/comm").read_text().strip()
+    return found
+
+
+def test_an_engine_that_dies_stops_the_server_with_a_failure_status() -> None:
+    with launched([*SERVE_ARGS], stderr=subprocess.PIPE, text=True) as server:
+        named = children(server.process.pid)
+        assert "moe-serve-reque" in named.values()  # the request workers, named for ps
+        engine = next(pid for pid, name in named.items() if name == "moe-serve-engin")
+        started, result = threading.Event(), {}  # type: ignore[var-annotated]
+        client = threading.Thread(target=stream_tokens, args=(server.port, 480, started, result))
+        client.start()
+        assert started.wait(30)
+        killed = time.monotonic()
+        os.kill(engine, signal.SIGKILL)
+        _, stderr = server.process.communicate(timeout=30)
+        assert time.monotonic() - killed < 5.0
+        assert server.process.returncode == 1
+        client.join(30)
+    assert "the engine stopped" in result["error"]["message"]  # type: ignore[index]
+    assert "the engine process died" in stderr and "Traceback" not in stderr
+
+
+def test_slow_or_oversized_headers_and_slow_bodies_are_cut_off() -> None:
+    import socket
+
+    def exchange(port: int, data: bytes, wait: float) -> tuple[bytes, float]:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            start = time.monotonic()
+            sock.sendall(data)
+            time.sleep(wait)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+            return received, time.monotonic() - start
+
+    with launched([*SERVE_ARGS, "--header-timeout", "1", "--body-timeout", "1"]) as server:
+        partial = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appli"
+        answer, took = exchange(server.port, partial, 0)
+        assert answer.startswith(b"HTTP/1.1 408") and 0.9 < took < 5, (answer, took)
+        idle, took = exchange(server.port, b"", 0)  # connected, nothing sent
+        assert idle.startswith(b"HTTP/1.1 408") and took < 5
+        huge = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * (200 << 10) + b"\r\n\r\n"
+        answer, _ = exchange(server.port, huge, 0)
+        assert answer.startswith(b"HTTP/1.1 431")
+        slow_body = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"prompt": '
+        )
+        answer, took = exchange(server.port, slow_body, 0)
+        assert b" 408 " in answer.split(b"\r\n")[0] and b"did not arrive within 1 s" in answer, answer
+        assert httpx.get(f"{server.url}/health").status_code == 200  # the server is fine

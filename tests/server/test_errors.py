@@ -35,10 +35,16 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
         ({"prompt": "x", "n": 0}, "n", "greater than or equal to 1"),
         ({"prompt": "x", "logprobs": 21}, "logprobs", "less than or equal to 20"),
         ({"prompt": "x", "frobnicate": 1}, "frobnicate", "Unrecognized request argument"),
-        ({"prompt": ""}, None, "prompt must not be empty"),
+        ({"prompt": ""}, "prompt", "prompt must not be empty"),
+        ({"prompt": ["a", ""]}, "prompt", "prompt[1] must not be empty"),
         ({"prompt": [1, "a"]}, "prompt", "prompt must be a string, a list of strings, token ids"),
         ({"max_tokens": 3}, "prompt", "Field required"),
-        ({"prompt": "x", "presence_penalty": 0.5}, None, "presence_penalty is not supported"),
+        ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty", "less than or equal to 0"),
+        ({"prompt": "x", "stream": "yes"}, "stream", "valid boolean"),
+        ({"prompt": "x", "max_tokens": "16"}, "max_tokens", "valid integer"),
+        ({"prompt": [True]}, "prompt", "prompt must be a string"),
+        ({"prompt": "x", "logprobs": 14.5}, "logprobs", "valid integer"),
+        ({"prompt": "x", "n": True}, "n", "valid integer"),
         ({"prompt": [5000]}, None, "outside the vocabulary"),
     ],
 )
@@ -47,6 +53,13 @@ def test_invalid_completion_parameters_are_400(
 ) -> None:
     with live_server.client() as http:
         assert_error(http.post("/v1/completions", json=body), 400, param, says)
+
+
+def test_integral_numbers_are_integers_as_json_schema_reads_them(live_server: LiveServer) -> None:
+    with live_server.client() as http:
+        body = {"prompt": "x", "max_tokens": 2.0, "logprobs": 1.0, "n": 2.0, "ignore_eos": True}
+        choices = http.post("/v1/completions", json=body).json()["choices"]
+    assert len(choices) == 2 and all(len(c["logprobs"]["tokens"]) == 2 for c in choices)
 
 
 def test_malformed_json_and_bad_chat_bodies_are_400(live_server: LiveServer) -> None:
@@ -84,11 +97,19 @@ def test_one_bad_prompt_in_a_batch_fails_the_request_and_leaves_nothing_running(
     live_server.wait_idle(timeout=2.0)  # the good prompt was aborted, not left to generate 400 tokens
 
 
-def test_a_batch_refused_by_the_queue_leaves_nothing_running(server_factory: Callable[..., Any]) -> None:
+def test_a_batch_refused_by_the_queue_is_admitted_whole_or_not_at_all(server_factory: Callable[..., Any]) -> None:
     with server_factory(engine_args={"max_num_seqs": 2}, max_queue=4) as live, live.client() as http:
-        body = {"prompt": [f"Prompt {i}" for i in range(10)], "max_tokens": 300, "ignore_eos": True}
-        error = assert_error(http.post("/v1/completions", json=body), 503, says="queue is full")
-        assert error["code"] == "queue_full"
+        never = {"prompt": [f"Prompt {i}" for i in range(10)], "max_tokens": 300, "ignore_eos": True}
+        error = assert_error(http.post("/v1/completions", json=never), 400, "n", says="can ever hold at once (6")
+        long = {"prompt": "Long", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with http.stream("POST", "/v1/completions", json=long) as held:  # 1 of 6 sequences taken
+            assert held.status_code == 200
+            six = {"prompt": [f"Prompt {i}" for i in range(3)], "n": 2, "max_tokens": 3}
+            error = assert_error(http.post("/v1/completions", json=six), 503, says="queue is full")
+            assert error["code"] == "queue_full"
+            assert live.engine.num_sequences == 1  # nothing of the refused batch was admitted
+        five = {"prompt": [f"Prompt {i}" for i in range(5)], "max_tokens": 3}
+        assert len(http.post("/v1/completions", json=five).json()["choices"]) == 5
         live.wait_idle(timeout=2.0)
 
 
@@ -113,12 +134,14 @@ def test_api_key_is_required_on_v1_routes_only(server_factory: Callable[..., Any
         wrong = {"Authorization": "Bearer nope"}
         error = assert_error(http.post("/v1/completions", json=body, headers=wrong), 401, says="incorrect API key")
         assert error["code"] == "invalid_api_key"
-        right = {"Authorization": "Bearer s3cret"}
+        bare = {"Authorization": "s3cret"}  # the key without its scheme
+        assert_error(http.post("/v1/completions", json=body, headers=bare), 401, says="incorrect API key")
+        right = {"Authorization": "bearer s3cret"}  # the scheme is case-insensitive (RFC 7235)
         assert http.post("/v1/completions", json=body, headers=right).status_code == 200
         assert http.get("/v1/models", headers=right).status_code == 200
         assert http.get("/health").status_code == 200
         metrics = http.get("/metrics").text
-        assert 'route="/v1/completions",status_code="401"} 2.0' in metrics  # refused before routing, still labelled
+        assert 'route="/v1/completions",status_code="401"} 3.0' in metrics  # refused before routing, still labelled
 
 
 def test_a_full_queue_answers_503_with_retry_after(server_factory: Callable[..., Any]) -> None:
