@@ -5,6 +5,10 @@ bound, so a bad checkpoint or template exits with an error naming the file and n
 Ctrl-C stops accepting, lets in-flight requests finish for --shutdown-grace seconds, aborts the rest and exits 0.
 If the engine process dies, the server fails in-flight requests, stops and exits 1, so that a supervisor
 (systemd's Restart=on-failure, Kubernetes, Docker's restart policy) starts it again.
+
+This module is kept light to import: the engine process and the request workers are started with spawn, which
+imports the parent's main module again in each child, and a request worker must not carry torch. The engine,
+pruning and app are imported inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -22,17 +26,8 @@ from pathlib import Path
 
 import uvicorn
 
-from corpus.splits import CorpusError
 from engine.config import DEFAULT_MODEL_DIR, CheckpointError
-from engine.llm_engine import EngineConfig
-from engine.moe import BACKENDS
-from pruning.methods import BUDGETS, METHODS
-from pruning.redundancy import HANDLINGS
-from pruning.serving import PruningSettings
-from server.app import ServerSettings, build_app
-from server.async_engine import AsyncEngine
 from server.http_protocol import HEADER_TIMEOUT_S, bounded_protocol
-from server.middleware import LOOPBACK_HOSTS
 from server.request_limits import RequestLimits, flag
 
 API_KEY_ENV = "MOE_SERVE_API_KEY"
@@ -70,6 +65,10 @@ class DrainingServer(uvicorn.Server):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from engine.moe import BACKENDS
+    from pruning.methods import BUDGETS, METHODS
+    from pruning.redundancy import HANDLINGS
+
     parser = argparse.ArgumentParser(prog="moe-serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="Hugging Face model directory")
     parser.add_argument("--served-model-name", help="name clients send as `model` (default: the directory name)")
@@ -137,6 +136,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from corpus.splits import CorpusError
+    from engine.llm_engine import EngineConfig
+    from pruning.serving import PruningSettings
+    from server.app import ServerSettings, build_app
+    from server.async_engine import AsyncEngine
+
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -217,6 +222,8 @@ def allowed_hosts(flag_value: str | None, bind_host: str) -> frozenset[str] | No
     if flag_value is not None:
         names = frozenset(name.strip().lower() for name in flag_value.split(",") if name.strip())
         return None if "*" in names else names
+    from server.middleware import LOOPBACK_HOSTS
+
     return LOOPBACK_HOSTS if bind_host in LOOPBACK_HOSTS else None
 
 

@@ -26,7 +26,8 @@ def _response(status: bytes, message: str) -> bytes:
 
 class BoundedHttpProtocol(HttpToolsProtocol):
     """Closes a connection (with 408) whose request headers take longer than header_timeout_s from their first
-    byte, or (with 431) whose headers pass max_header_bytes."""
+    byte (or from connecting), or (with 431) whose headers pass max_header_bytes: counted as parsed, and as raw
+    bytes while headers are still incomplete, so an endless header is cut off too."""
 
     header_timeout_s = HEADER_TIMEOUT_S
     max_header_bytes = MAX_HEADER_BYTES
@@ -34,7 +35,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._header_timer: asyncio.TimerHandle | None = None
-        self._header_bytes: int | None = None  # counting while a request's headers are incomplete
+        self._in_headers = False  # a request's headers have begun and are not complete
+        self._header_size = 0  # parsed bytes of the current request's URL and headers
+        self._unparsed = 0  # raw bytes received while headers stayed incomplete
         self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -44,33 +47,51 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        if self._header_bytes is not None:
-            self._header_bytes += len(data)
-            if self._header_bytes > self.max_header_bytes:
-                self._refuse(b"431 Request Header Fields Too Large", "request headers are too large")
-                return
         super().data_received(data)
+        if self._in_headers and not self._refused:
+            self._unparsed += len(data)
+            if self._unparsed > self.max_header_bytes:
+                self._refuse(b"431 Request Header Fields Too Large", "request headers are too large")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._header_bytes is None:
-            self._start_headers()
+        self._start_headers()
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self._header_size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self._header_size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         self._stop_headers()
+        if self._header_size > self.max_header_bytes:
+            self._refuse(b"431 Request Header Fields Too Large", "request headers are too large")
+            return
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_headers()
         super().connection_lost(exc)
 
     def _start_headers(self) -> None:
-        self._header_bytes = 0
+        self._in_headers = True
+        self._header_size = self._unparsed = 0
         if self._header_timer is None:
             self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_timed_out)
 
     def _stop_headers(self) -> None:
-        self._header_bytes = None
+        self._in_headers = False
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None

@@ -105,12 +105,11 @@ class _Worker:
 
     def prepare(self, kind: str, body: bytes) -> PreparedRequest:
         raw = _parse_json(body)
-        _refuse_unencodable(raw, "")
         if kind == "completion":
             _precheck_prompt(raw.get("prompt"), self.limits)
-            request: CompletionRequest | ChatCompletionRequest = _validate(CompletionRequest, raw)
-        else:
-            request = _validate(ChatCompletionRequest, raw)
+        _refuse_unencodable(raw, "")
+        model = CompletionRequest if kind == "completion" else ChatCompletionRequest
+        request: CompletionRequest | ChatCompletionRequest = _validate(model, raw)
         if request.model is not None and request.model != self.bounds.model_name:
             raise Refused(RequestError(404, f"The model '{request.model}' does not exist", "model", "model_not_found",
                                        "not_found_error"))  # fmt: skip

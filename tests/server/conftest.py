@@ -19,6 +19,7 @@ from engine.config import DEFAULT_MODEL_DIR
 from engine.llm_engine import EngineConfig
 from server.app import ServerSettings, build_app
 from server.async_engine import AsyncEngine
+from server.http_protocol import HEADER_TIMEOUT_S, bounded_protocol
 from server.launch import wait_ready
 
 # Small enough to allocate quickly, large enough for every test's concurrency.
@@ -66,7 +67,11 @@ def serve(
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    # The HTTP protocol moe-serve runs (header bounds), so that what is tested is what ships.
+    config = uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=5, http=bounded_protocol(HEADER_TIMEOUT_S)
+    )
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     live = LiveServer(f"http://127.0.0.1:{port}", engine, server_settings)

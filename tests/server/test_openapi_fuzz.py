@@ -26,7 +26,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path: Pa
             [command, "run", f"{server.url}/openapi.json", "--checks", "all", "--exclude-checks",
              "positive_data_acceptance", "--max-examples", "60", "--seed", "20261129", "--workers", "1",
              "--no-color", "--request-timeout", "60", "--report-dir", str(tmp_path)],
-            capture_output=True, text=True, timeout=600, check=False,
+            capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path,
         )  # fmt: skip
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     counts = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
