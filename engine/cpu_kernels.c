@@ -1,0 +1,209 @@
+/* moe-serve's CPU kernels: the two parts of a decode step that torch has no cheap kernel for.
+ *
+ * expert_mlp: the SwiGLU experts of one MoE layer, run only for the experts that received tokens, each
+ *   expert's weights read once for all of its tokens, the weighted combine fused into the down projection.
+ * paged_decode_attention: one query token per sequence attending to its paged KV cache, read in place
+ *   through the block table (no gather copy), all query heads of a KV head sharing its loads, with an
+ *   online softmax.
+ *
+ * Plain C with OpenMP (the same libgomp torch loads), built on first use with -O3 -march=native and called
+ * through ctypes (engine/cpu_kernels.py). Weights and caches may be float32 or bfloat16; activations and
+ * accumulation are float32.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+
+static inline float bf16_to_f32(bf16 v) {
+    union { uint32_t u; float f; } c;
+    c.u = ((uint32_t)v) << 16;
+    return c.f;
+}
+
+static inline bf16 f32_to_bf16(float f) { /* round to nearest even (inputs here are finite) */
+    union { uint32_t u; float f; } c;
+    c.f = f;
+    return (bf16)((c.u + 0x7FFFu + ((c.u >> 16) & 1u)) >> 16);
+}
+
+#define AS_F32(v) (v)
+#define FROM_F32(v) (v)
+
+/* Dot products of one weight row with up to four activation rows (n floats each). */
+#define DOT_ROWS(NAME, WT, LOAD)                                                                       \
+    static inline void NAME(const WT *restrict w, const float *const *rows, int nrows, int64_t n,      \
+                            float *restrict out) {                                                     \
+        const float *x0 = rows[0], *x1 = nrows > 1 ? rows[1] : rows[0];                                \
+        const float *x2 = nrows > 2 ? rows[2] : rows[0], *x3 = nrows > 3 ? rows[3] : rows[0];          \
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;                                                  \
+        for (int64_t h = 0; h < n; h++) {                                                              \
+            float wv = LOAD(w[h]);                                                                     \
+            s0 += wv * x0[h];                                                                          \
+            s1 += wv * x1[h];                                                                          \
+            s2 += wv * x2[h];                                                                          \
+            s3 += wv * x3[h];                                                                          \
+        }                                                                                              \
+        out[0] = s0; if (nrows > 1) out[1] = s1; if (nrows > 2) out[2] = s2; if (nrows > 3) out[3] = s3; \
+    }
+
+DOT_ROWS(dot_rows_f32, float, AS_F32)
+DOT_ROWS(dot_rows_bf16, bf16, bf16_to_f32)
+
+static inline float silu(float g) { return g / (1.f + expf(-g)); }
+
+/* x: [T, H] activations (the weights' dtype); expert_ids, weights: [T, k] each token's routed experts (rows of w13 and w2; ids
+ * outside [0, E) are dropped slots) and routing weights; w13: [E, 2I, H] gate then up projections, w2:
+ * [E, H, I] down projections; out: [T, H], accumulated (+=) with the weighted expert outputs.
+ * The (token, slot) pairs are grouped by expert with a counting sort; each group's gate/up rows are read once
+ * for all its tokens (parallel over groups x column blocks), then each down row once per group (parallel over
+ * output column blocks, so no two threads write the same output element). */
+#define EXPERT_MLP(NAME, WT, DOT, LOAD)                                                                \
+    void NAME(const WT *x_in, const int64_t *expert_ids, const float *weights, int64_t T, int64_t k,   \
+              int64_t E, int64_t H, int64_t I, const WT *w13, const WT *w2, float *out, int threads) { \
+        float *x = malloc((T ? T : 1) * H * sizeof(float));                                            \
+        for (int64_t i = 0; i < T * H; i++) x[i] = LOAD(x_in[i]);                                      \
+        int64_t *count = calloc(E + 1, sizeof(int64_t)), *start = malloc((E + 1) * sizeof(int64_t));    \
+        int64_t *row_token = malloc(T * k * sizeof(int64_t));                                          \
+        float *row_weight = malloc(T * k * sizeof(float));                                             \
+        int64_t *group_expert = malloc(E * sizeof(int64_t));                                           \
+        for (int64_t i = 0; i < T * k; i++)                                                            \
+            if (expert_ids[i] >= 0 && expert_ids[i] < E) count[expert_ids[i]]++;                       \
+        int64_t groups = 0, rows = 0;                                                                  \
+        for (int64_t e = 0; e < E; e++) {                                                              \
+            start[e] = rows;                                                                           \
+            rows += count[e];                                                                          \
+            if (count[e]) group_expert[groups++] = e;                                                  \
+            count[e] = 0;                                                                              \
+        }                                                                                              \
+        for (int64_t i = 0; i < T * k; i++) {                                                          \
+            int64_t e = expert_ids[i];                                                                 \
+            if (e < 0 || e >= E) continue;                                                             \
+            int64_t r = start[e] + count[e]++;                                                         \
+            row_token[r] = i / k;                                                                      \
+            row_weight[r] = weights[i];                                                                \
+        }                                                                                              \
+        float *hidden = malloc((rows ? rows : 1) * I * sizeof(float));                                 \
+        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2)")             \
+        for (int64_t g = 0; g < groups; g++) {                                                         \
+            for (int64_t jb = 0; jb < (I + 15) / 16; jb++) {                                           \
+                int64_t e = group_expert[g], first = start[e], end = start[e] + count[e];              \
+                const WT *gate = w13 + e * 2 * I * H, *up = gate + I * H;                              \
+                int64_t j_end = (jb + 1) * 16 < I ? (jb + 1) * 16 : I;                                  \
+                for (int64_t r0 = first; r0 < end; r0 += 4) {                                          \
+                    int nr = (int)(end - r0 < 4 ? end - r0 : 4);                                       \
+                    const float *xr[4];                                                                \
+                    for (int r = 0; r < nr; r++) xr[r] = x + row_token[r0 + r] * H;                    \
+                    for (int64_t j = jb * 16; j < j_end; j++) {                                        \
+                        float gv[4], uv[4];                                                            \
+                        DOT(gate + j * H, xr, nr, H, gv);                                              \
+                        DOT(up + j * H, xr, nr, H, uv);                                                \
+                        for (int r = 0; r < nr; r++) hidden[(r0 + r) * I + j] = silu(gv[r]) * uv[r];  \
+                    }                                                                                  \
+                }                                                                                      \
+            }                                                                                          \
+        }                                                                                              \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                             \
+        for (int64_t ib = 0; ib < (H + 15) / 16; ib++) {                                               \
+            int64_t i_end = (ib + 1) * 16 < H ? (ib + 1) * 16 : H;                                      \
+            for (int64_t g = 0; g < groups; g++) {                                                     \
+                int64_t e = group_expert[g], first = start[e], end = start[e] + count[e];              \
+                const WT *down = w2 + e * H * I;                                                       \
+                for (int64_t r0 = first; r0 < end; r0 += 4) {                                          \
+                    int nr = (int)(end - r0 < 4 ? end - r0 : 4);                                       \
+                    const float *hr[4];                                                                \
+                    for (int r = 0; r < nr; r++) hr[r] = hidden + (r0 + r) * I;                        \
+                    for (int64_t i = ib * 16; i < i_end; i++) {                                        \
+                        float dv[4];                                                                   \
+                        DOT(down + i * I, hr, nr, I, dv);                                              \
+                        for (int r = 0; r < nr; r++) out[row_token[r0 + r] * H + i] += row_weight[r0 + r] * dv[r]; \
+                    }                                                                                  \
+                }                                                                                      \
+            }                                                                                          \
+        }                                                                                              \
+        free(hidden); free(group_expert); free(row_weight); free(row_token); free(start); free(count);  \
+        free(x);                                                                                       \
+    }
+
+EXPERT_MLP(expert_mlp_f32, float, dot_rows_f32, AS_F32)
+EXPERT_MLP(expert_mlp_bf16, bf16, dot_rows_bf16, bf16_to_f32)
+
+/* q: [B, Hq, D]; caches: [blocks, block_size, Hkv, D]; block_tables: [B, W]; seq_lens: [B]; out: [B, Hq, D];
+ * all in the cache's dtype. With k and v given ([B, Hkv, D]), each sequence's new key and value are first
+ * written into its slot (slots: [B]). Each (sequence, KV head) pair is one task: its G = Hq / Hkv query heads
+ * read each cached key and value once, CHUNK tokens at a time (scores of the chunk, then a softmax update
+ * rescaling the running sums, then the values), so the inner loops run over whole vectors. */
+#define CHUNK 128
+#define DECODE_ATTENTION(NAME, CT, LOAD, STORE)                                                        \
+    void NAME(const CT *q, const CT *k, const CT *v, CT *k_cache, CT *v_cache, const int64_t *slots,   \
+              const int64_t *block_tables, const int64_t *seq_lens, int64_t B, int64_t W,              \
+              int64_t block_size, int64_t Hq, int64_t Hkv, int64_t D, float scale, CT *out, int threads) { \
+        int64_t G = Hq / Hkv, row = Hkv * D, work = 0;                                                 \
+        if (k != NULL) {                                                                               \
+            for (int64_t b = 0; b < B; b++) {                                                          \
+                memcpy(k_cache + slots[b] * row, k + b * row, row * sizeof(CT));                       \
+                memcpy(v_cache + slots[b] * row, v + b * row, row * sizeof(CT));                       \
+            }                                                                                          \
+        }                                                                                              \
+        for (int64_t b = 0; b < B; b++) work += seq_lens[b];                                           \
+        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2) if(work * Hq * D > 65536)") \
+        for (int64_t b = 0; b < B; b++) {                                                              \
+            for (int64_t kh = 0; kh < Hkv; kh++) {                                                     \
+                float m[G], l[G], acc[G][D], qf[G][D], s[G][CHUNK], kf[CHUNK][D], vf[D];               \
+                for (int64_t g = 0; g < G; g++) {                                                      \
+                    m[g] = -INFINITY; l[g] = 0.f;                                                      \
+                    for (int64_t d = 0; d < D; d++) {                                                  \
+                        acc[g][d] = 0.f;                                                               \
+                        qf[g][d] = LOAD(q[(b * Hq + kh * G + g) * D + d]) * scale;                     \
+                    }                                                                                  \
+                }                                                                                      \
+                for (int64_t t0 = 0; t0 < seq_lens[b]; t0 += CHUNK) {                                  \
+                    int64_t n = seq_lens[b] - t0 < CHUNK ? seq_lens[b] - t0 : CHUNK;                   \
+                    for (int64_t i = 0; i < n; i++) {                                                  \
+                        int64_t t = t0 + i;                                                            \
+                        int64_t slot = block_tables[b * W + t / block_size] * block_size + t % block_size; \
+                        const CT *kt = k_cache + (slot * Hkv + kh) * D;                                \
+                        for (int64_t d = 0; d < D; d++) kf[i][d] = LOAD(kt[d]);                        \
+                    }                                                                                  \
+                    for (int64_t g = 0; g < G; g++) {                                                  \
+                        float chunk_max = -INFINITY;                                                   \
+                        for (int64_t i = 0; i < n; i++) {                                              \
+                            float dot = 0.f;                                                           \
+                            for (int64_t d = 0; d < D; d++) dot += qf[g][d] * kf[i][d];                \
+                            s[g][i] = dot;                                                             \
+                            chunk_max = dot > chunk_max ? dot : chunk_max;                             \
+                        }                                                                              \
+                        float m_new = chunk_max > m[g] ? chunk_max : m[g];                             \
+                        float c = expf(m[g] - m_new), sum = 0.f;                                       \
+                        for (int64_t i = 0; i < n; i++) {                                              \
+                            s[g][i] = expf(s[g][i] - m_new);                                           \
+                            sum += s[g][i];                                                            \
+                        }                                                                              \
+                        l[g] = l[g] * c + sum;                                                         \
+                        m[g] = m_new;                                                                  \
+                        for (int64_t d = 0; d < D; d++) acc[g][d] *= c;                                \
+                    }                                                                                  \
+                    for (int64_t i = 0; i < n; i++) {                                                  \
+                        int64_t t = t0 + i;                                                            \
+                        int64_t slot = block_tables[b * W + t / block_size] * block_size + t % block_size; \
+                        const CT *vt = v_cache + (slot * Hkv + kh) * D;                                \
+                        for (int64_t d = 0; d < D; d++) vf[d] = LOAD(vt[d]);                           \
+                        for (int64_t g = 0; g < G; g++) {                                              \
+                            float p = s[g][i];                                                         \
+                            for (int64_t d = 0; d < D; d++) acc[g][d] += p * vf[d];                    \
+                        }                                                                              \
+                    }                                                                                  \
+                }                                                                                      \
+                for (int64_t g = 0; g < G; g++) {                                                      \
+                    CT *o = out + (b * Hq + kh * G + g) * D;                                           \
+                    float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;                                         \
+                    for (int64_t d = 0; d < D; d++) o[d] = STORE(acc[g][d] * inv);                     \
+                }                                                                                      \
+            }                                                                                          \
+        }                                                                                              \
+    }
+
+DECODE_ATTENTION(paged_decode_attention_f32, float, AS_F32, FROM_F32)
+DECODE_ATTENTION(paged_decode_attention_bf16, bf16, bf16_to_f32, f32_to_bf16)

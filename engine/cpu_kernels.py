@@ -1,0 +1,124 @@
+"""The CPU kernels of cpu_kernels.c, built on first use and called through ctypes.
+
+The library is compiled with the system's C compiler (-O3 -march=native -fopenmp) into
+$MOE_SERVE_CACHE/kernels/<hash>/, keyed by the source, the compiler and this CPU's flags, so later starts load
+it at once. Without a compiler (or when the build fails, or with MOE_SERVE_CPU_KERNELS=0) `kernels()` is None
+and callers use torch's ops, the reference the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from engine.paths import cache_root
+
+logger = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_I64, _F32, _INT, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _cpu_flags() -> str:
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+class CpuKernels:
+    """The loaded library, with typed entry points taking torch tensors."""
+
+    def __init__(self, library: Path) -> None:
+        self.lib = ctypes.CDLL(str(library))
+        for dtype in SUFFIX.values():
+            expert = getattr(self.lib, f"expert_mlp_{dtype}")
+            expert.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _INT]
+            expert.restype = None
+            attention = getattr(self.lib, f"paged_decode_attention_{dtype}")
+            attention.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR] + [_I64] * 6 + [_F32, _PTR, _INT]
+            attention.restype = None
+
+    def expert_mlp(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+    ) -> torch.Tensor:
+        """sum over slots of weights[t, s] * expert[expert_ids[t, s]](x[t]), [T, H] float32. x [T, H] in the
+        experts' dtype (f32 or bf16); expert_ids int64 and weights float32 [T, k], contiguous (ids outside the
+        E rows of w13 [E, 2I, H] and w2 [E, H, I] are dropped slots)."""
+        tokens, hidden_size = x.shape
+        out = torch.zeros(tokens, hidden_size, dtype=torch.float32)
+        fn = self.lib.expert_mlp_bf16 if w13.dtype == torch.bfloat16 else self.lib.expert_mlp_f32
+        fn(x.data_ptr(), expert_ids.data_ptr(), weights.data_ptr(), tokens, expert_ids.shape[1], w13.shape[0],
+           hidden_size, w2.shape[2], w13.data_ptr(), w2.data_ptr(), out.data_ptr(), torch.get_num_threads())  # fmt: skip
+        return out
+
+    def paged_decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        scale: float,
+        new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """q [B, Hq, D] against caches [blocks, block_size, Hkv, D], all contiguous in the cache's dtype; block
+        tables [B, W] and seq_lens [B] int64. With new_kv = (k, v, slots), the new keys and values are
+        written into their slots first (one call for the decode-only step). Returns [B, Hq, D]."""
+        batch, heads, dim = q.shape
+        if block_tables.shape[0] < batch or seq_lens.shape[0] < batch or not block_tables.is_contiguous():
+            raise ValueError(f"{batch} queries need as many block-table rows and lengths (contiguous)")
+        out = torch.empty_like(q)
+        k, v, slots = (t.data_ptr() for t in new_kv) if new_kv is not None else (None, None, None)
+        fn = (
+            self.lib.paged_decode_attention_bf16
+            if k_cache.dtype == torch.bfloat16
+            else self.lib.paged_decode_attention_f32
+        )
+        fn(q.data_ptr(), k, v, k_cache.data_ptr(), v_cache.data_ptr(), slots, block_tables.data_ptr(),
+           seq_lens.data_ptr(), batch, block_tables.shape[1], k_cache.shape[1], heads, k_cache.shape[2], dim,
+           scale, out.data_ptr(), torch.get_num_threads())  # fmt: skip
+        return out
+
+
+_lock = threading.Lock()
+
+
+@cache
+def kernels() -> CpuKernels | None:
+    """The CPU kernels, built if needed; None (logged once) when they cannot be built here."""
+    if os.environ.get("MOE_SERVE_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        logger.warning("no C compiler found: the CPU kernels are off, torch's ops are used instead")
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+        key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
+        library = cache_root() / "kernels" / key.hexdigest()[:16] / "cpu_kernels.so"
+        with _lock:
+            if not library.is_file():
+                library.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+                    built = Path(scratch) / library.name
+                    subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True,
+                                   capture_output=True, text=True)  # fmt: skip
+                    built.replace(library)  # atomic: a concurrent start sees all of it or none
+        return CpuKernels(library)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else exc
+        logger.warning("the CPU kernels could not be built (%s): torch's ops are used instead", detail)
+        return None
