@@ -1,16 +1,24 @@
 """Attention over a flattened token batch: dense causal (training, calibration) or a paged KV cache (serving).
 
 The KV cache of one layer is a tensor [2, num_blocks, block_size, kv_heads, head_dim]; a sequence's tokens
-live in the blocks its block table lists. Single-token queries (decodes) are batched into one call over
-their gathered blocks; longer query chunks (prefills) run one call each.
+live in the blocks its block table lists. Serving attention is one custom op per layer,
+`moe_serve::paged_attention`, which reads the step's metadata and caches from the forward context (set by
+the model runner around each forward): so a compiled forward sees a single opaque node per layer, with no
+guard on the step's shapes or tensors, and the same op serves decode-only, prefill and mixed steps. Decode
+rows come first (one query each) and run in one call, through the CPU kernel that reads the cache in place
+where it is built, else a block gather and SDPA; prefill chunks run one SDPA call each.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from engine.cpu_kernels import SUFFIX, kernels
 
 
 @dataclass(frozen=True)
@@ -19,6 +27,17 @@ class DenseCausal:
 
     batch_size: int
     seq_len: int
+
+
+class Paged:
+    """Marks a serving forward: attention metadata and caches come from the forward context."""
+
+    def __repr__(self) -> str:
+        return "PAGED"
+
+
+PAGED = Paged()
+AttentionMetadata = DenseCausal | Paged
 
 
 @dataclass(frozen=True)
@@ -32,50 +51,73 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True)
-class PagedMetadata:
-    """Where this step's tokens go in the KV cache and what each query attends to."""
+class PagedStep:
+    """One serving step's attention inputs: where each token's keys go, and what each query attends to.
 
+    Rows [0, num_decodes) are single-token decodes, one per sequence, described by decode_block_tables
+    [num_decodes, W] (the first decode_width columns are used) and decode_seq_lens [num_decodes] (tokens in
+    the cache after this step); the prefill chunks follow.
+    """
+
+    kv_caches: list[torch.Tensor]
     slot_mapping: torch.Tensor
-    decode_rows: torch.Tensor | None
+    num_decodes: int
     decode_block_tables: torch.Tensor | None
-    decode_mask: torch.Tensor | None
+    decode_seq_lens: torch.Tensor | None
+    decode_width: int
     prefills: tuple[PrefillChunk, ...]
 
 
-AttentionMetadata = DenseCausal | PagedMetadata
+_current_step: PagedStep | None = None
+
+
+@contextmanager
+def paged_step(step: PagedStep) -> Iterator[None]:
+    """The forward context: paged attention reads this step's metadata and caches inside the block."""
+    global _current_step
+    previous, _current_step = _current_step, step
+    try:
+        yield
+    finally:
+        _current_step = previous
 
 
 def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    meta: AttentionMetadata,
-    kv_cache: torch.Tensor | None,
-    scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, layer: int, scale: float
 ) -> torch.Tensor:
     """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq, D]."""
-    gqa = q.shape[1] != k.shape[1]
     if isinstance(meta, DenseCausal):
         shape = (meta.batch_size, meta.seq_len, -1, q.shape[-1])
         queries, keys, values = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
+        gqa = q.shape[1] != k.shape[1]
         out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(q.shape)
-    assert kv_cache is not None, "paged attention needs the layer's KV cache"
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    return torch.ops.moe_serve.paged_attention(q, k, v, layer, scale)
+
+
+@torch.library.custom_op("moe_serve::paged_attention", mutates_args=())
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    """Write this step's keys and values into layer's cache, then attend (see the module docstring)."""
+    step = _current_step
+    assert step is not None, "paged attention runs inside paged_step(...)"
+    k_cache, v_cache = step.kv_caches[layer][0], step.kv_caches[layer][1]
+    cpu = kernels() if q.device.type == "cpu" and k_cache.dtype in SUFFIX else None
+    if cpu is not None and not step.prefills:  # the decode-only step: one kernel call writes and attends
+        assert step.decode_block_tables is not None and step.decode_seq_lens is not None
+        new_kv = (k.contiguous(), v.contiguous(), step.slot_mapping)
+        tables, lens = step.decode_block_tables, step.decode_seq_lens
+        return cpu.paged_decode_attention(q.contiguous(), k_cache, v_cache, tables, lens, scale, new_kv)
     kv_shape = (-1, *k_cache.shape[2:])
-    k_cache.view(kv_shape).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(kv_shape).index_copy_(0, meta.slot_mapping, v)
+    k_cache.view(kv_shape).index_copy_(0, step.slot_mapping, k)
+    v_cache.view(kv_shape).index_copy_(0, step.slot_mapping, v)
     out = torch.empty_like(q)
-    if meta.decode_rows is not None:
-        assert meta.decode_block_tables is not None
-        keys = _gather_blocks(k_cache, meta.decode_block_tables).transpose(1, 2)
-        values = _gather_blocks(v_cache, meta.decode_block_tables).transpose(1, 2)
-        queries = q[meta.decode_rows].unsqueeze(2)
-        decoded = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
-        )
-        out[meta.decode_rows] = decoded.squeeze(2)
-    for chunk in meta.prefills:
+    if step.num_decodes:
+        assert step.decode_block_tables is not None and step.decode_seq_lens is not None
+        rows = slice(0, step.num_decodes)
+        tables, lens = step.decode_block_tables, step.decode_seq_lens
+        out[rows] = _decode(q[rows], k_cache, v_cache, tables, lens, step.decode_width, scale)
+    gqa = q.shape[1] != k.shape[1]
+    for chunk in step.prefills:
         rows = slice(chunk.start, chunk.start + chunk.length)
         queries = q[rows].transpose(0, 1)
         if chunk.context_len == chunk.length:
@@ -91,6 +133,34 @@ def attend(
             queries, keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
         ).transpose(0, 1)
     return out
+
+
+@paged_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def _decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    width_blocks: int,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence against its cached tokens, [B, Hq, D]."""
+    cpu = kernels() if q.device.type == "cpu" and k_cache.dtype in SUFFIX else None
+    if cpu is not None:
+        return cpu.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables, seq_lens, scale)
+    block_tables = block_tables[:, :width_blocks]
+    width = width_blocks * k_cache.shape[1]
+    mask = (torch.arange(width, device=q.device)[None, :] < seq_lens[:, None])[:, None, None, :]
+    keys = _gather_blocks(k_cache, block_tables).transpose(1, 2)
+    values = _gather_blocks(v_cache, block_tables).transpose(1, 2)
+    gqa = q.shape[1] != k_cache.shape[2]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.squeeze(2)
 
 
 def _gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:

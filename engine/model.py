@@ -2,7 +2,8 @@
 
 Parameter names follow the Hugging Face layout (model.layers.N.mlp.experts.gate_up_proj, ...) so a state
 dict maps onto checkpoints with a few renames. The forward pass works on a flattened batch of tokens [T];
-the attention metadata says whether they form dense causal sequences or paged-cache serving steps.
+the attention metadata says whether they form dense causal sequences or paged-cache serving steps (whose
+caches and block tables the model runner provides through the forward context, engine/attention.py).
 """
 
 from __future__ import annotations
@@ -70,11 +71,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
 
     def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-        kv_cache: torch.Tensor | None,
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> torch.Tensor:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
@@ -87,7 +84,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = attend(q, k, v, meta, kv_cache, self.scale)
+        out = attend(q, k, v, meta, self.layer_idx, self.scale)
         return self.o_proj(out.reshape(x.shape[0], -1))
 
 
@@ -118,10 +115,11 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-        kv_cache: torch.Tensor | None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, token_mask) if isinstance(self.mlp, SparseMoE) else self.mlp(h))
 
 
 class DecoderStack(nn.Module):
@@ -201,12 +199,13 @@ class MoEForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMetadata,
-        kv_caches: list[torch.Tensor] | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Final hidden states [T, H]. token_mask [T] (0 or 1) leaves tokens out of the expert-load counts."""
         x = self.model.embed_tokens(input_ids)
         rope = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, rope, meta, None if kv_caches is None else kv_caches[i])
+        for layer in self.model.layers:
+            x = layer(x, rope, meta, token_mask)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,11 @@
-"""Sparse MoE block: router -> routing stage -> dropless expert dispatch with grouped GEMM -> fp32 combine."""
+"""Sparse MoE block: router -> routing stage -> dropless expert dispatch -> fp32 combine.
+
+In inference the dispatch is one custom op per layer, `moe_serve::expert_mlp`, opaque to torch.compile (its
+work depends on which experts the step's tokens chose). Its backends: `auto` runs the CPU kernel (each expert
+that received tokens read once, empty experts not at all; engine/cpu_kernels.c) on CPU where it is built and
+grouped GEMM elsewhere; `grouped` (torch's grouped_mm over every expert, sync-free on CUDA) and `loop` (one mm
+per expert with tokens) are the references. Training, which needs gradients, runs the grouped path directly.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.cpu_kernels import SUFFIX, kernels
 from engine.routing import Routing, RoutingPolicy, route
 
 logger = logging.getLogger(__name__)
@@ -19,7 +27,7 @@ GroupedMM = Callable[..., torch.Tensor]
 RoutingObserver = Callable[["SparseMoE", torch.Tensor, torch.Tensor, Routing], None]
 _grouped_mm: GroupedMM | None = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
-BACKENDS = ("grouped", "loop")
+BACKENDS = ("auto", "grouped", "loop")
 
 
 class DenseMLP(nn.Module):
@@ -69,8 +77,9 @@ class Experts(nn.Module):
 class ExpertLoad(nn.Module):
     """Routed (token, expert) counts per [layer, expert], accumulated on the device with no host sync per step.
 
-    `token_mask` ([T] int64, 0 or 1; None counts all) lets the caller leave out tokens whose routing was
-    already counted: those recomputed after a preemption, or the shared prompt of a request's n > 1 copies.
+    A token mask ([T] int64, 0 or 1; None counts all) lets the caller leave out tokens whose routing was
+    already counted: those recomputed after a preemption, the shared prompt of a request's n > 1 copies, and
+    the padding rows of a fixed-size batch.
     """
 
     counts: torch.Tensor
@@ -79,14 +88,13 @@ class ExpertLoad(nn.Module):
         super().__init__()
         # One extra column absorbs dropped slots (sentinel id == num_experts).
         self.register_buffer("counts", torch.zeros(num_layers, num_experts + 1, dtype=torch.int64), persistent=False)
-        self.token_mask: torch.Tensor | None = None
 
-    def record(self, layer: int, expert_ids: torch.Tensor) -> None:
+    def record(self, layer: int, expert_ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
         flat = expert_ids.reshape(-1)
-        if self.token_mask is None:
+        if token_mask is None:
             weights = torch.ones_like(flat)
         else:
-            weights = self.token_mask[:, None].expand_as(expert_ids).reshape(-1)
+            weights = token_mask[:, None].expand_as(expert_ids).reshape(-1)
         self.counts[layer].index_add_(0, flat, weights)
 
     def snapshot(self) -> torch.Tensor:
@@ -132,46 +140,93 @@ def grouped_mm_supported(hidden_size: int, intermediate_size: int, dtype: torch.
     return _grouped_mm is not None and all((n * size) % 16 == 0 for n in (hidden_size, intermediate_size))
 
 
-def _expert_rows_grouped(xs: torch.Tensor, offs: torch.Tensor, experts: Experts) -> torch.Tensor:
+def _expert_rows_grouped(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     assert _grouped_mm is not None
-    gate_up = _grouped_mm(xs, experts.gate_up_proj.transpose(1, 2), offs=offs)
+    gate_up = _grouped_mm(xs, w13.transpose(1, 2), offs=offs)
     gate, up = gate_up.chunk(2, dim=-1)
-    return _grouped_mm(F.silu(gate) * up, experts.down_proj.transpose(1, 2), offs=offs)
+    return _grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
 
 
-def _expert_rows_loop(xs: torch.Tensor, offs: torch.Tensor, experts: Experts) -> torch.Tensor:
-    out = xs.new_zeros(xs.shape[0], experts.down_proj.shape[1])
-    ends = offs.tolist()
+def _expert_rows_loop(xs: torch.Tensor, offs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    out = xs.new_zeros(xs.shape[0], w2.shape[1])
     start = 0
-    for e, end in enumerate(ends):
+    for e, end in enumerate(offs.tolist()):
         if end > start:
-            gate, up = (xs[start:end] @ experts.gate_up_proj[e].transpose(0, 1)).chunk(2, dim=-1)
-            out[start:end] = (F.silu(gate) * up) @ experts.down_proj[e].transpose(0, 1)
+            gate, up = (xs[start:end] @ w13[e].transpose(0, 1)).chunk(2, dim=-1)
+            out[start:end] = (F.silu(gate) * up) @ w2[e].transpose(0, 1)
         start = end
     return out
 
 
-def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, backend: str = "grouped") -> torch.Tensor:
-    """Dropless expert computation: sort (token, slot) pairs by expert, run each expert on its rows, combine.
-
-    Returns [T, H] in fp32. Slots with the sentinel id num_experts are skipped.
-    """
-    num_tokens, k = routing.expert_ids.shape
-    num_experts = experts.num_experts
-    flat_ids = routing.expert_ids.reshape(-1)
+def _dispatch_sorted(
+    x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, loop: bool
+) -> torch.Tensor:
+    """Sort (token, slot) pairs by expert, run each expert on its rows (grouped_mm or a loop), combine in fp32."""
+    num_tokens, k = expert_ids.shape
+    num_experts = w13.shape[0]
+    flat_ids = expert_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
-    token_idx = order // k
     counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=x.device)
     counts.index_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
     offs = torch.cumsum(counts[:num_experts], dim=0, dtype=torch.int32)
-    xs = x.index_select(0, token_idx)
-    rows = (_expert_rows_grouped if backend == "grouped" else _expert_rows_loop)(xs, offs, experts)
+    xs = x.index_select(0, order // k)
+    rows = (_expert_rows_loop if loop else _expert_rows_grouped)(xs, offs, w13, w2)
     # Rows past offs[-1] (dropped slots) are never written by grouped_mm: zero them before weighting.
     valid = (flat_ids[order] < num_experts).unsqueeze(-1)
-    weighted = torch.where(valid, rows.float(), 0.0) * routing.weights.reshape(-1)[order].unsqueeze(-1)
+    weighted = torch.where(valid, rows.float(), 0.0) * weights.reshape(-1)[order].unsqueeze(-1)
     # Undo the sort and sum each token's k slots in slot order: deterministic on every device (no atomics).
     by_slot = torch.empty_like(weighted).index_copy_(0, order, weighted)
     return by_slot.view(num_tokens, k, -1).sum(dim=1)
+
+
+@torch.library.custom_op("moe_serve::expert_mlp", mutates_args=())
+def expert_mlp(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    """The routed experts' weighted outputs per token, [T, H] fp32 (see the module docstring for backends)."""
+    cpu = None
+    if backend == "auto" and x.device.type == "cpu" and gate_up_proj.dtype in SUFFIX:
+        cpu = kernels()
+    if cpu is not None:
+        x = x if x.dtype == gate_up_proj.dtype else x.to(gate_up_proj.dtype)
+        return cpu.expert_mlp(
+            x.contiguous(), expert_ids.contiguous(), weights.float().contiguous(), gate_up_proj, down_proj
+        )
+    return _dispatch_sorted(x, expert_ids, weights, gate_up_proj, down_proj, _loops(backend, gate_up_proj))
+
+
+def _loops(backend: str, w13: torch.Tensor) -> bool:
+    """Whether the sorted path loops over experts: asked for, or grouped_mm cannot take these shapes."""
+    return backend == "loop" or not grouped_mm_supported(w13.shape[2], w13.shape[1] // 2, w13.dtype)
+
+
+@expert_mlp.register_fake
+def _(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, backend: str = "auto") -> torch.Tensor:
+    """Dropless expert computation: each token's routed experts applied and combined with their weights.
+
+    Returns [T, H] in fp32. Slots with the sentinel id (the experts' row count) are skipped. With gradients
+    (training) it runs the grouped path in autograd; otherwise the expert_mlp op.
+    """
+    w13, w2 = experts.gate_up_proj, experts.down_proj
+    if torch.is_grad_enabled() and (x.requires_grad or w13.requires_grad):
+        return _dispatch_sorted(x, routing.expert_ids, routing.weights, w13, w2, _loops(backend, w13))
+    return torch.ops.moe_serve.expert_mlp(x, routing.expert_ids, routing.weights, w13, w2, backend)
 
 
 class SparseMoE(nn.Module):
@@ -198,10 +253,10 @@ class SparseMoE(nn.Module):
         if shared_expert_intermediate_size:
             self.shared_expert = DenseMLP(hidden_size, shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
-        self.backend = "grouped"
+        self.backend = "auto"
         self.policy: RoutingPolicy | None = None
         # A bound ExpertLoad.record (a plain attribute: the counters belong to the model, not to each block).
-        self.record_load: Callable[[int, torch.Tensor], None] | None = None
+        self.record_load: Callable[[int, torch.Tensor, torch.Tensor | None], None] | None = None
         self.observer: RoutingObserver | None = None
         # After release_experts: original expert id -> row of the kept experts' weights (sentinel -> sentinel).
         self.expert_rows: torch.Tensor | None = None
@@ -236,11 +291,11 @@ class SparseMoE(nn.Module):
             raise ValueError(f"unknown MoE backend {backend!r}; expected one of {BACKENDS}")
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         router_logits = self.gate(x)
         routing = route(router_logits, self.top_k, self.norm_topk_prob, self.policy)
         if self.record_load is not None:
-            self.record_load(self.layer_idx, routing.expert_ids)
+            self.record_load(self.layer_idx, routing.expert_ids, token_mask)
         if self.observer is not None:
             self.observer(self, x, router_logits, routing)
         if self.expert_rows is not None:
