@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from engine.paths import use_inductor_cache
+
+use_inductor_cache()  # before anything imports torch's compiler, which reads the variable once
+
 _EXPORTS = {
     "LLM": "engine.llm",
     "CheckpointError": "engine.config",

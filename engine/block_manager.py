@@ -50,7 +50,11 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow seq's block table with fresh blocks to hold num_new_tokens more tokens."""
-        needed = self.extra_blocks_needed(seq, num_new_tokens)
+        self._grow(seq, seq.num_computed_tokens + num_new_tokens)
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> None:
+        """Fresh blocks until seq's block table holds num_tokens tokens."""
+        needed = max(0, self.blocks_for(num_tokens) - len(seq.block_table))
         if needed > len(self._free):
             raise RuntimeError(f"{needed} KV blocks needed for {seq.request_id}, {len(self._free)} free")
         for _ in range(needed):
@@ -77,17 +81,19 @@ class BlockManager:
         fresh = self.blocks_for(len(cached) * self.block_size + num_new_tokens) - len(cached)
         return revived + fresh <= len(self._free)
 
-    def admit(self, seq: Sequence, cached: list[int], num_new_tokens: int) -> None:
-        """Share `cached` with seq (its first tokens count as computed), then allocate the rest."""
+    def admit(self, seq: Sequence, cached: list[int], num_new_tokens: int) -> int:
+        """Share `cached` with seq, then allocate room for num_new_tokens after them; returns the tokens the
+        cached blocks hold (the sequence's computed tokens, which the scheduler records)."""
         for block in cached:
             if self._ref_counts[block] == 0:
                 del self._free[block]
             self._ref_counts[block] += 1
         seq.block_table = list(cached)
         seq.num_registered_blocks = len(cached)
-        seq.num_computed_tokens = len(cached) * self.block_size
-        self.prefix_hit_tokens += seq.num_computed_tokens
-        self.allocate(seq, num_new_tokens)
+        hit = len(cached) * self.block_size
+        self.prefix_hit_tokens += hit
+        self._grow(seq, hit + num_new_tokens)
+        return hit
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Make seq's fully computed blocks reusable by later sequences with the same prefix."""

@@ -8,6 +8,7 @@ import sys
 
 from engine.config import DEFAULT_MODEL_DIR, CheckpointError
 from engine.llm import LLM
+from engine.moe import BACKENDS
 from engine.sampling_params import SamplingParams
 
 
@@ -29,7 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--moe-backend", default="grouped", choices=("grouped", "loop"))
+    parser.add_argument("--moe-backend", default="auto", choices=BACKENDS)
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_const",
+        const=True,
+        help="run the model eagerly, not compiled (default: $MOE_SERVE_ENFORCE_EAGER, else off)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -51,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             max_model_len=args.max_model_len,
             moe_backend=args.moe_backend,
+            **({} if args.enforce_eager is None else {"enforce_eager": True}),
         )
         outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
     except (CheckpointError, ValueError) as exc:

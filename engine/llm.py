@@ -22,11 +22,15 @@ class LLM:
     """Load a checkpoint once, then generate for many prompts with continuous batching.
 
     `LLM(model=path, dtype="auto", device="auto", **engine_args)`; engine_args are EngineConfig fields
-    (max_model_len, max_num_seqs, max_num_batched_tokens, block_size, kv_cache_memory_bytes, moe_backend, ...).
+    (max_model_len, max_num_seqs, max_num_batched_tokens, block_size, kv_cache_memory_bytes, moe_backend,
+    enforce_eager, ...). Unless enforce_eager, the forward is compiled here, as vLLM does at start-up (from
+    inductor's cache after the first time).
     """
 
     def __init__(self, model: str | Path, dtype: str = "auto", device: str = "auto", **engine_args: Any) -> None:
         self.engine = LLMEngine(model, EngineConfig(dtype=dtype, device=device, **engine_args))
+        if not self.engine.config.enforce_eager:
+            self.engine.warm_up()
         self._next_id = 0
 
     def get_tokenizer(self) -> Tokenizer:

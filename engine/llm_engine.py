@@ -7,8 +7,10 @@ has_unfinished_requests); `LLM` wraps it for offline batches.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from engine.config import CheckpointError, ModelConfig
 from engine.limits import check_request
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from engine.moe import PendingSnapshot, select_backend
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.routing import RoutingPolicy
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler
@@ -54,8 +56,11 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory_bytes: int = 1 << 30
     gpu_memory_utilization: float = 0.9
-    moe_backend: str = "grouped"
+    moe_backend: str = "auto"
     enable_prefix_caching: bool = True
+    # vLLM's name: run the model eagerly instead of compiling it (engine/compiled.py); eager is the reference.
+    # Default: $MOE_SERVE_ENFORCE_EAGER, else compiled.
+    enforce_eager: bool = field(default_factory=lambda: os.environ.get("MOE_SERVE_ENFORCE_EAGER", "0") == "1")
     # The pruning seam at load: per-MoE-layer routing policies, installed before the KV cache is sized; with
     # release_unrouted_experts, the weights of experts no policy can reach are freed first.
     routing_policies: dict[int, RoutingPolicy] = field(default_factory=dict)
@@ -82,16 +87,27 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """ "auto" is bf16 on CUDA and fp32 on CPU, where fp32 matmuls measured faster than bf16 on this project's CPUs."""
+    """ "auto" is what measured fastest per device: bf16 on CUDA (fp16 without bf16), and on CPU bf16 where it
+    has native bf16 dot products (AVX512_BF16 or AMX: half the bytes a decode step reads; docs/performance.md),
+    fp32 elsewhere (emulated bf16 GEMMs are slower than fp32)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected 'auto' or one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products in hardware (Linux: its /proc/cpuinfo flags)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 @dataclass
@@ -128,7 +144,7 @@ class LLMEngine:
         self.model.set_moe_backend(
             select_backend(config.moe_backend, model_config.hidden_size, model_config.moe_intermediate_size, self.dtype)
         )
-        self.model.eval()
+        self.model.eval().requires_grad_(False)
         self.released_expert_bytes = self._install_routing(config)
         self.max_model_len = self._max_model_len(model_config)
         num_blocks = self._num_kv_blocks()
@@ -138,8 +154,23 @@ class LLMEngine:
                 f"{self.max_model_len}: raise the KV cache budget or lower max_model_len"
             )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.tokenizer.eos_token_ids)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            self.max_model_len,
+            self.tokenizer.eos_token_ids,
+        )
+        self.runner = ModelRunner(
+            self.model,
+            num_blocks,
+            config.block_size,
+            self.tokenizer.eos_token_ids,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            self.max_model_len,
+            config.enforce_eager,
+        )
         self.requests: dict[str, _Request] = {}
         self.last_step = StepStats()
         logger.info(
@@ -256,76 +287,62 @@ class LLMEngine:
     # ----- the step -----
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return outputs of requests that produced a token or finished."""
-        scheduled = self.scheduler.schedule().scheduled
-        self.last_step = StepStats(sum(item.num_new_tokens for item in scheduled))
-        if not scheduled:
+        """Run one batch: schedule -> execute -> update; return outputs of requests that produced a token or
+        finished."""
+        scheduled = self.scheduler.schedule()
+        self.last_step = StepStats(sum(item.num_new_tokens for item in scheduled.scheduled))
+        if not scheduled.scheduled:
             return []
         start = time.monotonic()
-        for item in scheduled:
+        for item in scheduled.scheduled:
             metrics = self.requests[item.seq.request_id].metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = start
-        results = self.runner.execute(scheduled, self.tokenizer.decode_token)
-        now = time.monotonic()
+        output = self.runner.execute(scheduled, self.tokenizer.decode_token)
+        stepped = self.scheduler.update_from_output(scheduled, output)
+        return self._process_outputs(stepped, time.monotonic())
+
+    def _process_outputs(self, stepped: list[Sequence], now: float) -> list[RequestOutput]:
+        """Detokenize each new token, apply stop strings, and build the requests' outputs."""
         touched: dict[str, None] = {}
-        for item, result in zip(scheduled, results):
-            seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
-            seq.num_counted_tokens = max(seq.num_counted_tokens, seq.num_computed_tokens)
-            self.block_manager.register_full_blocks(seq)
-            if result.prompt_logprobs and seq.prompt_logprobs is not None:
-                seq.prompt_logprobs.extend(result.prompt_logprobs)
-            if result.token is not None:
-                self._append_token(seq, result.token, result.logprobs)
-                touched[seq.request_id] = None
+        for seq in stepped:
+            touched[seq.request_id] = None
+            if seq.num_output_tokens == 0:
+                continue  # prompt logprobs only
+            piece = seq.detokenizer.add(seq.token_ids[-1])
+            by_token = seq.is_finished and seq.finish_reason == "stop"  # an end or stop token decided
+            past_min = seq.num_output_tokens >= seq.params.min_tokens
+            hit = self._stop_string_hit(seq, piece, past_min and not by_token)
+            if hit is not None:
+                end, stop = hit
+                text = seq.detokenizer.text
+                end += len(text) - len(piece)
+                seq.stop_reason = stop
+                seq.output_text = text[:end] if seq.params.include_stop_str_in_output else text[: end - len(stop)]
+                if seq.is_finished:
+                    seq.finish_reason = "stop"  # the length limit and a stop string on the same token: the string
+                else:
+                    self.scheduler.finish(seq, "stop")
+            elif not isinstance(seq.stop_reason, str):
+                seq.output_text = seq.detokenizer.text
         outputs = [self._request_output(rid, now) for rid in touched]
-        for output in outputs:
-            if output.finished:
-                del self.requests[output.request_id]
+        for out in outputs:
+            if out.finished:
+                del self.requests[out.request_id]
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
-        if seq.max_output_tokens == 0:
-            self.scheduler.finish(seq, "length")
-            return
-        seq.token_ids.append(token)
-        if logprobs is not None:
-            seq.output_logprobs.append(logprobs)
-            seq.cumulative_logprob += logprobs[token].logprob
-        piece = seq.detokenizer.add(token)
-        params = seq.params
-        past_min = seq.num_output_tokens >= params.min_tokens
-        stop_hit = self._stop_string_hit(seq, piece, past_min)
-        if past_min and not params.ignore_eos and token in self.tokenizer.eos_token_ids:
-            self.scheduler.finish(seq, "stop")
-        elif past_min and token in params.stop_token_ids:
-            seq.stop_reason = token
-            self.scheduler.finish(seq, "stop")
-        elif stop_hit is not None:
-            end, stop = stop_hit
-            text = seq.detokenizer.text
-            end += len(text) - len(piece)
-            seq.stop_reason = stop
-            seq.output_text = text[:end] if params.include_stop_str_in_output else text[: end - len(stop)]
-            self.scheduler.finish(seq, "stop")
-        elif seq.num_output_tokens >= seq.max_output_tokens or seq.num_tokens >= self.max_model_len:
-            self.scheduler.finish(seq, "length")
-        if not isinstance(seq.stop_reason, str):
-            seq.output_text = seq.detokenizer.text
-
     @staticmethod
-    def _stop_string_hit(seq: Sequence, piece: str, past_min: bool) -> tuple[int, str] | None:
+    def _stop_string_hit(seq: Sequence, piece: str, check: bool) -> tuple[int, str] | None:
         """Feed the newest text to the sequence's stop-string automaton (always, so that a stop string begun
-        before min_tokens is still found after it); the first hit once past min_tokens, as (characters of
-        piece up to its end, the stop string)."""
+        before min_tokens is still found after it); the first hit when `check`, as (characters of piece up to
+        its end, the stop string)."""
         if seq.stop_strings is None:
             return None
         consumed = 0
         while consumed < len(piece):
             seq.stop_state, used, stop = seq.stop_strings.feed(seq.stop_state, piece[consumed:])
             consumed += used
-            if stop is not None and past_min:
+            if stop is not None and check:
                 return consumed, stop
         return None
 
@@ -383,8 +400,24 @@ class LLMEngine:
         self.model.expert_load.reset()
 
     def set_routing_policies(self, policies: dict[int, RoutingPolicy]) -> None:
-        """Change routing between requests; cached prefixes computed under the old routing are dropped."""
+        """Change routing between requests; cached prefixes computed under the old routing are dropped, and so
+        are compiled graphs specialized on it."""
         if self.has_unfinished_requests():
             raise RuntimeError("routing policies can change only while no request is in flight")
         self.model.set_routing_policies(policies)
         self.block_manager.reset_prefix_cache()
+        self.runner.reset_compiled()
+
+    def warm_up(self, progress: Callable[[str], None] | None = None) -> float:
+        """Pay first-use costs before serving: compile the forward (unless enforce_eager), then run one short
+        request through prefill and decode; its routing counts and cached prefix are forgotten. Returns the
+        seconds compilation took."""
+        seconds = self.runner.warm_up(progress)
+        prompt = list(range(max(1, min(16, self.max_model_len - 4))))
+        max_tokens = min(4, self.max_model_len - len(prompt))
+        self.add_request("warmup", prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        while self.has_unfinished_requests():
+            self.step()
+        self.reset_expert_load()
+        self.block_manager.reset_prefix_cache()
+        return seconds

@@ -1,41 +1,25 @@
-"""Device work for one engine step: owns the KV cache, builds the batch, runs the model, samples."""
+"""Device work for one engine step: owns the KV cache and the step's input buffers, runs the model, samples.
+
+A step's tokens are laid out decodes first (one row per sequence), then prefill chunks, in buffers allocated
+once for the largest step, so building a step writes into numpy views instead of creating tensors from lists.
+The forward is the model itself (`enforce_eager`) or its compiled form (engine/compiled.py): on CPU one
+graph with a symbolic token count serves every step; on CUDA, decode-only steps are padded to the next size
+of a ladder and replayed from CUDA graphs.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from engine.attention import PagedMetadata, PrefillChunk
+from engine.attention import PagedStep, PrefillChunk, paged_step
+from engine.compiled import CompiledForward
 from engine.model import MoEForCausalLM
-from engine.outputs import TokenLogprobs
 from engine.sampler import sample, token_logprobs
-from engine.scheduler import ScheduledSequence
-
-
-@dataclass
-class SequenceStepResult:
-    """What one step produced for one scheduled sequence."""
-
-    token: int | None = None
-    logprobs: TokenLogprobs | None = None
-    prompt_logprobs: list[TokenLogprobs] | None = None
-
-
-@dataclass
-class _StepBatch:
-    """One step's tokens flattened into rows, with what the forward pass and the sampler need to know."""
-
-    input_ids: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    slots: list[int] = field(default_factory=list)
-    counted: list[int] = field(default_factory=list)  # 1 where the token's expert routing is counted
-    decode_rows: list[int] = field(default_factory=list)
-    sample_rows: list[int] = field(default_factory=list)
-    sample_items: list[int] = field(default_factory=list)
-    prompt_rows: list[int] = field(default_factory=list)
-    prompt_targets: list[tuple[int, int]] = field(default_factory=list)  # (batch item, target token)
+from engine.scheduler import ModelRunnerOutput, ScheduledSequence, SchedulerOutput
 
 
 def kv_cache_bytes_per_block(model: MoEForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -44,112 +28,173 @@ def kv_cache_bytes_per_block(model: MoEForCausalLM, block_size: int, dtype: torc
     return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
 
 
+@dataclass
+class _Layout:
+    """Where one step's rows came from: the schedule index of each row's sequence, and what each row needs."""
+
+    order: list[int]  # schedule indices, decodes first
+    num_decodes: int
+    num_tokens: int
+    decode_width: int  # blocks the longest decode sequence spans
+    prefills: tuple[PrefillChunk, ...]
+    sample_rows: list[int]
+    sample_items: list[int]  # schedule indices of the sampled rows
+    prompt_rows: list[int]
+    prompt_targets: list[tuple[int, int]]  # (schedule index, target token)
+
+
+class StepBuffers:
+    """Host buffers for the largest step, filled in place each step (numpy views for cheap element writes)."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool) -> None:
+        def buffer(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.int64, pin_memory=pin)
+
+        self.input_ids, self.positions = buffer(max_tokens), buffer(max_tokens)
+        self.slot_mapping, self.token_mask = buffer(max_tokens), buffer(max_tokens)
+        self.block_tables, self.seq_lens = buffer(max_seqs, max_blocks), buffer(max_seqs)
+        self.np = {name: getattr(self, name).numpy() for name in vars(self).copy()}
+
+
 class ModelRunner:
     """Runs scheduled sequences through the model over a paged KV cache of num_blocks blocks."""
 
-    def __init__(self, model: MoEForCausalLM, num_blocks: int, block_size: int, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        model: MoEForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        eos_token_ids: tuple[int, ...],
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enforce_eager: bool = True,
+    ) -> None:
         self.model = model
         self.block_size = block_size
         self.eos_token_ids = eos_token_ids
         config = model.config
         weight = model.lm_head.weight
-        shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        # Zeroed, not empty: padded decode gathers read unused slots, and 0 * NaN would poison attention.
+        self.device = weight.device
+        # One spare block beyond what the block manager hands out, for the padding rows of CUDA graphs. Zeroed,
+        # not empty: padded decode gathers read unused slots, and 0 * NaN would poison attention.
+        shape = (2, num_blocks + 1, block_size, config.num_kv_heads, config.head_dim)
         self.kv_caches = [
             torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(config.num_layers)
         ]
-        self.device = weight.device
+        max_blocks = -(-max_model_len // block_size)
+        self.max_tokens = max(max_num_batched_tokens, max_num_seqs)
+        self.buffers = StepBuffers(self.max_tokens, max_num_seqs, max_blocks, pin=self.device.type == "cuda")
+        self.forward = CompiledForward(model, self.kv_caches, max_num_seqs, max_blocks, enforce_eager)
 
     @torch.inference_mode()
-    def execute(
-        self, batch: list[ScheduledSequence], decode_token: Callable[[int], str | None]
-    ) -> list[SequenceStepResult]:
+    def execute(self, scheduled: SchedulerOutput, decode_token: Callable[[int], str | None]) -> ModelRunnerOutput:
         """One forward pass over the scheduled tokens; sample where a sequence reached its last token."""
-        step, meta = self._prepare(batch)
-        self.model.expert_load.token_mask = None if all(step.counted) else self._tensor(step.counted)
-        hidden = self.model(self._tensor(step.input_ids), self._tensor(step.positions), meta, self.kv_caches)
-        results = [SequenceStepResult() for _ in batch]
-        if step.sample_rows:
-            self._sample(batch, hidden, step.sample_rows, step.sample_items, results, decode_token)
-        if step.prompt_rows:
-            logits = self.model.compute_logits(hidden[self._tensor(step.prompt_rows)])
-            top_n = [batch[item].seq.params.prompt_logprobs or 0 for item, _ in step.prompt_targets]
-            entries = token_logprobs(logits, [t for _, t in step.prompt_targets], top_n, decode_token)
-            for (item, _), entry in zip(step.prompt_targets, entries):
-                results[item].prompt_logprobs = (results[item].prompt_logprobs or []) + [entry]
-        return results
+        batch = scheduled.scheduled
+        layout = self._prepare(batch)
+        hidden = self._run(layout)
+        count = len(batch)
+        output = ModelRunnerOutput([None] * count, [None] * count, [None] * count)
+        if layout.sample_rows:
+            self._sample(batch, hidden, layout, output, decode_token)
+        if layout.prompt_rows:
+            logits = self.forward.logits(hidden[torch.tensor(layout.prompt_rows, device=hidden.device)])
+            top_n = [batch[item].seq.params.prompt_logprobs or 0 for item, _ in layout.prompt_targets]
+            entries = token_logprobs(logits, [t for _, t in layout.prompt_targets], top_n, decode_token)
+            for (item, _), entry in zip(layout.prompt_targets, entries):
+                output.prompt_logprobs[item] = (output.prompt_logprobs[item] or []) + [entry]
+        return output
 
-    def _prepare(self, batch: list[ScheduledSequence]) -> tuple[_StepBatch, PagedMetadata]:
-        """Flatten the scheduled tokens and say where their keys go, what they attend to, what is sampled."""
-        step = _StepBatch()
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
+    def _prepare(self, batch: list[ScheduledSequence]) -> _Layout:
+        """Lay the scheduled tokens out in the step buffers, decodes first, and say what each row needs."""
+        np_ = self.buffers.np
+        ids, positions, slots, mask = np_["input_ids"], np_["positions"], np_["slot_mapping"], np_["token_mask"]
         bs = self.block_size
-        for item, scheduled in enumerate(batch):
-            seq, n = scheduled.seq, scheduled.num_new_tokens
-            start, row = seq.num_computed_tokens, len(step.input_ids)
-            end = start + n
-            table = seq.block_table
-            step.input_ids += seq.token_ids[start:end]
-            step.positions += range(start, end)
-            first_uncounted = seq.first_uncounted_token
-            step.counted += [int(p >= first_uncounted) for p in range(start, end)]
-            step.slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+        decodes = [i for i, item in enumerate(batch) if item.num_new_tokens == 1]
+        order = decodes + [i for i, item in enumerate(batch) if item.num_new_tokens != 1]
+        layout = _Layout(order, len(decodes), 0, 0, (), [], [], [], [])
+        prefills = []
+        row = 0
+        for item_index in order:
+            seq, n = batch[item_index].seq, batch[item_index].num_new_tokens
+            start, end, table = seq.num_computed_tokens, seq.num_computed_tokens + n, seq.block_table
+            counted_from = seq.first_uncounted_token
             if n == 1:
-                step.decode_rows.append(row)
-                decode_tables.append(table[: -(-end // bs)])
-                decode_lens.append(end)
+                ids[row], positions[row] = seq.token_ids[start], start
+                slots[row] = table[start // bs] * bs + start % bs
+                mask[row] = start >= counted_from
+                blocks = -(-end // bs)
+                np_["block_tables"][row, :blocks] = table[:blocks]
+                np_["seq_lens"][row] = end
+                layout.decode_width = max(layout.decode_width, blocks)
             else:
+                ids[row : row + n] = seq.token_ids[start:end]
+                positions[row : row + n] = np.arange(start, end)
+                span = np.arange(start, end)
+                slots[row : row + n] = np.asarray(table, dtype=np.int64)[span // bs] * bs + span % bs
+                mask[row : row + n] = span >= counted_from
                 block_table = torch.tensor(table[: -(-end // bs)], dtype=torch.long, device=self.device)
                 prefills.append(PrefillChunk(row, n, end, block_table))
             if end == seq.num_tokens:
-                step.sample_rows.append(row + n - 1)
-                step.sample_items.append(item)
+                layout.sample_rows.append(row + n - 1)
+                layout.sample_items.append(item_index)
             if seq.wants_prompt_logprobs:
                 recorded = len(seq.prompt_logprobs or [None])
                 for target in range(max(start + 1, recorded), min(end + 1, seq.num_prompt_tokens)):
-                    step.prompt_rows.append(row + target - 1 - start)
-                    step.prompt_targets.append((item, seq.token_ids[target]))
-        meta = PagedMetadata(
-            slot_mapping=self._tensor(step.slots),
-            decode_rows=self._tensor(step.decode_rows) if step.decode_rows else None,
-            decode_block_tables=self._padded(decode_tables) if decode_tables else None,
-            decode_mask=self._decode_mask(decode_lens) if decode_lens else None,
-            prefills=tuple(prefills),
+                    layout.prompt_rows.append(row + target - 1 - start)
+                    layout.prompt_targets.append((item_index, seq.token_ids[target]))
+            row += n
+        layout.num_tokens = row
+        layout.prefills = tuple(prefills)
+        return layout
+
+    def _run(self, layout: _Layout) -> torch.Tensor:
+        """The forward pass over the laid-out rows: final hidden states [T, H]."""
+        b, t = self.buffers, layout.num_tokens
+        if not layout.prefills and self.forward.replays(layout.num_decodes):
+            return self.forward.replay_decode(b, layout.num_decodes)
+        step = PagedStep(
+            kv_caches=self.kv_caches,
+            slot_mapping=b.slot_mapping[:t].to(self.device, non_blocking=True),
+            num_decodes=layout.num_decodes,
+            decode_block_tables=b.block_tables[: layout.num_decodes].to(self.device, non_blocking=True),
+            decode_seq_lens=b.seq_lens[: layout.num_decodes].to(self.device, non_blocking=True),
+            decode_width=layout.decode_width,
+            prefills=layout.prefills,
         )
-        return step, meta
+        inputs = [x[:t].to(self.device, non_blocking=True) for x in (b.input_ids, b.positions, b.token_mask)]
+        with paged_step(step):
+            return self.forward(*inputs)
 
     def _sample(
         self,
         batch: list[ScheduledSequence],
         hidden: torch.Tensor,
-        rows: list[int],
-        items: list[int],
-        results: list[SequenceStepResult],
+        layout: _Layout,
+        output: ModelRunnerOutput,
         decode_token: Callable[[int], str | None],
     ) -> None:
+        items = layout.sample_items
         seqs = [batch[item].seq for item in items]
-        logits = self.model.compute_logits(hidden[self._tensor(rows)])
+        rows = layout.sample_rows
+        if rows == list(range(len(rows))):  # decode-only steps: the first rows, no gather
+            logits = self.forward.logits(hidden[: len(rows)])
+        else:
+            logits = self.forward.logits(hidden[torch.tensor(rows, device=hidden.device)])
         tokens = sample(logits, seqs, self.eos_token_ids).tolist()
         wanting = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
         if wanting:
             top_n = [seqs[i].params.logprobs or 0 for i in wanting]
             entries = token_logprobs(logits[wanting], [tokens[i] for i in wanting], top_n, decode_token)
             for i, entry in zip(wanting, entries):
-                results[items[i]].logprobs = entry
+                output.logprobs[items[i]] = entry
         for i, item in enumerate(items):
-            results[item].token = tokens[i]
+            output.tokens[item] = tokens[i]
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+    def warm_up(self, progress: Callable[[str], None] | None = None) -> float:
+        """Compile (and on CUDA capture) the forward before serving; seconds it took."""
+        return self.forward.warm_up(self.buffers, progress)
 
-    def _padded(self, tables: list[list[int]]) -> torch.Tensor:
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        return torch.tensor(padded, dtype=torch.long, device=self.device)
-
-    def _decode_mask(self, context_lens: list[int]) -> torch.Tensor:
-        width = -(-max(context_lens) // self.block_size) * self.block_size
-        lens = self._tensor(context_lens)
-        return (torch.arange(width, device=self.device)[None, :] < lens[:, None])[:, None, None, :]
+    def reset_compiled(self) -> None:
+        """Routing changed: compiled graphs specialized on the old routing are dropped."""
+        self.forward.reset()

@@ -1,0 +1,258 @@
+"""The serving forward: the model eager (`enforce_eager`, the reference), or compiled with torch.compile.
+
+What the compiler cannot trace, because its work depends on the step's data, sits behind two custom ops, one
+node each per layer: paged attention (engine/attention.py) and the expert dispatch (engine/moe.py). The rest
+of the model (embeddings, norms, projections, RoPE, routing, the expert-load counters) becomes a graph. Two
+graphs, compiled separately: one for one-token steps (batch-1 decode, where fixed costs rule) and one with a
+symbolic token count for every other step, decode or prefill. On CPU both run as inductor's fused C++, frozen
+(weights as constants, prepacked) with their GEMMs autotuned among inductor's C++ GEMM templates and torch's,
+which nearly halved a batch-1 step here and cut a batch-8 step by a fifth. On CUDA, decode-only steps are padded up to the next size of a ladder and replayed from CUDA
+graphs captured at warm-up (the step's metadata lives in static device buffers that every replay reads).
+
+Compiled artifacts are cached by inductor under $MOE_SERVE_CACHE/inductor (engine/paths.py), so a restart
+compiles from cache.
+Routing policies are traced into the graph: changing them drops the compiled graphs (they recompile on the
+next step) and the captured CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch._inductor.config
+from torch._inductor import select_algorithm
+
+from engine.attention import PAGED, PagedStep, paged_step
+from engine.model import MoEForCausalLM
+
+if TYPE_CHECKING:
+    from engine.model_runner import StepBuffers
+
+logger = logging.getLogger(__name__)
+# Decode batch sizes captured as CUDA graphs (vLLM's ladder shape); a step is padded up to the next one.
+CUDA_GRAPH_SIZES = (1, 2, 4, 8, *range(16, 257, 16), *range(288, 1025, 32))
+# Inductor's settings for the CPU graphs (see the module docstring); measured in docs/performance.md.
+CPU_OPTIONS = {
+    "freezing": True,
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+    "max_autotune_report_choices_stats": False,  # autotuning's tables would fill the server's log
+    "autotune_num_choices_displayed": 0,
+}
+
+
+def _one_token_forward(
+    model: MoEForCausalLM, input_ids: torch.Tensor, positions: torch.Tensor, token_mask: torch.Tensor
+) -> torch.Tensor:
+    """The serving forward of a one-token step (its own function: torch.compile keeps a cache per function)."""
+    return model(input_ids, positions, PAGED, token_mask)
+
+
+def _many_token_forward(
+    model: MoEForCausalLM, input_ids: torch.Tensor, positions: torch.Tensor, token_mask: torch.Tensor
+) -> torch.Tensor:
+    """The serving forward of every other step."""
+    return model(input_ids, positions, PAGED, token_mask)
+
+
+class CompiledForward:
+    """Calls the model's serving forward: compiled unless enforce_eager, CUDA graphs for decode on CUDA.
+
+    The caches have one block more than the block manager hands out: padded rows of a replayed CUDA graph
+    write their keys there.
+    """
+
+    def __init__(
+        self,
+        model: MoEForCausalLM,
+        kv_caches: list[torch.Tensor],
+        max_num_seqs: int,
+        max_blocks: int,
+        enforce_eager: bool,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.device = model.lm_head.weight.device
+        self.enforce_eager = enforce_eager
+        self._compiled: dict[bool, Callable[..., torch.Tensor]] = {}
+        self.ladder = [s for s in CUDA_GRAPH_SIZES if s <= max_num_seqs]
+        if self.ladder and self.ladder[-1] < max_num_seqs:
+            self.ladder.append(max_num_seqs)
+        self.max_blocks = max_blocks
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._static: dict[str, torch.Tensor] = {}
+        # Graphs compiled since the last reset, by whether the step has one token (torch specializes it). Calls
+        # of a compiled kind skip the guard checks: nothing the guards watch changes without a reset().
+        self._compiled_kinds: set[bool] = set()
+        if not enforce_eager:
+            self._compile()
+
+    def _compile(self) -> None:
+        """The two graphs, keyed by whether the step has one token; each compiles on its first call."""
+        self._compiled = {
+            True: torch.compile(_one_token_forward, dynamic=False, fullgraph=True),
+            False: torch.compile(_many_token_forward, dynamic=True, fullgraph=True),
+        }
+
+    @contextlib.contextmanager
+    def _compiling(self) -> Iterator[None]:
+        """Inductor's settings while a graph compiles (patched globally for the call: passed to torch.compile
+        as options, freezing did not take effect), with autotuning's report to stderr off."""
+        if self.device.type != "cpu":
+            yield
+            return
+        printing = select_algorithm.PRINT_AUTOTUNE
+        select_algorithm.PRINT_AUTOTUNE = False
+        try:
+            with torch._inductor.config.patch(CPU_OPTIONS):
+                yield
+        finally:
+            select_algorithm.PRINT_AUTOTUNE = printing
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return not self.enforce_eager and self.device.type == "cuda"
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states of a step whose attention context is set (engine.attention.paged_step)."""
+        if not self._compiled:
+            return self.model(input_ids, positions, PAGED, token_mask)
+        kind = input_ids.shape[0] == 1
+        forward = self._compiled[kind]
+        if kind not in self._compiled_kinds:
+            with self._compiling():
+                hidden = forward(self.model, input_ids, positions, token_mask)
+            self._compiled_kinds.add(kind)
+            return hidden
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            return forward(self.model, input_ids, positions, token_mask)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """compute_logits of the rows given (fp32). Eager in every mode: compiled, it measured no faster."""
+        return self.model.compute_logits(hidden)
+
+    def replays(self, num_decodes: int) -> bool:
+        """Whether a decode-only step of this many sequences runs from a captured CUDA graph."""
+        return self.uses_cuda_graphs and bool(self._graphs) and num_decodes <= self.ladder[-1]
+
+    def replay_decode(self, buffers: StepBuffers, num_decodes: int) -> torch.Tensor:
+        """Copy the step's decode rows into the static buffers (padding the rest), replay the graph of the next
+        ladder size, and return the real rows' hidden states."""
+        size = next(s for s in self.ladder if s >= num_decodes)
+        static = self._static
+        for name in ("input_ids", "positions", "slot_mapping", "token_mask", "seq_lens"):
+            static[name][:num_decodes].copy_(getattr(buffers, name)[:num_decodes], non_blocking=True)
+        static["block_tables"][:num_decodes].copy_(buffers.block_tables[:num_decodes], non_blocking=True)
+        self._pad(num_decodes, size)
+        graph, hidden = self._graphs[size]
+        graph.replay()
+        return hidden[:num_decodes]
+
+    def _pad(self, start: int, end: int) -> None:
+        """Padding rows: token 0 at position 0, written to the spare block, attending to itself, not counted."""
+        if end > start:
+            static = self._static
+            for name in ("input_ids", "positions", "token_mask", "block_tables"):
+                static[name][start:end] = 0
+            static["slot_mapping"][start:end] = self.spare_slot
+            static["seq_lens"][start:end] = 1
+            static["block_tables"][start:end, 0] = self.kv_caches[0].shape[1] - 1
+
+    @property
+    def spare_slot(self) -> int:
+        return (self.kv_caches[0].shape[1] - 1) * self.kv_caches[0].shape[2]
+
+    def warm_up(self, buffers: StepBuffers, progress: Callable[[str], None] | None = None) -> float:
+        """Compile now rather than on the first requests: a one-token and a two-token decode step through the
+        compiled forward (the engine's warm-up request then runs a prefill through the same graphs), then
+        (CUDA) one captured graph per ladder size."""
+        if self.enforce_eager:
+            return 0.0
+        say = progress or (lambda message: logger.info(message))
+        start = time.perf_counter()
+        say(f"compiling the forward ({self.device.type}); cached under {os.environ['TORCHINDUCTOR_CACHE_DIR']}")
+        for tokens in (1, 2)[: buffers.seq_lens.shape[0]]:  # decode rows: at most max_num_seqs of them
+            self._dummy_step(buffers, tokens)
+            say(f"compiled a {tokens}-token step ({time.perf_counter() - start:.1f} s)")
+        if self.uses_cuda_graphs:
+            self._capture_ladder(say)
+        seconds = time.perf_counter() - start
+        say(f"compilation done in {seconds:.1f} s")
+        return seconds
+
+    def _dummy_step(self, buffers: StepBuffers, tokens: int) -> None:
+        """A step of `tokens` decode rows, laid out in the step buffers as a real step is, that only touches the
+        spare block and counts no routing."""
+        spare_block = self.kv_caches[0].shape[1] - 1
+        for name in ("input_ids", "positions", "token_mask"):
+            getattr(buffers, name)[:tokens] = 0
+        buffers.slot_mapping[:tokens] = self.spare_slot
+        buffers.block_tables[:tokens, 0] = spare_block
+        buffers.seq_lens[:tokens] = 1
+        step = PagedStep(
+            kv_caches=self.kv_caches,
+            slot_mapping=buffers.slot_mapping[:tokens].to(self.device),
+            num_decodes=tokens,
+            decode_block_tables=buffers.block_tables[:tokens].to(self.device),
+            decode_seq_lens=buffers.seq_lens[:tokens].to(self.device),
+            decode_width=1,
+            prefills=(),
+        )
+        inputs = [x[:tokens].to(self.device) for x in (buffers.input_ids, buffers.positions, buffers.token_mask)]
+        with torch.inference_mode(), paged_step(step):
+            self(*inputs)
+
+    def _capture_ladder(self, say: Callable[[str], None]) -> None:
+        largest = self.ladder[-1]
+        self._static = {
+            name: torch.zeros(largest, dtype=torch.long, device=self.device)
+            for name in ("input_ids", "positions", "slot_mapping", "token_mask", "seq_lens")
+        }
+        self._static["block_tables"] = torch.zeros(largest, self.max_blocks, dtype=torch.long, device=self.device)
+        self._pad(0, largest)
+        pool = None
+        for size in reversed(self.ladder):  # largest first, so smaller graphs reuse its memory pool
+            self._graphs[size] = self._capture(size, pool)
+            pool = self._graphs[size][0].pool()
+        say(f"captured {len(self.ladder)} CUDA graphs for decode batches {self.ladder[0]}..{largest}")
+
+    @torch.inference_mode()
+    def _capture(self, size: int, pool: Any) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        static = self._static
+        step = PagedStep(
+            kv_caches=self.kv_caches,
+            slot_mapping=static["slot_mapping"][:size],
+            num_decodes=size,
+            decode_block_tables=static["block_tables"][:size],
+            decode_seq_lens=static["seq_lens"][:size],
+            decode_width=self.max_blocks,
+            prefills=(),
+        )
+        inputs = (static["input_ids"][:size], static["positions"][:size], static["token_mask"][:size])
+        with paged_step(step):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm up the allocator and any lazy initialization off the graph
+                    self(*inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self(*inputs)
+        return graph, hidden
+
+    def reset(self) -> None:
+        """Drop what was specialized on the model's routing: compiled graphs recompile on the next call, and
+        CUDA graphs are captured again at the next warm-up (until then decode runs through the forward)."""
+        if self.enforce_eager:
+            return
+        self._graphs.clear()
+        self._compiled_kinds.clear()
+        torch._dynamo.reset()
+        self._compile()
