@@ -2,6 +2,8 @@
 
 `python -m engine.bench MODEL_DIR [--batch-sizes 1,8,32] [--prompt-len 64] [--output-len 128] [--no-hf]`
 `python -m engine.bench --make-model DIR` first writes a random qwen3_moe checkpoint of the issue's shape.
+`python -m engine.bench MODEL_DIR --breakdown [--enforce-eager]` splits a decode step into its parts instead
+(engine/breakdown.py).
 Prints markdown tables (paste into docs/performance.md); `--json PATH` also saves the raw numbers.
 """
 
@@ -18,10 +20,11 @@ from typing import Any
 
 import torch
 
+from engine import breakdown
 from engine.llm import LLM
 from engine.llm_engine import DTYPES, resolve_device
 from engine.model import MoEForCausalLM
-from engine.moe import dispatch
+from engine.moe import BACKENDS, dispatch
 from engine.random_checkpoint import add_shape_arguments, shape_from_args, write_random_checkpoint
 from engine.routing import Routing
 from engine.sampling_params import SamplingParams
@@ -337,8 +340,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Path]:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--moe-backend", default="grouped", choices=("grouped", "loop"))
+    parser.add_argument("--moe-backend", default="auto", choices=BACKENDS)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--breakdown", action="store_true", help="time a decode step's parts instead")
+    parser.add_argument("--enforce-eager", action="store_true", help="the eager forward, not the compiled one")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     shape = parser.add_argument_group("--make-model shape (default: the issue's realistic CPU shape)")
     add_shape_arguments(shape, BENCH_SHAPE)
@@ -350,8 +355,36 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Path]:
     return args, write_random_checkpoint(args.make_model, "qwen3_moe", shape=shape_from_args(args))
 
 
+def run_breakdown(args: argparse.Namespace, model_dir: Path) -> list[breakdown.Breakdown]:
+    """The decode-step breakdown at every batch size, on one engine."""
+    torch.set_num_threads(args.threads)
+    llm = LLM(
+        model_dir,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=None,
+        max_num_seqs=max(args.batch_sizes),
+        moe_backend=args.moe_backend,
+        enable_prefix_caching=False,
+        enforce_eager=args.enforce_eager,
+    )
+    llm.engine.warm_up(progress)
+    vocab = llm.engine.model.config.vocab_size
+    rows = []
+    for batch in args.batch_sizes:
+        progress(f"breakdown at batch {batch}")
+        rows.append(breakdown.measure(llm.engine, make_prompts(batch, args.prompt_len, vocab)))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     args, model_dir = parse_args(argv)
+    if args.breakdown:
+        rows = run_breakdown(args, model_dir)
+        print(breakdown.markdown(rows))
+        if args.json:
+            args.json.write_text(json.dumps([vars(r) for r in rows], indent=2) + "\n")
+        return
     result = run(args, model_dir)
     print(markdown(result))
     if args.json:
