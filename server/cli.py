@@ -83,7 +83,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30, help="KV cache size on CPU")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use")
-    parser.add_argument("--moe-backend", choices=BACKENDS, default="grouped")
+    parser.add_argument(
+        "--moe-backend", choices=BACKENDS, default="auto", help="auto: the CPU kernel on CPU, else grouped"
+    )
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_const",
+        const=True,
+        help="run the model eagerly instead of compiling it at start-up (default: $MOE_SERVE_ENFORCE_EAGER, else off)",
+    )
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--max-queue", type=int, default=256, help="sequences waiting beyond a full batch before 503")
     parser.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger bodies get 413")
@@ -165,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             kv_cache_memory_bytes=args.kv_cache_memory_bytes,
             gpu_memory_utilization=args.gpu_memory_utilization,
             moe_backend=args.moe_backend,
+            **({} if args.enforce_eager is None else {"enforce_eager": True}),
             enable_prefix_caching=args.enable_prefix_caching,
             routing_policies=policies,
         )

@@ -94,7 +94,10 @@ class LoadFailed:
 
 @dataclass(frozen=True)
 class Ready:
-    """Warm-up is done."""
+    """Warm-up is done: it took warmup_seconds, of which compile_seconds compiling the forward."""
+
+    compile_seconds: float = 0.0
+    warmup_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.moe import PendingSnapshot
-from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.sampling_params import InvalidRequestError
 from server.child_process import become_child
 from server.engine_messages import (
     HEARTBEAT_INTERVAL_S,
@@ -50,18 +51,6 @@ from server.output_delta import DeltaEncoder
 
 logger = logging.getLogger(__name__)
 PROCESS_NAME = "moe-serve-engine"  # what ps shows (as "moe-serve-engin": the kernel keeps 15 bytes)
-
-
-def warm_up(engine: LLMEngine) -> None:
-    """Run one short request through prefill and decode, so first-use costs are paid before /ready; its
-    routing counts and cached prefix are then forgotten."""
-    prompt = list(range(max(1, min(16, engine.max_model_len - 4))))
-    max_tokens = min(4, engine.max_model_len - len(prompt))
-    engine.add_request("warmup", prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-    while engine.has_unfinished_requests():
-        engine.step()
-    engine.reset_expert_load()
-    engine.block_manager.reset_prefix_cache()
 
 
 def _stats(engine: LLMEngine, counts: np.ndarray | None, stepped: bool) -> EngineStats:
@@ -198,9 +187,9 @@ def run_engine(
     )
     try:
         conn.send(Loaded(info))
-        if warmup:
-            warm_up(engine)
-        conn.send(Ready())
+        started = time.perf_counter()
+        compile_seconds = engine.warm_up(logger.info) if warmup else 0.0
+        conn.send(Ready(compile_seconds, time.perf_counter() - started))
         _EngineLoop(conn, engine, read_every_steps).run()
     except (EOFError, BrokenPipeError):
         return  # the server went away

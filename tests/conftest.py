@@ -1,14 +1,22 @@
-"""Shared fixtures: tiny checkpoints of every supported architecture, written by transformers itself."""
+"""Shared fixtures: tiny checkpoints of every supported architecture, written by transformers itself.
+
+Engines run eagerly unless a test asks for the compiled forward (enforce_eager=False): compiling each tiny
+model would cost the suite minutes, and the compiled path has tests of its own (tests/engine/test_compiled.py)
+that check it against eager. Set before the engine is imported; servers started by tests inherit it.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+os.environ.setdefault("MOE_SERVE_ENFORCE_EAGER", "1")
 
 from engine.random_checkpoint import hf_config, write_tokenizer
 

@@ -136,8 +136,7 @@ def test_expert_load_counts_routed_pairs() -> None:
     assert snapshot[1].tolist() == [1, 0, 0, 2, 0, 0, 0, 0] and snapshot[0].sum() == 0
     load.reset()
     assert load.snapshot().sum() == 0 and snapshot.sum() == 3  # a snapshot is a copy, not a live view
-    load.token_mask = torch.tensor([0, 1])
-    load.record(0, torch.tensor([[0, 3], [3, 5]]))
+    load.record(0, torch.tensor([[0, 3], [3, 5]]), token_mask=torch.tensor([0, 1]))
     assert load.snapshot()[0].tolist() == [0, 0, 0, 1, 0, 1, 0, 0]
 
 

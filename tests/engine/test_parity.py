@@ -1,4 +1,5 @@
-"""Numerical parity with transformers on tiny random models of every supported architecture."""
+"""Numerical parity with transformers on tiny random models of every supported architecture, with the eager
+and the compiled forward."""
 
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ def prompts() -> list[list[int]]:
     return [torch.randint(0, 256, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=[(arch, mode) for arch in ARCHS for mode in ("eager", "compiled")], ids=str)
 def arch_pair(request: pytest.FixtureRequest, hf_checkpoint: Callable[[str], Path]):
     from transformers import AutoModelForCausalLM
 
-    path = hf_checkpoint(request.param)
+    arch, mode = request.param
+    path = hf_checkpoint(arch)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ours = LLM(path, dtype="float32", device="cpu", max_model_len=256)
+    ours = LLM(path, dtype="float32", device="cpu", max_model_len=256, enforce_eager=mode == "eager")
     return ours, reference
 
 
