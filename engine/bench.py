@@ -191,9 +191,12 @@ def expert_gemm_seconds(model: MoEForCausalLM, batch: int, repeats: int, device:
     return statistics.median(times)
 
 
-def floor_row(llm: LLM, batch: int, decode: dict[str, float], bandwidth: float) -> dict[str, float]:
+def floor_row(
+    llm: LLM, batch: int, decode: dict[str, float], bandwidth: float, expert_gemms: bool = True
+) -> dict[str, float]:
     """Bytes a decode step at this batch must read (measured expert union, dense weights, embedding rows,
-    KV cache), and the time that takes at the measured bandwidth."""
+    KV cache), and the time that takes at the measured bandwidth; with expert_gemms, also the expert dispatch
+    timed alone."""
     model = llm.engine.model
     config = model.config
     element = model.lm_head.weight.element_size()
@@ -206,7 +209,9 @@ def floor_row(llm: LLM, batch: int, decode: dict[str, float], bandwidth: float) 
         "step_ms": 1e3 * decode["step_s"],
         "floor_ms": 1e3 * floor,
         "fraction_of_floor": floor / decode["step_s"],
-        "expert_gemm_ms": 1e3 * expert_gemm_seconds(model, batch, 10, model.lm_head.weight.device),
+        "expert_gemm_ms": 1e3 * expert_gemm_seconds(model, batch, 10, model.lm_head.weight.device)
+        if expert_gemms
+        else 0.0,
         "bytes": total,
         "kv_bytes": kv,
         "expected_experts": expected_experts(config.num_experts, config.top_k, batch),
@@ -230,6 +235,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         max_num_seqs=max(args.batch_sizes),
         moe_backend=args.moe_backend,
         enable_prefix_caching=False,  # repeated rounds reuse prompts: both sides must prefill every time
+        enforce_eager=args.enforce_eager,
     )
     config = llm.engine.model.config
     hf_model = None if args.no_hf else load_hf(model_dir, dtype, device)
@@ -275,6 +281,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         "model": str(model_dir),
         "device": str(device),
         "dtype": args.dtype,
+        "mode": "eager" if args.enforce_eager else "compiled",
         "threads": args.threads,
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
@@ -293,7 +300,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"model {result['model']}: {shape}",
         (
-            f"device {result['device']}, dtype {result['dtype']}, threads {result['threads']}, "
+            f"device {result['device']}, dtype {result['dtype']}, {result['mode']}, threads {result['threads']}, "
             f"prompt {result['prompt_len']} tokens, output {result['output_len']} tokens, "
             f"best of {result['repeats']} alternating rounds"
         ),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,10 @@ CPU_OPTIONS = {
     "max_autotune_report_choices_stats": False,  # autotuning's tables would fill the server's log
     "autotune_num_choices_displayed": 0,
 }
+
+
+def _cxx_compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
 def _one_token_forward(
@@ -90,7 +95,10 @@ class CompiledForward:
         # Graphs compiled since the last reset, by whether the step has one token (torch specializes it). Calls
         # of a compiled kind skip the guard checks: nothing the guards watch changes without a reset().
         self._compiled_kinds: set[bool] = set()
-        if not enforce_eager:
+        if not enforce_eager and self.device.type == "cpu" and not _cxx_compiler():
+            logger.warning("no C++ compiler found (g++ or $CXX): inductor cannot compile the forward, running eagerly")
+            self.enforce_eager = True
+        if not self.enforce_eager:
             self._compile()
 
     def _compile(self) -> None:

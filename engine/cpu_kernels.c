@@ -133,9 +133,9 @@ EXPERT_MLP(expert_mlp_bf16, bf16, dot_rows_bf16, bf16_to_f32)
 /* q: [B, Hq, D]; caches: [blocks, block_size, Hkv, D]; block_tables: [B, W]; seq_lens: [B]; out: [B, Hq, D];
  * all in the cache's dtype. With k and v given ([B, Hkv, D]), each sequence's new key and value are first
  * written into its slot (slots: [B]). Each (sequence, KV head) pair is one task: its G = Hq / Hkv query heads
- * read each cached key and value once, CHUNK tokens at a time (scores of the chunk, then a softmax update
- * rescaling the running sums, then the values), so the inner loops run over whole vectors. */
-#define CHUNK 128
+ * read each cached key and value once, a cache block at a time (the block's scores, a softmax update
+ * rescaling the running sums, then its values), walking the block table instead of dividing every position. */
+#define MAX_BLOCK 64
 #define DECODE_ATTENTION(NAME, CT, LOAD, STORE)                                                        \
     void NAME(const CT *q, const CT *k, const CT *v, CT *k_cache, CT *v_cache, const int64_t *slots,   \
               const int64_t *block_tables, const int64_t *seq_lens, int64_t B, int64_t W,              \
@@ -148,10 +148,11 @@ EXPERT_MLP(expert_mlp_bf16, bf16, dot_rows_bf16, bf16_to_f32)
             }                                                                                          \
         }                                                                                              \
         for (int64_t b = 0; b < B; b++) work += seq_lens[b];                                           \
+        int64_t chunk = block_size < MAX_BLOCK ? block_size : MAX_BLOCK;                               \
         _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2) if(work * Hq * D > 65536)") \
         for (int64_t b = 0; b < B; b++) {                                                              \
             for (int64_t kh = 0; kh < Hkv; kh++) {                                                     \
-                float m[G], l[G], acc[G][D], qf[G][D], s[G][CHUNK], kf[CHUNK][D], vf[D];               \
+                float m[G], l[G], acc[G][D], qf[G][D], s[G][MAX_BLOCK], vf[D];                         \
                 for (int64_t g = 0; g < G; g++) {                                                      \
                     m[g] = -INFINITY; l[g] = 0.f;                                                      \
                     for (int64_t d = 0; d < D; d++) {                                                  \
@@ -159,23 +160,20 @@ EXPERT_MLP(expert_mlp_bf16, bf16, dot_rows_bf16, bf16_to_f32)
                         qf[g][d] = LOAD(q[(b * Hq + kh * G + g) * D + d]) * scale;                     \
                     }                                                                                  \
                 }                                                                                      \
-                for (int64_t t0 = 0; t0 < seq_lens[b]; t0 += CHUNK) {                                  \
-                    int64_t n = seq_lens[b] - t0 < CHUNK ? seq_lens[b] - t0 : CHUNK;                   \
-                    for (int64_t i = 0; i < n; i++) {                                                  \
-                        int64_t t = t0 + i;                                                            \
-                        int64_t slot = block_tables[b * W + t / block_size] * block_size + t % block_size; \
-                        const CT *kt = k_cache + (slot * Hkv + kh) * D;                                \
-                        for (int64_t d = 0; d < D; d++) kf[i][d] = LOAD(kt[d]);                        \
-                    }                                                                                  \
+                for (int64_t t0 = 0; t0 < seq_lens[b]; t0 += chunk) {                                  \
+                    int64_t n = seq_lens[b] - t0 < chunk ? seq_lens[b] - t0 : chunk;                   \
+                    int64_t first = block_tables[b * W + t0 / block_size] * block_size + t0 % block_size; \
+                    const CT *kb = k_cache + (first * Hkv + kh) * D, *vb = v_cache + (first * Hkv + kh) * D; \
                     for (int64_t g = 0; g < G; g++) {                                                  \
-                        float chunk_max = -INFINITY;                                                   \
+                        float block_max = -INFINITY;                                                   \
                         for (int64_t i = 0; i < n; i++) {                                              \
+                            const CT *kt = kb + i * row;                                               \
                             float dot = 0.f;                                                           \
-                            for (int64_t d = 0; d < D; d++) dot += qf[g][d] * kf[i][d];                \
+                            for (int64_t d = 0; d < D; d++) dot += qf[g][d] * LOAD(kt[d]);             \
                             s[g][i] = dot;                                                             \
-                            chunk_max = dot > chunk_max ? dot : chunk_max;                             \
+                            block_max = dot > block_max ? dot : block_max;                             \
                         }                                                                              \
-                        float m_new = chunk_max > m[g] ? chunk_max : m[g];                             \
+                        float m_new = block_max > m[g] ? block_max : m[g];                             \
                         float c = expf(m[g] - m_new), sum = 0.f;                                       \
                         for (int64_t i = 0; i < n; i++) {                                              \
                             s[g][i] = expf(s[g][i] - m_new);                                           \
@@ -186,9 +184,7 @@ EXPERT_MLP(expert_mlp_bf16, bf16, dot_rows_bf16, bf16_to_f32)
                         for (int64_t d = 0; d < D; d++) acc[g][d] *= c;                                \
                     }                                                                                  \
                     for (int64_t i = 0; i < n; i++) {                                                  \
-                        int64_t t = t0 + i;                                                            \
-                        int64_t slot = block_tables[b * W + t / block_size] * block_size + t % block_size; \
-                        const CT *vt = v_cache + (slot * Hkv + kh) * D;                                \
+                        const CT *vt = vb + i * row;                                                   \
                         for (int64_t d = 0; d < D; d++) vf[d] = LOAD(vt[d]);                           \
                         for (int64_t g = 0; g < G; g++) {                                              \
                             float p = s[g][i];                                                         \

@@ -1,12 +1,15 @@
-"""What static pruning buys at serving time: resident weights, process memory and decode step time per level.
+"""What static pruning buys at serving time: resident weights, process memory and decode throughput per level.
 
-`python -m pruning.bench MODEL [--levels 0,0.25,0.5] [--method random] [--batch-sizes 1,8,32,64] [--json PATH]`
+`python -m pruning.bench MODEL [--levels 0,0.25,0.5] [--method random] [--batch-sizes 1,8,32,64] [--repeats 3]`
 
-Each level loads the model in a fresh process with the plan's routing policies, so the removed experts'
-weights are released before anything else is allocated, and reports the weights' bytes, the process's
-resident memory (peak and after load; on CUDA the allocator's figures) and the median decode step at each batch
-size with the experts a step actually touches per layer. Static pruning leaves the work per token unchanged
-(k experts), so it should pay off only once a batch's tokens touch most of the experts.
+Each measurement loads the model in a fresh process with the level's routing policies, so the removed
+experts' weights are released before anything else is allocated, and reports the weights' bytes, the
+process's resident memory (after load; on CUDA the allocator's figures), and at each batch size the median
+decode step, the experts a step touches per layer, and the step's memory floor (the bytes it must read at
+the copy bandwidth measured in the same process). Levels alternate within each of --repeats rounds and the
+medians are reported, so this machine's drift falls on every level alike. Static pruning leaves the work
+per token unchanged (k experts), so it pays off once a batch's tokens touch most of the experts: the floor
+ratio says how much it can buy, the step ratio how much it did.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import argparse
 import json
 import multiprocessing
 import resource
+import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine.bench import decode_step, make_prompts, progress
+from engine.bench import decode_step, floor_row, make_prompts, memory_bandwidth, progress
 from engine.checkpoint import load_model
 from engine.llm import LLM
 from engine.llm_engine import resolve_device
@@ -50,6 +54,7 @@ def measure_level(model_dir: Path, level: float, method: str, args: dict[str, An
         routing_policies=policies,
         max_num_seqs=max(args["batch_sizes"]),
         kv_cache_memory_bytes=args["kv_bytes"],
+        enforce_eager=args["enforce_eager"],
     )
     row: dict[str, Any] = {
         "level": level,
@@ -62,24 +67,41 @@ def measure_level(model_dir: Path, level: float, method: str, args: dict[str, An
     if device.type == "cuda":
         row["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
     vocab = llm.engine.model.config.vocab_size
+    bandwidth = memory_bandwidth(device)
     for batch in args["batch_sizes"]:
         decode = decode_step(llm, make_prompts(batch, args["prompt_len"], vocab, seed=batch), args["steps"], device)
         row[f"decode_step_ms_b{batch}"] = 1e3 * decode["step_s"]
         row[f"experts_touched_b{batch}"] = decode["measured_experts"]
+        row[f"floor_ms_b{batch}"] = floor_row(llm, batch, decode, bandwidth, expert_gemms=False)["floor_ms"]
     return row
 
 
+def median_rows(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every number over repeated measurements of one level."""
+    merged = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            merged[key] = statistics.median(run[key] for run in runs)
+    return merged
+
+
 def markdown(rows: list[dict[str, Any]], batch_sizes: list[int]) -> str:
+    """Memory per level, then per batch size: decode tok/s, its ratio to level 0, the floor's ratio, experts."""
     base = rows[0]
     head = ["level", "kept/layer", "weights MiB", "released MiB", "RSS at load MiB"]
-    head += [f"b={b} step ms (vs 0)" for b in batch_sizes]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [f"{row['level']:g}", str(row["kept_experts"]), f"{row['weight_bytes'] / 2**20:.1f}"]
         cells += [f"{row['released_expert_bytes'] / 2**20:.1f}", f"{row['rss_load_delta_bytes'] / 2**20:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    head = ["level", *(f"b={b}: tok/s, vs 0, floor vs 0, experts" for b in batch_sizes)]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [f"{row['level']:g}"]
         for b in batch_sizes:
-            ms, touched = row[f"decode_step_ms_b{b}"], row[f"experts_touched_b{b}"]
-            cells.append(f"{ms:.2f} ({base[f'decode_step_ms_b{b}'] / ms:.2f}x, {touched:.1f} experts)")
+            ms, floor, touched = row[f"decode_step_ms_b{b}"], row[f"floor_ms_b{b}"], row[f"experts_touched_b{b}"]
+            speedup, floor_speedup = base[f"decode_step_ms_b{b}"] / ms, base[f"floor_ms_b{b}"] / floor
+            cells.append(f"{1e3 * b / ms:.0f}, {speedup:.2f}x, {floor_speedup:.2f}x, {touched:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -96,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kv-bytes", type=int, default=256 << 20, help="KV cache bytes on CPU")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the levels, medians reported")
+    parser.add_argument("--enforce-eager", action="store_true", help="the eager forward, not the compiled one")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     settings = {
@@ -106,17 +130,21 @@ def main(argv: list[str] | None = None) -> None:
         "dtype": args.dtype,
         "threads": args.threads,
         "kv_bytes": args.kv_bytes,
+        "enforce_eager": args.enforce_eager,
     }
-    rows = []
+    levels = [float(x) for x in args.levels.split(",")]
+    runs: dict[float, list[dict[str, Any]]] = {level: [] for level in levels}
     context = multiprocessing.get_context("spawn")
-    for level in [float(x) for x in args.levels.split(",")]:
-        progress(f"level {level:g}")
-        with context.Pool(1) as pool:
-            rows.append(pool.apply(measure_level, (args.model, level, args.method, settings)))
+    for round_ in range(args.repeats):
+        for level in levels:
+            progress(f"round {round_ + 1}/{args.repeats}, level {level:g}")
+            with context.Pool(1) as pool:
+                runs[level].append(pool.apply(measure_level, (args.model, level, args.method, settings)))
+    rows = [median_rows(runs[level]) for level in levels]
     print(markdown(rows, settings["batch_sizes"]))
     if args.json:
         args.json.write_text(
-            json.dumps({"model": str(args.model), "settings": settings, "rows": rows}, indent=2) + "\n"
+            json.dumps({"model": str(args.model), "settings": settings, "rows": rows, "runs": runs}, indent=2) + "\n"
         )
 
 

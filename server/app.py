@@ -120,6 +120,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         model_info(engine, settings),
         engine.info.weight_bytes,
         engine.info.released_expert_bytes,
+        startup=lambda: (engine.compile_seconds, engine.warmup_seconds),
     )
     engine.observers += [metrics, monitor]
 

@@ -205,8 +205,9 @@ class AsyncEngine:
             Idle: self._on_idle,
             Refreshed: self._on_refreshed,
             Heartbeat: lambda _: None,
-            Ready: lambda _: self.ready.set(),
+            Ready: self._on_ready,
         }
+        self.compile_seconds = self.warmup_seconds = 0.0
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._conn, child = context.Pipe()
         args = (child, str(model), config, warmup, threads, expert_read_every_steps, os.getpid())
@@ -456,6 +457,10 @@ class AsyncEngine:
             kind, text = message.error
             exc = InvalidRequestError(text) if kind == "invalid" else RuntimeError(text)
             _call_in_loop(stream.loop, _settle, stream.added, exc)
+
+    def _on_ready(self, message: Ready) -> None:
+        self.compile_seconds, self.warmup_seconds = message.compile_seconds, message.warmup_seconds
+        self.ready.set()
 
     def _on_idle(self, message: Idle) -> None:
         self.stats = message.stats

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -77,6 +77,7 @@ class ServerMetrics:
         model_info: dict[str, str] | None = None,
         weight_bytes: int = 0,
         released_expert_bytes: int = 0,
+        startup: Callable[[], tuple[float, float]] | None = None,
     ) -> None:
         self.model_name = model_name
         self.expert_load = expert_load
@@ -150,6 +151,13 @@ class ServerMetrics:
             "engine_peak_memory_bytes",
             "Peak memory of the engine process: torch's peak reservation on CUDA, peak resident set size on CPU.",
         )
+        if startup is not None:
+            gauge("engine_compile_seconds", "Seconds the engine spent compiling its forward at start-up.").set_function(
+                lambda: startup()[0]
+            )
+            gauge(
+                "engine_warmup_seconds", "Seconds from model loaded to ready (compilation and a warm-up request)."
+            ).set_function(lambda: startup()[1])
         registry.register(_ExpertCollector(self))
 
         self._requests: dict[str, _RequestState] = {}

@@ -39,7 +39,10 @@ def scripted_run(engine: LLMEngine) -> tuple[dict[str, RequestOutput], list[int]
     greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=2)
     arrivals = {
         0: [("a", prompt(9), greedy)],
-        2: [("b", prompt(23), greedy), ("c", prompt(5), SamplingParams(temperature=0.0, max_tokens=12, prompt_logprobs=1))],
+        2: [
+            ("b", prompt(23), greedy),
+            ("c", prompt(5), SamplingParams(temperature=0.0, max_tokens=12, prompt_logprobs=1)),
+        ],
         5: [(f"d{i}", prompt(11 + 7 * i), greedy) for i in range(5)],
         9: [("e", prompt(40), SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, n=2, logprobs=0))],
     }

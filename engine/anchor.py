@@ -1,0 +1,113 @@
+"""Decode throughput side by side with llama.cpp, the CPU anchor, in one run, alternating the two engines.
+
+`python -m engine.anchor MODEL_DIR --llama-cpp WORKDIR [--gguf NAME-bf16.gguf,...] [--batch-sizes 1,8,32]`
+`[--threads 2] [--rounds 3]`
+
+WORKDIR is what ../shared/anchors/llama-cpp/setup.sh built (build/bin/llama-bench, llama-batched-bench, and
+the model converted to gguf/). Each round measures, per batch size, this engine and then every GGUF given:
+at batch 1 llama.cpp's `llama-bench -n 128` (tg128), at larger batches `llama-batched-bench` with 64-token
+prompts and 128 generated tokens (its S_TG); this engine the same way: B sequences of 64-token prompts,
+prefilled, then 128 decode steps timed (B x 128 / seconds). Medians over rounds; the ratio is against the
+best llama.cpp file at each batch size (each engine in its best dtype). Same thread count on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from engine.bench import make_prompts, progress
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+
+PROMPT, GENERATED = 64, 128
+
+
+def ours(llm: LLM, batch: int) -> float:
+    """Decode tokens/s of `batch` sequences, counted as llama-batched-bench counts them."""
+    engine = llm.engine
+    prompts = make_prompts(batch, PROMPT, engine.model.config.vocab_size, seed=batch)
+    params = SamplingParams(temperature=0.0, max_tokens=GENERATED + 1, ignore_eos=True)
+    ids = [f"anchor-{batch}-{i}" for i in range(batch)]
+    for request_id, prompt in zip(ids, prompts):
+        engine.add_request(request_id, prompt, params)
+    seqs = [seq for request_id in ids for seq in engine.requests[request_id].seqs]
+    while any(seq.num_output_tokens == 0 for seq in seqs):  # prefill: every sequence has its first token
+        engine.step()
+    start = time.perf_counter()
+    for _ in range(GENERATED):
+        engine.step()
+    seconds = time.perf_counter() - start
+    while engine.has_unfinished_requests():
+        engine.step()
+    return batch * GENERATED / seconds
+
+
+def llama_cpp(workdir: Path, gguf: str, batch: int, threads: int) -> float:
+    """llama.cpp's decode tokens/s on the same workload."""
+    model = str(workdir / "gguf" / gguf)
+    if batch == 1:
+        run = subprocess.run(
+            [str(workdir / "build/bin/llama-bench"), "-m", model, "-p", "0", "-n", str(GENERATED), "-t", str(threads),
+             "-r", "3", "-o", "json"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return float(json.loads(run.stdout)[0]["avg_ts"])
+    run = subprocess.run(
+        [str(workdir / "build/bin/llama-batched-bench"), "-m", model, "-c", "8192", "-b", "2048", "-ub", "512",
+         "-npp", str(PROMPT), "-ntg", str(GENERATED), "-npl", str(batch), "-t", str(threads)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    row = next(
+        line for line in run.stdout.splitlines() if line.startswith("|") and line.split("|")[3].strip() == str(batch)
+    )
+    return float(row.split("|")[8])  # S_TG t/s
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m engine.anchor", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--llama-cpp", type=Path, required=True, help="the workdir setup.sh built")
+    parser.add_argument("--gguf", help="comma-separated files in WORKDIR/gguf (default: every NAME-*.gguf there)")
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    ggufs = (
+        args.gguf.split(",")
+        if args.gguf
+        else sorted(p.name for p in (args.llama_cpp / "gguf").glob(f"{args.model.name}-*.gguf"))
+    )
+    torch.set_num_threads(args.threads)
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max(batches), enable_prefix_caching=False)
+    samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in ["moe-serve", *ggufs]}
+    for round_ in range(args.rounds):
+        for batch in batches:
+            progress(f"round {round_ + 1}/{args.rounds}, batch {batch}")
+            samples["moe-serve"][batch].append(ours(llm, batch))
+            for gguf in ggufs:
+                samples[gguf][batch].append(llama_cpp(args.llama_cpp, gguf, batch, args.threads))
+    medians = {name: {b: statistics.median(v) for b, v in rows.items()} for name, rows in samples.items()}
+    dtype = str(llm.engine.dtype).removeprefix("torch.")
+    print(f"decode tokens/s, {args.threads} threads, median of {args.rounds} alternating rounds; moe-serve in {dtype}")
+    print("\n| batch | moe-serve | " + " | ".join(f"llama.cpp {g}" for g in ggufs) + " | moe-serve / best llama.cpp |")
+    print("|---:|---:|" + "---:|" * len(ggufs) + "---:|")
+    for b in batches:
+        best = max(medians[g][b] for g in ggufs)
+        cells = [f"{medians['moe-serve'][b]:.0f}", *(f"{medians[g][b]:.0f}" for g in ggufs)]
+        print(f"| {b} | " + " | ".join(cells) + f" | {medians['moe-serve'][b] / best:.2f}x |")
+    if args.json:
+        args.json.write_text(json.dumps({"threads": args.threads, "dtype": dtype, "samples": samples}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

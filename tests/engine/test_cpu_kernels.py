@@ -1,0 +1,100 @@
+"""The CPU kernels against torch's reference ops: the expert MLP against the sorted grouped and loop dispatch,
+paged decode attention against SDPA over gathered blocks, in fp32 (1e-5) and bf16; and an engine without the
+kernels (no compiler, or MOE_SERVE_CPU_KERNELS=0) generates the same tokens through torch's ops."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import LLM, SamplingParams
+from engine.cpu_kernels import kernels
+from engine.moe import _dispatch_sorted
+
+pytestmark = pytest.mark.skipif(kernels() is None, reason="no C compiler: the CPU kernels cannot be built")
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_expert_mlp_matches_the_reference_dispatch(dtype: torch.dtype, tokens: int) -> None:
+    generator = torch.Generator().manual_seed(tokens)
+    experts, hidden, width, k = 12, 48, 32, 3  # 12 weight rows, e.g. after pruning released some
+    w13 = (torch.randn(experts, 2 * width, hidden, generator=generator) * 0.1).to(dtype)
+    w2 = (torch.randn(experts, hidden, width, generator=generator) * 0.1).to(dtype)
+    x = torch.randn(tokens, hidden, generator=generator).to(dtype)
+    ids = torch.stack([torch.randperm(experts, generator=generator)[:k] for _ in range(tokens)])
+    ids[0, -1] = experts  # a dropped slot: no expert, no contribution
+    weights = torch.rand(tokens, k, generator=generator)
+    cpu = kernels()
+    assert cpu is not None
+    got = cpu.expert_mlp(x, ids, weights, w13, w2)
+    for loop in (False, True):
+        expected = _dispatch_sorted(x.float(), ids, weights, w13.float(), w2.float(), loop=loop)
+        assert torch.allclose(got, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim"), [(8, 8, 32), (8, 2, 64), (4, 1, 128)])
+def test_paged_decode_attention_matches_sdpa(dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int) -> None:
+    generator = torch.Generator().manual_seed(q_heads + head_dim)
+    blocks, block_size, width = 40, 16, 20
+    lengths = torch.tensor([1, 16, 17, 130, 300])  # one token, a full block, a chunk boundary, several chunks
+    batch = len(lengths)
+    k_cache = torch.randn(blocks, block_size, kv_heads, head_dim, generator=generator).to(dtype)
+    v_cache = torch.randn(blocks, block_size, kv_heads, head_dim, generator=generator).to(dtype)
+    tables = torch.stack([torch.randperm(blocks, generator=generator)[:width] for _ in range(batch)])
+    q = torch.randn(batch, q_heads, head_dim, generator=generator).to(dtype)
+    new_k = torch.randn(batch, kv_heads, head_dim, generator=generator).to(dtype)
+    new_v = torch.randn(batch, kv_heads, head_dim, generator=generator).to(dtype)
+    last = lengths - 1
+    slots = tables[torch.arange(batch), last // block_size] * block_size + last % block_size
+    scale = head_dim**-0.5
+    cpu = kernels()
+    assert cpu is not None
+    out = cpu.paged_decode_attention(q, k_cache, v_cache, tables, lengths, scale, (new_k, new_v, slots))
+    for b in range(batch):
+        keys = k_cache[tables[b]].reshape(-1, kv_heads, head_dim)[: lengths[b]].float()
+        values = v_cache[tables[b]].reshape(-1, kv_heads, head_dim)[: lengths[b]].float()
+        assert torch.equal(keys[-1], new_k[b].float()) and torch.equal(values[-1], new_v[b].float())  # written first
+        expected = F.scaled_dot_product_attention(
+            q[b].float()[:, None, :], keys.transpose(0, 1), values.transpose(0, 1), scale=scale, enable_gqa=True
+        )[:, 0]
+        assert torch.allclose(out[b].float(), expected, atol=TOLERANCE[dtype] * 4, rtol=TOLERANCE[dtype])
+
+
+def test_block_tables_too_short_for_the_batch_are_refused() -> None:
+    cpu = kernels()
+    assert cpu is not None
+    cache = torch.zeros(4, 16, 1, 8)
+    with pytest.raises(ValueError, match="block-table rows"):
+        cpu.paged_decode_attention(torch.zeros(3, 1, 8), cache, cache, torch.zeros(2, 1, dtype=torch.long),
+                                   torch.ones(3, dtype=torch.long), 1.0)  # fmt: skip
+
+
+@pytest.fixture
+def without_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("MOE_SERVE_CPU_KERNELS", "0")
+    kernels.cache_clear()
+    yield
+    monkeypatch.delenv("MOE_SERVE_CPU_KERNELS")
+    kernels.cache_clear()
+
+
+def test_an_engine_without_the_kernels_generates_the_same_tokens(
+    tiny_model: Path, request: pytest.FixtureRequest
+) -> None:
+    prompts = [[3, 14, 15, 92, 65, 35], [8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3]]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    with_kernels = LLM(tiny_model, dtype="float32", max_model_len=128).generate(prompts, params, use_tqdm=False)
+    request.getfixturevalue("without_kernels")
+    assert kernels() is None
+    reference = LLM(tiny_model, dtype="float32", max_model_len=128).generate(prompts, params, use_tqdm=False)
+    for a, b in zip(with_kernels, reference, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for entry_a, entry_b, token in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, a.outputs[0].token_ids):
+            assert abs(entry_a[token].logprob - entry_b[token].logprob) < 1e-4
