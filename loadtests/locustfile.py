@@ -106,9 +106,10 @@ def _start_run(environment: Environment, **_: Any) -> None:
 @events.test_stop.add_listener
 def _write_samples(environment: Environment, **_: Any) -> None:
     """Exact per-request timings (locust's own statistics round times above 100 ms to 2 significant digits)."""
-    if environment.parsed_options.samples_file:
+    options = environment.parsed_options
+    if options is not None and options.samples_file:
         samples = environment.run_state.samples  # type: ignore[attr-defined]
-        Path(environment.parsed_options.samples_file).write_text(json.dumps(samples))
+        Path(options.samples_file).write_text(json.dumps(samples))
 
 
 USER_NUMBERS = itertools.count()

@@ -64,7 +64,7 @@ class Calibration:
                 arrays[f"{layer.layer}.{name}"] = getattr(layer, name)
             arrays[f"{layer.layer}.counts"] = np.array([layer.num_tokens, layer.num_sampled])
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         tmp.replace(path)
 
     @classmethod

@@ -210,7 +210,8 @@ class AsyncEngine:
         self.compile_seconds = self.warmup_seconds = 0.0
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._conn, child = context.Pipe()
-        args = (child, str(model), config, warmup, threads, expert_read_every_steps, os.getpid())
+        log_level = logging.getLogger().getEffectiveLevel()
+        args = (child, str(model), config, warmup, threads, expert_read_every_steps, os.getpid(), log_level)
         self._process = context.Process(target=run_engine, args=args, name="moe-serve-engine", daemon=True)
         self._process.start()
         child.close()

@@ -166,9 +166,12 @@ def run_engine(
     threads: int | None,
     read_every_steps: int,
     parent_pid: int,
+    log_level: int = logging.WARNING,
 ) -> None:
-    """The engine process's main function."""
+    """The engine process's main function. Its log lines (loading, compilation progress) go to stderr like the
+    server's, at the server's level."""
     become_child(PROCESS_NAME, parent_pid)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if threads:
         torch.set_num_threads(threads)
     try:
