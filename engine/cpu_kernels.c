@@ -128,7 +128,133 @@ static inline float silu(float g) { return g / (1.f + expf(-g)); }
     }
 
 EXPERT_MLP(expert_mlp_f32, float, dot_rows_f32, AS_F32)
-EXPERT_MLP(expert_mlp_bf16, bf16, dot_rows_bf16, bf16_to_f32)
+EXPERT_MLP(expert_mlp_bf16_generic, bf16, dot_rows_bf16, bf16_to_f32)
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+
+/* out[r][c] = dot(x[r], w[c]) over n bf16 values (n a multiple of 32) for NR activation rows and 4 weight
+ * rows (ws apart): 4 x NR accumulators of vdpbf16ps, each weight and activation vector loaded once per tile. */
+static inline __attribute__((always_inline)) void dot_tile_bf16(const bf16 *w, int64_t ws, const bf16 *const *x,
+                                                                int64_t n, float out[4][4], const int NR) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t h = 0; h < n; h += 32) {
+        __m512bh wv[4], xv[4];
+        for (int c = 0; c < 4; c++) wv[c] = (__m512bh)_mm512_loadu_si512(w + c * ws + h);
+        for (int r = 0; r < NR; r++) xv[r] = (__m512bh)_mm512_loadu_si512(x[r] + h);
+        for (int r = 0; r < NR; r++)
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv[r], wv[c]);
+    }
+    /* The 16 horizontal sums at once: pairs, then quads within each 128-bit lane, then across the lanes. */
+    __m512 quad[4];
+    for (int r = 0; r < 4; r++) {
+        __m512 p0 = _mm512_add_ps(_mm512_unpacklo_ps(acc[r][0], acc[r][1]), _mm512_unpackhi_ps(acc[r][0], acc[r][1]));
+        __m512 p1 = _mm512_add_ps(_mm512_unpacklo_ps(acc[r][2], acc[r][3]), _mm512_unpackhi_ps(acc[r][2], acc[r][3]));
+        quad[r] = _mm512_add_ps(_mm512_shuffle_ps(p0, p1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                _mm512_shuffle_ps(p0, p1, _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    __m512 h01 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[0], quad[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm512_shuffle_f32x4(quad[0], quad[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 h23 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2], quad[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm512_shuffle_f32x4(quad[2], quad[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(h01, h23, _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_f32x4(h01, h23, _MM_SHUFFLE(3, 1, 3, 1)));
+    _mm512_storeu_ps(&out[0][0], sums); /* sums[4 r + c] = dot(x[r], w[c]) */
+}
+
+static void dot_tile_bf16_rows(const bf16 *w, int64_t ws, const bf16 *const *x, int nr, int64_t n, float out[4][4]) {
+    switch (nr) {
+    case 1: dot_tile_bf16(w, ws, x, n, out, 1); break;
+    case 2: dot_tile_bf16(w, ws, x, n, out, 2); break;
+    case 3: dot_tile_bf16(w, ws, x, n, out, 3); break;
+    default: dot_tile_bf16(w, ws, x, n, out, 4); break;
+    }
+}
+
+/* expert_mlp in bf16 with the CPU's bf16 dot-product instruction (H and I multiples of 32): the same grouping
+ * and parallel split as EXPERT_MLP, products of bf16 pairs accumulated in fp32; the SwiGLU activations are
+ * rounded to bf16 before the down projection, as torch's bf16 experts round them. */
+static void expert_mlp_bf16_dp(const bf16 *x, const int64_t *expert_ids, const float *weights, int64_t T,
+                               int64_t k, int64_t E, int64_t H, int64_t I, const bf16 *w13, const bf16 *w2,
+                               float *out, int threads) {
+    int64_t *count = calloc(E + 1, sizeof(int64_t)), *start = malloc((E + 1) * sizeof(int64_t));
+    int64_t *row_token = malloc((T * k ? T * k : 1) * sizeof(int64_t));
+    float *row_weight = malloc((T * k ? T * k : 1) * sizeof(float));
+    int64_t *group_expert = malloc(E * sizeof(int64_t));
+    for (int64_t i = 0; i < T * k; i++)
+        if (expert_ids[i] >= 0 && expert_ids[i] < E) count[expert_ids[i]]++;
+    int64_t groups = 0, rows = 0;
+    for (int64_t e = 0; e < E; e++) {
+        start[e] = rows;
+        rows += count[e];
+        if (count[e]) group_expert[groups++] = e;
+        count[e] = 0;
+    }
+    for (int64_t i = 0; i < T * k; i++) {
+        int64_t e = expert_ids[i];
+        if (e < 0 || e >= E) continue;
+        int64_t r = start[e] + count[e]++;
+        row_token[r] = i / k;
+        row_weight[r] = weights[i];
+    }
+    bf16 *hidden = malloc((rows ? rows : 1) * I * sizeof(bf16));
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2)
+    for (int64_t g = 0; g < groups; g++) {
+        for (int64_t jb = 0; jb < I / 16; jb++) {
+            int64_t e = group_expert[g], first = start[e], end = start[e] + count[e];
+            const bf16 *gate = w13 + e * 2 * I * H, *up = gate + I * H;
+            for (int64_t r0 = first; r0 < end; r0 += 4) {
+                int nr = (int)(end - r0 < 4 ? end - r0 : 4);
+                const bf16 *xr[4];
+                for (int r = 0; r < nr; r++) xr[r] = x + row_token[r0 + r] * H;
+                for (int64_t j = jb * 16; j < jb * 16 + 16; j += 4) {
+                    float gv[4][4], uv[4][4];
+                    dot_tile_bf16_rows(gate + j * H, H, xr, nr, H, gv);
+                    dot_tile_bf16_rows(up + j * H, H, xr, nr, H, uv);
+                    for (int r = 0; r < nr; r++)
+                        for (int c = 0; c < 4; c++) {
+                            float gate_bf = bf16_to_f32(f32_to_bf16(gv[r][c]));
+                            float up_bf = bf16_to_f32(f32_to_bf16(uv[r][c]));
+                            hidden[(r0 + r) * I + j + c] = f32_to_bf16(silu(gate_bf) * up_bf);
+                        }
+                }
+            }
+        }
+    }
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t ib = 0; ib < H / 16; ib++) {
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t e = group_expert[g], first = start[e], end = start[e] + count[e];
+            const bf16 *down = w2 + e * H * I;
+            for (int64_t r0 = first; r0 < end; r0 += 4) {
+                int nr = (int)(end - r0 < 4 ? end - r0 : 4);
+                const bf16 *hr[4];
+                for (int r = 0; r < nr; r++) hr[r] = hidden + (r0 + r) * I;
+                for (int64_t i = ib * 16; i < ib * 16 + 16; i += 4) {
+                    float dv[4][4];
+                    dot_tile_bf16_rows(down + i * I, I, hr, nr, I, dv);
+                    for (int r = 0; r < nr; r++)
+                        for (int c = 0; c < 4; c++) out[row_token[r0 + r] * H + i + c] += row_weight[r0 + r] * dv[r][c];
+                }
+            }
+        }
+    }
+    free(hidden); free(group_expert); free(row_weight); free(row_token); free(start); free(count);
+}
+#endif
+
+void expert_mlp_bf16(const bf16 *x, const int64_t *expert_ids, const float *weights, int64_t T, int64_t k,
+                     int64_t E, int64_t H, int64_t I, const bf16 *w13, const bf16 *w2, float *out, int threads) {
+#if defined(__AVX512BF16__)
+    if (H % 32 == 0 && I % 32 == 0) {
+        expert_mlp_bf16_dp(x, expert_ids, weights, T, k, E, H, I, w13, w2, out, threads);
+        return;
+    }
+#endif
+    expert_mlp_bf16_generic(x, expert_ids, weights, T, k, E, H, I, w13, w2, out, threads);
+}
 
 /* q: [B, Hq, D]; caches: [blocks, block_size, Hkv, D]; block_tables: [B, W]; seq_lens: [B]; out: [B, Hq, D];
  * all in the cache's dtype. With k and v given ([B, Hkv, D]), each sequence's new key and value are first

@@ -3,7 +3,7 @@
 `python -m engine.gpu_check --out DIR [--layers 4]`
 
 1. bf16 parity on CUDA: a random qwen3_moe checkpoint, prompt logprobs and greedy continuations of the
-   compiled CUDA engine (CUDA graphs for decode) against the eager fp32 CPU engine: logprobs within 5e-2 and
+   compiled CUDA engine (CUDA graphs for decode) against the eager fp32 CPU engine: logprobs within 2e-2 and
    greedy tokens equal for most prompts (bf16 rounding can flip a near-tie).
 2. CUDA graphs: the ladder captured at warm-up, and a decode batch between two rungs (padded), in fp32, giving
    eager CUDA's tokens.
@@ -64,7 +64,7 @@ def parity(out: Path, device: str) -> dict[str, object]:
     )
     return {
         "max_prompt_logprob_diff": worst,
-        "logprobs_within_5e-2": worst <= 5e-2,
+        "logprobs_within_2e-2": worst <= 2e-2,  # the bar; bf16 on CPU measured 0.025 here
         "greedy_equal": sum(a == b for a, b in zip(ref_tokens, cuda_tokens)),
         "prompts": len(prompts),
         "padded_fp32_batch_equal_to_eager": f"{padded_equal}/{len(odd)}",
