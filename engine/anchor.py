@@ -1,7 +1,7 @@
 """Decode throughput side by side with llama.cpp, the CPU anchor, in one run, alternating the two engines.
 
 `python -m engine.anchor MODEL_DIR --llama-cpp WORKDIR [--gguf NAME-bf16.gguf,...] [--batch-sizes 1,8,32]`
-`[--threads 2] [--rounds 3]`
+`[--threads 2] [--rounds 3] [--json PATH] [--plot PNG]`; `--plot PNG --from-json PATH` redraws a run's plot.
 
 WORKDIR is what ../shared/anchors/llama-cpp/setup.sh built (build/bin/llama-bench, llama-batched-bench, and
 the model converted to gguf/). Each round measures, per batch size, this engine and then every GGUF given:
@@ -70,17 +70,54 @@ def llama_cpp(workdir: Path, gguf: str, batch: int, threads: int) -> float:
     return float(row.split("|")[8])  # S_TG t/s
 
 
+def plot(samples: dict[str, dict[int, list[float]]], title: str, path: Path) -> None:
+    """Grouped bars per batch size: each engine's median decode tokens/s, whiskers from its slowest to its
+    fastest round (this machine drifts, so the spread is part of the result)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(samples)
+    batches = sorted(samples[names[0]], key=int)
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, name in enumerate(names):
+        rows = [samples[name][b] for b in batches]
+        medians = [statistics.median(r) for r in rows]
+        spread = [[m - min(r) for m, r in zip(medians, rows)], [max(r) - m for m, r in zip(medians, rows)]]
+        positions = [j + (i - (len(names) - 1) / 2) * width for j in range(len(batches))]
+        ax.bar(positions, medians, width, yerr=spread, capsize=3, label=name.removesuffix(".gguf"))
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.anchor", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", type=Path)
-    parser.add_argument("--llama-cpp", type=Path, required=True, help="the workdir setup.sh built")
+    parser.add_argument("model", type=Path, nargs="?")
+    parser.add_argument("--llama-cpp", type=Path, help="the workdir setup.sh built")
     parser.add_argument("--gguf", help="comma-separated files in WORKDIR/gguf (default: every NAME-*.gguf there)")
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path, help="also draw the medians and spread as a PNG")
+    parser.add_argument("--from-json", type=Path, help="draw --plot from an earlier run's --json; run nothing")
     args = parser.parse_args(argv)
+    if args.from_json:
+        if not args.plot:
+            parser.error("--from-json needs --plot")
+        run = json.loads(args.from_json.read_text())
+        plot(run["samples"], f"{run['threads']} threads, moe-serve in {run['dtype']}", args.plot)
+        return
+    if args.model is None or args.llama_cpp is None:
+        parser.error("MODEL_DIR and --llama-cpp are required (unless --from-json)")
     batches = [int(b) for b in args.batch_sizes.split(",")]
     ggufs = (
         args.gguf.split(",")
@@ -107,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {b} | " + " | ".join(cells) + f" | {medians['moe-serve'][b] / best:.2f}x |")
     if args.json:
         args.json.write_text(json.dumps({"threads": args.threads, "dtype": dtype, "samples": samples}, indent=2) + "\n")
+    if args.plot:
+        plot(samples, f"{args.threads} threads, moe-serve in {dtype}", args.plot)
 
 
 if __name__ == "__main__":
