@@ -26,6 +26,7 @@ _EXPORTS = {
     "RouterBalancing": "engine.config",
     "RoutingPolicy": "engine.routing",
     "SamplingParams": "engine.sampling_params",
+    "TokenRouting": "engine.token_routing",
 }
 __all__ = [
     "LLM",
@@ -40,6 +41,7 @@ __all__ = [
     "RouterBalancing",
     "RoutingPolicy",
     "SamplingParams",
+    "TokenRouting",
 ]
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from engine.outputs import CompletionOutput, Logprob, RequestOutput
     from engine.routing import RoutingPolicy
     from engine.sampling_params import InvalidRequestError, SamplingParams
+    from engine.token_routing import TokenRouting
 
 
 def __getattr__(name: str) -> Any:

@@ -129,7 +129,7 @@ class BlockManager:
         hashes = seq.block_hashes
         for index in range(len(hashes), num_blocks):
             tokens = seq.token_ids[index * self.block_size : (index + 1) * self.block_size]
-            digest = hashlib.blake2b(hashes[-1] if hashes else b"", digest_size=16)
+            digest = hashlib.blake2b(hashes[-1] if hashes else seq.cache_salt, digest_size=16)
             digest.update(array("q", tokens).tobytes())
             hashes.append(digest.digest())
         return hashes[:num_blocks]

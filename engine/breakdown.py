@@ -217,7 +217,9 @@ class _EagerPartsForward:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.clock.run("lm head", self.model.compute_logits, hidden)
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, token_mask: torch.Tensor, controls: torch.Tensor
+    ) -> torch.Tensor:
         model, run = self.model, self.clock.run
         config = model.config
         x = run("embeddings + rope tables", model.model.embed_tokens, input_ids)
@@ -237,7 +239,7 @@ class _EagerPartsForward:
                 x = run("norms + residuals", torch.add, x, run("dense projections", mlp, h))
                 continue
             logits = run("dense projections", mlp.gate, h)
-            routing = run("routing", _route, mlp, logits, token_mask)
+            routing = run("routing", _route, mlp, logits, token_mask, controls)
             experts = run("expert GEMMs", dispatch, h, routing, mlp.experts, mlp.backend)
             combined = run("combine", _combine, mlp, h, experts)
             x = run("norms + residuals", torch.add, x, combined)
@@ -262,9 +264,9 @@ def _qk(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope
     return apply_rotary(q, *rope), apply_rotary(k, *rope), v
 
 
-def _route(block: SparseMoE, logits: torch.Tensor, token_mask: torch.Tensor) -> Routing:
+def _route(block: SparseMoE, logits: torch.Tensor, token_mask: torch.Tensor, controls: torch.Tensor) -> Routing:
     """SparseMoE.forward between the router and the dispatch."""
-    routing = route(logits, block.top_k, block.norm_topk_prob, block.policy)
+    routing = route(logits, block.top_k, block.norm_topk_prob, block.policy, controls)
     if block.record_load is not None:
         block.record_load(block.layer_idx, routing.expert_ids, token_mask)
     if block.expert_rows is not None:

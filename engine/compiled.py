@@ -5,9 +5,10 @@ node each per layer: paged attention (engine/attention.py) and the expert dispat
 of the model (embeddings, norms, projections, RoPE, routing, the expert-load counters) becomes a graph. Two
 graphs, compiled separately: one for one-token steps (batch-1 decode, where fixed costs rule) and one with a
 symbolic token count for every other step, decode or prefill. On CPU both run as inductor's fused C++, frozen
-(weights as constants, prepacked) with their GEMMs autotuned among inductor's C++ GEMM templates and torch's,
-which nearly halved a batch-1 step here and cut a batch-8 step by a fifth. On CUDA, decode-only steps are padded up to the next size of a ladder and replayed from CUDA
-graphs captured at warm-up (the step's metadata lives in static device buffers that every replay reads).
+(weights as constants, prepacked) with their GEMMs autotuned among inductor's C++ GEMM templates, which nearly
+halved a batch-1 step here and cut a batch-8 step by a fifth. On CUDA, decode-only steps are padded up to the
+next size of a ladder and replayed from CUDA graphs captured at warm-up (the step's metadata lives in static
+device buffers that every replay reads).
 
 Compiled artifacts are cached by inductor under $MOE_SERVE_CACHE/inductor (engine/paths.py), so a restart
 compiles from cache.
@@ -31,6 +32,7 @@ from torch._inductor import select_algorithm
 
 from engine.attention import PAGED, PagedStep, paged_step
 from engine.model import MoEForCausalLM
+from engine.token_routing import NUM_CONTROLS, PADDING_ROW
 
 if TYPE_CHECKING:
     from engine.model_runner import StepBuffers
@@ -54,18 +56,17 @@ def _cxx_compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-def _one_token_forward(
-    model: MoEForCausalLM, input_ids: torch.Tensor, positions: torch.Tensor, token_mask: torch.Tensor
-) -> torch.Tensor:
-    """The serving forward of a one-token step (its own function: torch.compile keeps a cache per function)."""
-    return model(input_ids, positions, PAGED, token_mask)
+def _one_token_forward(model: MoEForCausalLM, *inputs: torch.Tensor) -> torch.Tensor:
+    """The serving forward of a one-token step (its own function: torch.compile keeps a cache per function).
+    inputs: input_ids, positions, token_mask, route_controls (StepBuffers.INPUTS)."""
+    input_ids, positions, token_mask, route_controls = inputs
+    return model(input_ids, positions, PAGED, token_mask, route_controls)
 
 
-def _many_token_forward(
-    model: MoEForCausalLM, input_ids: torch.Tensor, positions: torch.Tensor, token_mask: torch.Tensor
-) -> torch.Tensor:
+def _many_token_forward(model: MoEForCausalLM, *inputs: torch.Tensor) -> torch.Tensor:
     """The serving forward of every other step."""
-    return model(input_ids, positions, PAGED, token_mask)
+    input_ids, positions, token_mask, route_controls = inputs
+    return model(input_ids, positions, PAGED, token_mask, route_controls)
 
 
 class CompiledForward:
@@ -129,19 +130,20 @@ class CompiledForward:
     def uses_cuda_graphs(self) -> bool:
         return not self.enforce_eager and self.device.type == "cuda"
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states of a step whose attention context is set (engine.attention.paged_step)."""
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Hidden states of a step whose attention context is set (engine.attention.paged_step). inputs:
+        input_ids, positions, token_mask, route_controls, each the step's rows."""
         if not self._compiled:
-            return self.model(input_ids, positions, PAGED, token_mask)
-        kind = input_ids.shape[0] == 1
+            return _many_token_forward(self.model, *inputs)
+        kind = inputs[0].shape[0] == 1
         forward = self._compiled[kind]
         if kind not in self._compiled_kinds:
             with self._compiling():
-                hidden = forward(self.model, input_ids, positions, token_mask)
+                hidden = forward(self.model, *inputs)
             self._compiled_kinds.add(kind)
             return hidden
         with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-            return forward(self.model, input_ids, positions, token_mask)
+            return forward(self.model, *inputs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """compute_logits of the rows given (fp32). Eager in every mode: compiled, it measured no faster."""
@@ -156,7 +158,7 @@ class CompiledForward:
         ladder size, and return the real rows' hidden states."""
         size = next(s for s in self.ladder if s >= num_decodes)
         static = self._static
-        for name in ("input_ids", "positions", "slot_mapping", "token_mask", "seq_lens"):
+        for name in ("input_ids", "positions", "slot_mapping", "token_mask", "route_controls", "seq_lens"):
             static[name][:num_decodes].copy_(getattr(buffers, name)[:num_decodes], non_blocking=True)
         static["block_tables"][:num_decodes].copy_(buffers.block_tables[:num_decodes], non_blocking=True)
         self._pad(num_decodes, size)
@@ -170,6 +172,7 @@ class CompiledForward:
             static = self._static
             for name in ("input_ids", "positions", "token_mask", "block_tables"):
                 static[name][start:end] = 0
+            static["route_controls"][start:end] = torch.tensor(PADDING_ROW)
             static["slot_mapping"][start:end] = self.spare_slot
             static["seq_lens"][start:end] = 1
             static["block_tables"][start:end, 0] = self.kv_caches[0].shape[1] - 1
@@ -202,6 +205,7 @@ class CompiledForward:
         spare_block = self.kv_caches[0].shape[1] - 1
         for name in ("input_ids", "positions", "token_mask"):
             getattr(buffers, name)[:tokens] = 0
+        buffers.route_controls[:tokens] = torch.tensor(PADDING_ROW)
         buffers.slot_mapping[:tokens] = self.spare_slot
         buffers.block_tables[:tokens, 0] = spare_block
         buffers.seq_lens[:tokens] = 1
@@ -214,7 +218,7 @@ class CompiledForward:
             decode_width=1,
             prefills=(),
         )
-        inputs = [x[:tokens].to(self.device) for x in (buffers.input_ids, buffers.positions, buffers.token_mask)]
+        inputs = [x[:tokens].to(self.device) for x in buffers.inputs()]
         with torch.inference_mode(), paged_step(step):
             self(*inputs)
 
@@ -225,6 +229,7 @@ class CompiledForward:
             for name in ("input_ids", "positions", "slot_mapping", "token_mask", "seq_lens")
         }
         self._static["block_tables"] = torch.zeros(largest, self.max_blocks, dtype=torch.long, device=self.device)
+        self._static["route_controls"] = torch.zeros(largest, NUM_CONTROLS, device=self.device)
         self._pad(0, largest)
         pool = None
         for size in reversed(self.ladder):  # largest first, so smaller graphs reuse its memory pool
@@ -244,7 +249,7 @@ class CompiledForward:
             decode_width=self.max_blocks,
             prefills=(),
         )
-        inputs = (static["input_ids"][:size], static["positions"][:size], static["token_mask"][:size])
+        inputs = tuple(static[name][:size] for name in ("input_ids", "positions", "token_mask", "route_controls"))
         with paged_step(step):
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())

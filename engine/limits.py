@@ -25,6 +25,11 @@ def check_request(
         raise InvalidRequestError(
             f"stop_token_ids holds {bad}, outside the vocabulary (0..{vocab_size - 1})", "stop_token_ids"
         )
+    bad = next((t for t in params.forced_tokens or [] if t >= vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(
+            f"forced_tokens holds {bad}, outside the vocabulary (0..{vocab_size - 1})", "forced_tokens"
+        )
     most = min(max_logprobs, vocab_size)
     for name in ("logprobs", "prompt_logprobs"):
         value = getattr(params, name)

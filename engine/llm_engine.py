@@ -30,6 +30,7 @@ from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.stop_strings import StopStrings
+from engine.token_routing import TokenRouting
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class EngineConfig:
     # release_unrouted_experts, the weights of experts no policy can reach are freed first.
     routing_policies: dict[int, RoutingPolicy] = field(default_factory=dict)
     release_unrouted_experts: bool = True
+    # Every request's routing budget unless it brings its own (SamplingParams.routing).
+    token_routing: TokenRouting = field(default_factory=TokenRouting)
 
     def __post_init__(self) -> None:
         checks = [
@@ -256,6 +259,7 @@ class LLMEngine:
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_request(token_ids, params, self.model.config.vocab_size, self.max_model_len)
+        routing = self._request_routing(params)
         stop_strings = StopStrings(params.stop) if params.stop else None
         max_output = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(token_ids)
         seqs = []
@@ -264,13 +268,33 @@ class LLMEngine:
             if params.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
             detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
-            seq = Sequence(request_id, index, token_ids, params, detokenizer, max_output, generator, stop_strings)
+            seq = Sequence(
+                request_id, index, token_ids, params, detokenizer, max_output, generator, stop_strings, routing
+            )
             if seq.wants_prompt_logprobs:
                 seq.prompt_logprobs = [None]
             seqs.append(seq)
         self.requests[request_id] = _Request(text, token_ids, seqs, RequestMetrics(arrival_time=time.monotonic()))
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def _request_routing(self, params: SamplingParams) -> TokenRouting:
+        """The routing budget a request runs under, checked against the model (InvalidRequestError names the
+        field)."""
+        routing = params.routing or self.config.token_routing
+        try:
+            routing.validate(self.model.config.top_k)
+        except ValueError as error:
+            raise InvalidRequestError(f"routing: {error}", "routing") from None
+        if routing.keep_top is not None and not any(
+            block.policy is not None and block.policy.similarity is not None for block in self.model.moe_blocks()
+        ):
+            raise InvalidRequestError(
+                "routing: substitution needs the experts' similarity map, and this engine has none "
+                "(install routing policies with a similarity map, e.g. moe-serve --substitution)",
+                "routing",
+            )
+        return routing
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks; unknown ids are ignored."""
@@ -392,8 +416,13 @@ class LLMEngine:
         """
         return self.model.expert_load.snapshot().numpy()
 
+    def experts_read(self) -> np.ndarray:
+        """[layers, experts + 1]: column u counts the forwards that read u of the layer's experts (all rows'
+        distinct experts, after routing policies and substitution), since start or the last reset."""
+        return self.model.expert_load.experts_read().numpy()
+
     def expert_load_async(self) -> PendingSnapshot:
-        """The same counts as expert_load(), copied to the host without a device sync (for metrics)."""
+        """expert_load() and experts_read(), copied to the host without a device sync (for metrics)."""
         return self.model.expert_load.snapshot_async()
 
     def reset_expert_load(self) -> None:

@@ -116,10 +116,11 @@ class DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         token_mask: torch.Tensor | None = None,
+        route_controls: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, meta)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, token_mask) if isinstance(self.mlp, SparseMoE) else self.mlp(h))
+        return x + (self.mlp(h, token_mask, route_controls) if isinstance(self.mlp, SparseMoE) else self.mlp(h))
 
 
 class DecoderStack(nn.Module):
@@ -200,12 +201,14 @@ class MoEForCausalLM(nn.Module):
         positions: torch.Tensor,
         meta: AttentionMetadata,
         token_mask: torch.Tensor | None = None,
+        route_controls: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final hidden states [T, H]. token_mask [T] (0 or 1) leaves tokens out of the expert-load counts."""
+        """Final hidden states [T, H]. token_mask [T] (0 or 1) leaves tokens out of the expert-load counts;
+        route_controls [T, 4] are each token's routing budget (engine.routing.TokenRouting.row)."""
         x = self.model.embed_tokens(input_ids)
         rope = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, rope, meta, token_mask)
+            x = layer(x, rope, meta, token_mask, route_controls)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from engine.compiled import CompiledForward
 from engine.model import MoEForCausalLM
 from engine.sampler import sample, token_logprobs
 from engine.scheduler import ModelRunnerOutput, ScheduledSequence, SchedulerOutput
+from engine.token_routing import NUM_CONTROLS
 
 
 def kv_cache_bytes_per_block(model: MoEForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -53,7 +54,13 @@ class StepBuffers:
         self.input_ids, self.positions = buffer(max_tokens), buffer(max_tokens)
         self.slot_mapping, self.token_mask = buffer(max_tokens), buffer(max_tokens)
         self.block_tables, self.seq_lens = buffer(max_seqs, max_blocks), buffer(max_seqs)
+        # Each row's routing budget (engine.routing.TokenRouting.row).
+        self.route_controls = torch.zeros(max_tokens, NUM_CONTROLS, dtype=torch.float32, pin_memory=pin)
         self.np = {name: getattr(self, name).numpy() for name in vars(self).copy()}
+
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        """The forward's per-row inputs, in its argument order (engine.compiled)."""
+        return self.input_ids, self.positions, self.token_mask, self.route_controls
 
 
 class ModelRunner:
@@ -109,6 +116,7 @@ class ModelRunner:
         """Lay the scheduled tokens out in the step buffers, decodes first, and say what each row needs."""
         np_ = self.buffers.np
         ids, positions, slots, mask = np_["input_ids"], np_["positions"], np_["slot_mapping"], np_["token_mask"]
+        controls = np_["route_controls"]
         bs = self.block_size
         decodes = [i for i, item in enumerate(batch) if item.num_new_tokens == 1]
         order = decodes + [i for i, item in enumerate(batch) if item.num_new_tokens != 1]
@@ -123,6 +131,7 @@ class ModelRunner:
                 ids[row], positions[row] = seq.token_ids[start], start
                 slots[row] = table[start // bs] * bs + start % bs
                 mask[row] = start >= counted_from
+                controls[row] = seq.routing_rows[start >= seq.num_prompt_tokens]
                 blocks = -(-end // bs)
                 np_["block_tables"][row, :blocks] = table[:blocks]
                 np_["seq_lens"][row] = end
@@ -133,6 +142,7 @@ class ModelRunner:
                 span = np.arange(start, end)
                 slots[row : row + n] = np.asarray(table, dtype=np.int64)[span // bs] * bs + span % bs
                 mask[row : row + n] = span >= counted_from
+                controls[row : row + n] = seq.routing_rows[False]
                 block_table = torch.tensor(table[: -(-end // bs)], dtype=torch.long, device=self.device)
                 prefills.append(PrefillChunk(row, n, end, block_table))
             if end == seq.num_tokens:
@@ -162,7 +172,7 @@ class ModelRunner:
             decode_width=layout.decode_width,
             prefills=layout.prefills,
         )
-        inputs = [x[:t].to(self.device, non_blocking=True) for x in (b.input_ids, b.positions, b.token_mask)]
+        inputs = [x[:t].to(self.device, non_blocking=True) for x in b.inputs()]
         with paged_step(step):
             return self.forward(*inputs)
 

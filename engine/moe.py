@@ -79,15 +79,20 @@ class ExpertLoad(nn.Module):
 
     A token mask ([T] int64, 0 or 1; None counts all) lets the caller leave out tokens whose routing was
     already counted: those recomputed after a preemption, the shared prompt of a request's n > 1 copies, and
-    the padding rows of a fixed-size batch.
+    the padding rows of a fixed-size batch. Each call also counts the forward as one that read u of the
+    layer's experts (u = the distinct experts of all its rows, padding included: they are read), the figure
+    batch-aware substitution lowers.
     """
 
     counts: torch.Tensor
 
     def __init__(self, num_layers: int, num_experts: int) -> None:
         super().__init__()
-        # One extra column absorbs dropped slots (sentinel id == num_experts).
-        self.register_buffer("counts", torch.zeros(num_layers, num_experts + 1, dtype=torch.int64), persistent=False)
+        self.num_experts = num_experts
+        # Columns: routed tokens per expert; one for dropped slots (sentinel id == num_experts); then forwards
+        # by the number of experts they read, 0..num_experts.
+        width = 2 * num_experts + 2
+        self.register_buffer("counts", torch.zeros(num_layers, width, dtype=torch.int64), persistent=False)
 
     def record(self, layer: int, expert_ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
         flat = expert_ids.reshape(-1)
@@ -96,22 +101,31 @@ class ExpertLoad(nn.Module):
         else:
             weights = token_mask[:, None].expand_as(expert_ids).reshape(-1)
         self.counts[layer].index_add_(0, flat, weights)
+        num_experts = self.num_experts
+        read = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device).index_fill(0, flat, 1)
+        column = read[:num_experts].sum().view(1) + num_experts + 1
+        self.counts[layer].index_add_(0, column, torch.ones_like(column))
 
     def snapshot(self) -> torch.Tensor:
         """A copy, [layers, experts] int64 on the CPU (one host sync)."""
-        return self.counts[:, :-1].to("cpu", copy=True)
+        return self.counts[:, : self.num_experts].to("cpu", copy=True)
+
+    def experts_read(self) -> torch.Tensor:
+        """[layers, experts + 1] int64 on the CPU: column u counts the forwards that read u of the layer's
+        experts (one host sync)."""
+        return self.counts[:, self.num_experts + 1 :].to("cpu", copy=True)
 
     def snapshot_async(self) -> PendingSnapshot:
         """Start copying the counts to the host without waiting for the device (pinned memory and an event on
         CUDA); the copy holds the counts as of the work queued so far."""
         if self.counts.device.type != "cuda":
-            return PendingSnapshot(self.snapshot(), None)
-        host = torch.empty(self.counts[:, :-1].shape, dtype=torch.int64, pin_memory=True)
+            return PendingSnapshot(self.counts.to("cpu", copy=True), None, self.num_experts)
+        host = torch.empty(self.counts.shape, dtype=torch.int64, pin_memory=True)
         with torch.cuda.device(self.counts.device):  # the event must follow the copy on the counts' device
-            host.copy_(self.counts[:, :-1], non_blocking=True)
+            host.copy_(self.counts, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        return PendingSnapshot(host, event)
+        return PendingSnapshot(host, event, self.num_experts)
 
     def reset(self) -> None:
         self.counts.zero_()
@@ -120,9 +134,10 @@ class ExpertLoad(nn.Module):
 class PendingSnapshot:
     """Expert counts on their way to the host: poll `ready()`, then read `counts()` without a device sync."""
 
-    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None) -> None:
+    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None, num_experts: int) -> None:
         self._host = host
         self._event = event
+        self._num_experts = num_experts
 
     def ready(self) -> bool:
         return self._event is None or self._event.query()
@@ -131,7 +146,13 @@ class PendingSnapshot:
         """[layers, experts] int64 on the CPU; waits for the copy if it is not ready yet."""
         if self._event is not None:
             self._event.synchronize()
-        return self._host
+        return self._host[:, : self._num_experts]
+
+    def experts_read(self) -> torch.Tensor:
+        """ExpertLoad.experts_read as of the copy; waits for it if it is not ready yet."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host[:, self._num_experts + 1 :]
 
 
 def grouped_mm_supported(hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> bool:
@@ -291,9 +312,11 @@ class SparseMoE(nn.Module):
             raise ValueError(f"unknown MoE backend {backend!r}; expected one of {BACKENDS}")
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None, route_controls: torch.Tensor | None = None
+    ) -> torch.Tensor:
         router_logits = self.gate(x)
-        routing = route(router_logits, self.top_k, self.norm_topk_prob, self.policy)
+        routing = route(router_logits, self.top_k, self.norm_topk_prob, self.policy, route_controls)
         if self.record_load is not None:
             self.record_load(self.layer_idx, routing.expert_ids, token_mask)
         if self.observer is not None:

@@ -32,7 +32,21 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> torch.Tensor:
-    """One token per row of logits [B, V] (fp32), following each sequence's SamplingParams."""
+    """One token per row of logits [B, V] (fp32), following each sequence's SamplingParams (a sequence with
+    forced_tokens gets its next forced token)."""
+    tokens = _sampled(logits, seqs, eos_token_ids)
+    forced = [
+        (row, seq.params.forced_tokens[seq.num_output_tokens])
+        for row, seq in enumerate(seqs)
+        if seq.params.forced_tokens
+    ]
+    if forced:
+        rows, values = zip(*forced, strict=True)
+        tokens[list(rows)] = torch.tensor(values, device=tokens.device)
+    return tokens
+
+
+def _sampled(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> torch.Tensor:
     logits = _ban_until_min_tokens(logits, seqs, eos_token_ids)
     greedy_tokens = logits.argmax(dim=-1)
     params = [s.params for s in seqs]

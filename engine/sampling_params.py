@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.token_routing import TokenRouting
+
 # Below this a temperature is greedy: dividing logits by it would overflow (vLLM's rule).
 GREEDY_TEMPERATURE = 1e-5
 INT64_MAX = 2**63 - 1
@@ -36,6 +38,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # This request's routing budget; None: the engine's (EngineConfig.token_routing).
+    routing: TokenRouting | None = None
+    # Teacher forcing: emit these tokens instead of sampling (at most max_tokens of them), so `logprobs` score a
+    # reference continuation as decode steps compute it, batch-mates and decode-time routing included.
+    forced_tokens: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,6 +72,18 @@ class SamplingParams:
             (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs", "must be at least 0"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids"),
+            (
+                self.forced_tokens is None
+                or (bool(self.forced_tokens) and all(isinstance(t, int) and t >= 0 for t in self.forced_tokens)),
+                "forced_tokens",
+                "must be a non-empty list of token ids",
+            ),
+            (
+                self.forced_tokens is None
+                or (self.max_tokens is not None and self.max_tokens <= len(self.forced_tokens)),
+                "max_tokens",
+                "must be set and at most the number of forced_tokens",
+            ),
         ]
         for ok, name, message in checks:
             if not ok:

@@ -9,6 +9,7 @@ import torch
 from engine.outputs import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.stop_strings import StopStrings
+from engine.token_routing import TokenRouting
 from engine.tokenizer import IncrementalDetokenizer
 
 
@@ -34,6 +35,7 @@ class Sequence:
         max_output_tokens: int,
         generator: torch.Generator | None = None,
         stop_strings: StopStrings | None = None,
+        routing: TokenRouting | None = None,
     ) -> None:
         self.request_id = request_id
         self.index = index
@@ -46,6 +48,9 @@ class Sequence:
         self.num_counted_tokens = 0
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # prefix digests of full token blocks (tokens only grow: never stale)
+        routing = routing or TokenRouting()
+        self.cache_salt = routing.cache_salt  # seeds the first block's digest
+        self.routing_rows = (routing.row(generated=False), routing.row(generated=True))  # a token's route controls
         self.num_registered_blocks = 0  # leading blocks of block_table already offered for prefix reuse
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from engine.moe import SparseMoE
+from engine.routing import RoutingPolicy, route
 
 HANDLINGS = ("repick", "redirect")
 
@@ -49,18 +50,21 @@ class LayerReplay:
     def route(
         self, removed: list[int], redirect: dict[int, int] | None = None, rows: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(expert ids [T, k], weights [T, k]) of the tokens (or `rows`) with `removed` experts gone."""
+        """(expert ids [T, k], weights [T, k]) of the tokens (or `rows`) with `removed` experts gone, routed by
+        the engine's own routing stage under the policy serving would install."""
         logits = self.logits if rows is None else self.logits[rows]
-        if redirect is None and removed:
-            logits = logits.index_fill(1, torch.tensor(removed, device=logits.device), float("-inf"))
-        weights, ids = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        num_experts, device = logits.shape[1], logits.device
+        policy = None
         if redirect:
-            table = torch.arange(logits.shape[1], device=ids.device)
-            table[list(redirect)] = torch.tensor(list(redirect.values()), device=ids.device)
-            ids = table[ids]
-        return ids, weights
+            table = torch.arange(num_experts, device=device)
+            table[list(redirect)] = torch.tensor(list(redirect.values()), device=device)
+            policy = RoutingPolicy(redirect=table)
+        elif removed:
+            kept = torch.ones(num_experts, dtype=torch.bool, device=device)
+            kept[removed] = False
+            policy = RoutingPolicy(kept_experts=kept)
+        routing = route(logits, self.top_k, self.norm_topk_prob, policy)
+        return routing.expert_ids, routing.weights
 
     def _combine(self, ids: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         tokens = (torch.arange(ids.shape[0], device=ids.device) if rows is None else rows)[:, None]

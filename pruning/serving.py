@@ -1,5 +1,6 @@
 """Pruning chosen at server start: a level and method (plan computed, or read from the cache), a plan file, a
-routing threshold and a top-k override, merged into one routing policy per MoE layer for the engine."""
+routing threshold, a top-k override and batch-aware substitution (whose similarity maps come from the cached
+calibration), merged into one routing policy per MoE layer, plus the requests' default routing budget."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from engine.checkpoint import load_model
 from engine.config import ModelConfig
 from engine.llm_engine import resolve_device, resolve_dtype
 from engine.routing import RoutingPolicy
-from pruning.cache import DEFAULT_CACHE_DIR, cached_plan
+from engine.token_routing import TokenRouting
+from pruning.cache import DEFAULT_CACHE_DIR, CalibrationSpec, cached_calibration, cached_plan
 from pruning.plan import PlanError, PruningPlan
 
 
@@ -27,21 +29,47 @@ class PruningSettings:
     plan_file: Path | None = None
     route_threshold: float = 0.0
     top_k: int | None = None
+    # Batch-aware substitution of generated tokens' slots beyond the first substitution_keep_top (None: off),
+    # to experts at least substitution_min_similarity alike (engine.routing).
+    substitution_keep_top: int | None = None
+    substitution_min_similarity: float = 0.5
+    substitution_drop_unmatched: bool = False
+    # Load the similarity maps even without a default substitution, so requests can ask for one.
+    similarity_maps: bool = False
 
     def __post_init__(self) -> None:
         if self.plan_file is not None and self.level:
             raise PlanError("give either a pruning level or a plan file, not both")
         if not 0.0 <= self.route_threshold < 1.0:
             raise PlanError(f"the routing threshold must be in [0, 1), got {self.route_threshold}")
+        if not -1.0 <= self.substitution_min_similarity <= 1.0:
+            raise PlanError(
+                f"the substitution's minimum similarity must be in [-1, 1], got {self.substitution_min_similarity}"
+            )
 
     @property
     def active(self) -> bool:
-        return bool(self.level or self.plan_file or self.route_threshold or self.top_k)
+        return bool(self.level or self.plan_file or self.route_threshold or self.top_k or self.wants_similarity)
+
+    @property
+    def wants_similarity(self) -> bool:
+        return self.substitution_keep_top is not None or self.similarity_maps
+
+    def token_routing(self) -> TokenRouting:
+        """Every request's routing budget unless it brings its own."""
+        return TokenRouting(keep_top=self.substitution_keep_top, min_similarity=self.substitution_min_similarity)
 
     def resolve(
-        self, model_dir: Path, device: str = "auto", dtype: str = "auto", cache_dir: Path = DEFAULT_CACHE_DIR
+        self,
+        model_dir: Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        cache_dir: Path = DEFAULT_CACHE_DIR,
+        spec: CalibrationSpec | None = None,
     ) -> tuple[dict[int, RoutingPolicy], PruningPlan | None]:
-        """The engine's routing policies, and the plan they came from (read, cached, or made now)."""
+        """The engine's routing policies, and the plan they came from (read, cached, or made now); plans and
+        similarity maps calibrate on `spec` (default: CalibrationSpec())."""
+        spec = spec or CalibrationSpec()
         config = ModelConfig.from_dir(model_dir)
         plan = None
         if self.plan_file is not None:
@@ -52,16 +80,45 @@ class PruningSettings:
             with torch.no_grad():
                 model = load_model(model_dir, resolve_dtype(dtype, where), where, config).eval()
                 plan = cached_plan(
-                    model_dir, model, self.method, self.level, self.budget, self.handling, cache_dir=cache_dir
+                    model_dir,
+                    model,
+                    self.method,
+                    self.level,
+                    self.budget,
+                    self.handling,
+                    spec=spec,
+                    cache_dir=cache_dir,
                 )
             del model
         base = plan.routing_policies() if plan is not None else {}
         layers = [layer for layer in range(config.num_layers) if config.is_moe_layer(layer)]
+        similarity = (
+            self._similarity_maps(model_dir, config, device, dtype, cache_dir, spec) if self.wants_similarity else {}
+        )
         policies = {
-            layer: replace(base.get(layer, RoutingPolicy()), min_prob=self.route_threshold, top_k=self.top_k)
+            layer: replace(
+                base.get(layer, RoutingPolicy()),
+                min_prob=self.route_threshold,
+                top_k=self.top_k,
+                similarity=similarity.get(layer),
+                drop_unmatched=self.substitution_drop_unmatched,
+            )
             for layer in layers
         }
         return ({} if not self.active else policies), plan
+
+    @staticmethod
+    def _similarity_maps(
+        model_dir: Path, config: ModelConfig, device: str, dtype: str, cache_dir: Path, spec: CalibrationSpec
+    ) -> dict[int, torch.Tensor]:
+        """Each MoE layer's expert similarity (PES's pairwise map) from the cached calibration, made now if
+        there is none."""
+        where = resolve_device(device)
+        with torch.no_grad():
+            model = load_model(model_dir, resolve_dtype(dtype, where), where, config).eval()
+            calibration = cached_calibration(model_dir, model, spec, cache_dir)
+        del model
+        return {layer.layer: torch.from_numpy(layer.similarity).float() for layer in calibration.layers}
 
     def labels(self, plan: PruningPlan | None) -> dict[str, str]:
         """The settings as metric labels (empty strings where unset)."""
@@ -73,4 +130,8 @@ class PruningSettings:
             "prune_plan": str(self.plan_file or ""),
             "route_threshold": f"{self.route_threshold:g}",
             "top_k_override": str(self.top_k or ""),
+            "substitution": ""
+            if self.substitution_keep_top is None
+            else f"keep_top={self.substitution_keep_top},min_similarity={self.substitution_min_similarity:g}"
+            + (",drop_unmatched" if self.substitution_drop_unmatched else ""),
         }

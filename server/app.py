@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from engine.outputs import RequestOutput
+from engine.token_routing import TokenRouting
 from server.async_engine import AsyncEngine
 from server.chat import ChatService
 from server.completions import CompletionService
@@ -81,6 +82,9 @@ class ServerSettings:
     request_workers: int = 2
     allowed_hosts: frozenset[str] | None = None  # None: any Host header
     body_timeout_s: float = 30.0
+    token_routing: TokenRouting = field(default_factory=TokenRouting)  # requests' routing unless they say
+    allow_request_routing: bool = True
+    substitution_available: bool = False  # the engine holds the experts' similarity maps
 
 
 def model_info(engine: AsyncEngine, settings: ServerSettings) -> dict[str, str]:
@@ -106,7 +110,16 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     """The app for one started engine: starts the request workers (a chat template that cannot render refuses
     here, with ChatTemplateError); the app's lifespan stops both at the end."""
     config = engine.model_config
-    bounds = ModelBounds(settings.model_name, config.vocab_size, engine.info.max_model_len, engine.capacity)
+    bounds = ModelBounds(
+        settings.model_name,
+        config.vocab_size,
+        engine.info.max_model_len,
+        engine.capacity,
+        config.top_k,
+        settings.token_routing,
+        settings.allow_request_routing,
+        settings.substitution_available,
+    )
     preprocessor = Preprocessor(
         settings.model_path, settings.limits, bounds, settings.request_workers, max_pending=engine.capacity
     )
@@ -255,9 +268,11 @@ def _add_expert_routes(
     config = engine.model_config
     started_at = time.time()
 
-    def period(counts: np.ndarray, since: float) -> LoadPeriod:
+    def period(counts: np.ndarray, read: np.ndarray, since: float) -> LoadPeriod:
         layers = metrics.moe_layers
         balances = layer_balance(counts)
+        forwards = read.sum(axis=1)
+        mean_read = (read * np.arange(read.shape[1])).sum(axis=1) / np.maximum(forwards, 1)
         rows = []
         for layer in layers:
             b = balances[layer]
@@ -270,6 +285,7 @@ def _add_expert_routes(
                     if np.isnan(b.coefficient_of_variation)
                     else b.coefficient_of_variation,
                     idle_experts=None if np.isnan(b.idle_experts) else int(b.idle_experts),
+                    experts_read_per_step=float(mean_read[layer]) if forwards[layer] else None,
                 )
             )
         return LoadPeriod(since=since, total_routed=int(counts[layers].sum()), layers=rows)
@@ -278,15 +294,15 @@ def _add_expert_routes(
     async def expert_load() -> ExpertLoadResponse:
         """Routed-token counts per MoE layer and expert since start and since the last reset, with balance."""
         await engine.refresh()
-        since_reset, reset_at = monitor.since_reset()
+        since_reset, read_since_reset, reset_at = monitor.since_reset()
         balancing = config.router_balancing
         return ExpertLoadResponse(
             model=settings.model_name,
             balancing_method=balancing.method if balancing else None,
             num_experts=config.num_experts,
             top_k=config.top_k,
-            since_start=period(monitor.totals(), started_at),
-            since_reset=period(since_reset, reset_at),
+            since_start=period(monitor.totals(), monitor.experts_read(), started_at),
+            since_reset=period(since_reset, read_since_reset, reset_at),
         )
 
     @app.post("/v1/experts/load/reset", response_model=ExpertLoadResponse, responses=AUTH_ERRORS)

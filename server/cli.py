@@ -142,6 +142,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--route-threshold", type=float, default=0.0, help="drop routed experts below this probability"
     )
     pruning.add_argument("--top-k", type=int, help="experts per token (default: the model's)")
+    pruning.add_argument(
+        "--substitution-keep-top",
+        type=int,
+        help="batch-aware substitution: each generated token keeps its first S experts, and its other slots move "
+        "to the most similar expert the step already reads (default: off)",
+    )
+    pruning.add_argument(
+        "--substitution-min-similarity",
+        type=float,
+        default=0.5,
+        help="a slot moves only to an expert at least this similar (PES's cosine, -1..1)",
+    )
+    pruning.add_argument(
+        "--substitution-drop-unmatched",
+        action="store_true",
+        help="drop a slot with no similar enough expert instead of keeping it (bounds the experts a step reads)",
+    )
+    pruning.add_argument(
+        "--similarity-maps",
+        action="store_true",
+        help="load the experts' similarity maps without a default substitution, so requests may ask for one",
+    )
+    pruning.add_argument(
+        "--allow-request-routing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="accept a request's `moe` field (its own route_threshold, experts_per_token, substitution)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads of the engine (default: torch's choice)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
@@ -165,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
             args.prune_plan,
             args.route_threshold,
             args.top_k,
+            args.substitution_keep_top,
+            args.substitution_min_similarity,
+            args.substitution_drop_unmatched,
+            args.similarity_maps,
         )
         policies, plan = pruning.resolve(args.model, args.device, args.dtype)
         config = EngineConfig(
@@ -177,10 +209,12 @@ def main(argv: list[str] | None = None) -> int:
             kv_cache_memory_bytes=args.kv_cache_memory_bytes,
             gpu_memory_utilization=args.gpu_memory_utilization,
             moe_backend=args.moe_backend,
-            **({} if args.enforce_eager is None else {"enforce_eager": True}),
             enable_prefix_caching=args.enable_prefix_caching,
             routing_policies=policies,
+            token_routing=pruning.token_routing(),
         )
+        if args.enforce_eager is not None:
+            config.enforce_eager = True
         limits = RequestLimits(**{item.name: getattr(args, item.name) for item in fields(RequestLimits)})
         engine = AsyncEngine(
             args.model, config, args.max_queue, threads=args.threads, heartbeat_timeout=args.engine_health_timeout
@@ -194,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             per_expert_series=EXPERT_METRICS[args.expert_metrics],
             expert_window_s=args.expert_load_window,
             pruning_labels=pruning.labels(plan),
+            token_routing=pruning.token_routing(),
+            allow_request_routing=args.allow_request_routing,
+            substitution_available=pruning.wants_similarity,
             limits=limits,
             request_workers=args.request_workers,
             allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),

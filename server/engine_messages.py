@@ -39,6 +39,7 @@ class EngineStats:
     num_preemptions: int
     peak_memory_bytes: int = 0  # see LLMEngine.peak_memory_bytes
     expert_counts: np.ndarray | None = None  # routed tokens per [layer, expert], when a read landed
+    experts_read: np.ndarray | None = None  # with expert_counts: forwards per [layer, experts they read]
 
 
 # ----- to the engine -----

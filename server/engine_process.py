@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 PROCESS_NAME = "moe-serve-engine"  # what ps shows (as "moe-serve-engin": the kernel keeps 15 bytes)
 
 
-def _stats(engine: LLMEngine, counts: np.ndarray | None, stepped: bool) -> EngineStats:
+def _stats(engine: LLMEngine, counts: tuple[np.ndarray, np.ndarray] | None, stepped: bool) -> EngineStats:
     scheduler = engine.scheduler
     return EngineStats(
         num_step_tokens=engine.last_step.num_tokens if stepped else 0,
@@ -63,8 +63,14 @@ def _stats(engine: LLMEngine, counts: np.ndarray | None, stepped: bool) -> Engin
         kv_cache_usage=engine.block_manager.usage,
         num_preemptions=scheduler.num_preemptions,
         peak_memory_bytes=engine.peak_memory_bytes,
-        expert_counts=counts,
+        expert_counts=None if counts is None else counts[0],
+        experts_read=None if counts is None else counts[1],
     )
+
+
+def _read_counts(engine: LLMEngine) -> tuple[np.ndarray, np.ndarray]:
+    """The expert counters now (one host sync: for idle moments)."""
+    return engine.expert_load(), engine.experts_read()
 
 
 class _ExitLoop(Exception):
@@ -113,7 +119,7 @@ class _EngineLoop:
 
     def _refresh(self, message: Refresh) -> None:
         idle = not self.engine.has_unfinished_requests()
-        stats = _stats(self.engine, self.engine.expert_load(), False) if idle else None
+        stats = _stats(self.engine, _read_counts(self.engine), False) if idle else None
         self.conn.send(Refreshed(message.query, stats))
 
     def _exit(self, _: Exit) -> None:
@@ -131,7 +137,7 @@ class _EngineLoop:
             if not self.engine.has_unfinished_requests():
                 if not idle_reported:
                     self.pending = None
-                    self.conn.send(Idle(_stats(self.engine, self.engine.expert_load(), False)))
+                    self.conn.send(Idle(_stats(self.engine, _read_counts(self.engine), False)))
                     idle_reported = True
                 if self.conn.poll(HEARTBEAT_INTERVAL_S):
                     self.handle(self.conn.recv())
@@ -146,12 +152,12 @@ class _EngineLoop:
             deltas = [self.deltas.encode(output) for output in self.engine.step()]
             self.conn.send(StepDone(deltas, _stats(self.engine, self._expert_counts(), True)))
 
-    def _expert_counts(self) -> np.ndarray | None:
+    def _expert_counts(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Counts from an asynchronous copy that has landed, if any; start the next every few steps."""
         self.steps += 1
         counts = None
         if self.pending is not None and self.pending.ready():
-            counts = self.pending.counts().numpy().copy()
+            counts = self.pending.counts().numpy().copy(), self.pending.experts_read().numpy().copy()
             self.pending = None
         if self.pending is None and self.steps % self.read_every_steps == 0:
             self.pending = self.engine.expert_load_async()

@@ -3,7 +3,8 @@
 The monitor is an engine observer. The engine process copies its device-side counters to the host
 asynchronously every few steps (no host sync per step) and reads them directly when it goes idle; each copy
 arrives with the step's stats and is published here, with a short history for the windowed figures.
-Published counts keep the model's original expert ids.
+Published counts keep the model's original expert ids. With them comes, per layer, how many forwards read how
+many of its experts (the step's union, which batch-aware substitution shrinks).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class ExpertLoadMonitor:
 
     def __init__(self, num_layers: int, num_experts: int, window_s: float = 60.0) -> None:
         self.window_s = window_s
-        zeros = np.zeros((num_layers, num_experts), dtype=np.int64)
+        self.num_experts = num_experts
+        # Each snapshot: routed tokens per expert, then forwards by experts read (0..num_experts), per layer.
+        zeros = np.zeros((num_layers, 2 * num_experts + 1), dtype=np.int64)
         self._lock = threading.Lock()
         self._history: deque[tuple[float, np.ndarray]] = deque([(time.monotonic(), zeros)])
         self._baseline = zeros
@@ -54,15 +57,20 @@ class ExpertLoadMonitor:
     # ----- engine observer (reader thread) -----
 
     def on_step(self, stats: EngineStats, outputs: list[RequestOutput]) -> None:
-        if stats.expert_counts is not None:
-            self._publish(stats.expert_counts)
+        self._publish_stats(stats)
 
     def on_abort(self, request_id: str, num_sequences: int) -> None:
         pass
 
     def on_idle(self, stats: EngineStats) -> None:
+        self._publish_stats(stats)
+
+    def _publish_stats(self, stats: EngineStats) -> None:
         if stats.expert_counts is not None:
-            self._publish(stats.expert_counts)
+            read = stats.experts_read
+            if read is None:
+                read = np.zeros((len(stats.expert_counts), self.num_experts + 1), dtype=np.int64)
+            self._publish(np.concatenate([stats.expert_counts, read], axis=1))
 
     def _publish(self, counts: np.ndarray) -> None:
         now = time.monotonic()
@@ -77,18 +85,25 @@ class ExpertLoadMonitor:
     def totals(self) -> np.ndarray:
         """Routed tokens per [layer, expert] since the server started (as of the latest read)."""
         with self._lock:
-            return self._history[-1][1]
+            return self._history[-1][1][:, : self.num_experts]
+
+    def experts_read(self) -> np.ndarray:
+        """Forwards per [layer, experts read] since the server started: column u counts those reading u."""
+        with self._lock:
+            return self._history[-1][1][:, self.num_experts :]
 
     def recent(self) -> tuple[np.ndarray, float]:
         """Counts routed within about the last window_s seconds, and the seconds that window spans."""
         with self._lock:
             (start, first), (end, last) = self._history[0], self._history[-1]
-        return last - first, end - start
+        return (last - first)[:, : self.num_experts], end - start
 
-    def since_reset(self) -> tuple[np.ndarray, float]:
-        """Counts since the last reset (or start), and the wall-clock time of that reset."""
+    def since_reset(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """Routed tokens per [layer, expert] and forwards per [layer, experts read] since the last reset (or
+        start), and the wall-clock time of that reset."""
         with self._lock:
-            return self._history[-1][1] - self._baseline, self._baseline_time
+            delta = self._history[-1][1] - self._baseline
+            return delta[:, : self.num_experts], delta[:, self.num_experts :], self._baseline_time
 
     def reset(self) -> None:
         """Start a new since-reset period; the since-start totals (Prometheus counters) are untouched."""

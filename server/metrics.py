@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -23,7 +24,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from engine.config import ModelConfig
 from engine.outputs import RequestOutput
@@ -300,6 +302,35 @@ class _ExpertCollector:
         yield _single_gauge(
             f"{PREFIX}_expert_load_window_seconds", "Span of the window the balance gauges cover.", name, span
         )
+        yield _experts_touched(monitor.experts_read(), layers, name)
+
+
+def experts_touched_buckets(num_experts: int) -> list[int]:
+    """Powers of two below num_experts, then num_experts: few series even at 256 experts."""
+    buckets = [1]
+    while buckets[-1] * 2 < num_experts:
+        buckets.append(buckets[-1] * 2)
+    return [*buckets, num_experts] if buckets[-1] < num_experts else buckets
+
+
+def _experts_touched(read: np.ndarray, layers: list[int], model_name: str) -> HistogramMetricFamily:
+    """Per layer, the distinct experts each forward step read, as a histogram built from exact counts."""
+    family = HistogramMetricFamily(
+        f"{PREFIX}_experts_touched_per_step",
+        "Distinct experts a forward step read, per MoE layer (the union of its tokens' experts after pruning "
+        "and substitution; U(B) = E(1 - (1 - k/E)^B) for B uniformly routed tokens).",
+        labels=["model_name", "layer"],
+    )
+    experts = np.arange(read.shape[1])
+    for layer in layers:
+        row = read[layer]
+        cumulative = [
+            (floatToGoString(b), float(row[: b + 1].sum())) for b in experts_touched_buckets(read.shape[1] - 1)
+        ]
+        family.add_metric(
+            [model_name, str(layer)], [*cumulative, ("+Inf", float(row.sum()))], float((row * experts).sum())
+        )
+    return family
 
 
 def _single_gauge(metric: str, doc: str, model_name: str, value: float) -> GaugeMetricFamily:

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from pydantic import BaseModel, ValidationError
 from engine.config import ModelConfig
 from engine.limits import check_request
 from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.token_routing import TokenRouting
 from engine.tokenizer import Tokenizer
 from server.chat_template import ChatTemplate, ChatTemplateError, RenderTimeout
 from server.child_process import become_child
@@ -53,6 +54,12 @@ class ModelBounds:
     vocab_size: int
     max_model_len: int
     capacity: int  # sequences the server can hold at once (a batch plus the queue)
+    top_k: int = 1  # the model's experts per token
+    routing: TokenRouting = field(
+        default_factory=TokenRouting
+    )  # every request's routing unless its `moe` field changes it
+    allow_request_routing: bool = True
+    substitution_available: bool = False  # the engine holds the experts' similarity maps
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,7 @@ class _Worker:
         except InvalidRequestError as exc:
             raise _bad(str(exc), exc.param) from exc
         self._check_params(request, params)
+        params.routing = self._routing(request)
         if isinstance(request, CompletionRequest):
             texts = [p if isinstance(p, str) else None for p in request.prompts()]
             prompts = [self._tokens(p) for p in request.prompts()]
@@ -161,6 +169,44 @@ class _Worker:
                 f"server can ever hold at once ({self.bounds.capacity}: --max-num-seqs plus --max-queue)",
                 "n",
             )
+
+    def _routing(self, request: CompletionRequest | ChatCompletionRequest) -> TokenRouting:
+        """The server's routing budget with the request's `moe` field applied, checked against the model."""
+        bounds, moe = self.bounds, request.moe
+        if moe is None:
+            return bounds.routing
+        if not bounds.allow_request_routing:
+            raise _bad("this server does not accept per-request routing (--allow-request-routing)", "moe")
+        given = moe.model_fields_set
+        routing = bounds.routing
+        if "route_threshold" in given:
+            routing = replace(routing, min_prob=moe.route_threshold or 0.0)
+        if "experts_per_token" in given:
+            if moe.experts_per_token is not None and moe.experts_per_token > bounds.top_k:
+                raise _bad(
+                    f"moe.experts_per_token must be at most the model's {bounds.top_k} experts per token, "
+                    f"got {moe.experts_per_token}",
+                    "moe.experts_per_token",
+                )
+            routing = replace(routing, experts_per_token=moe.experts_per_token)
+        if "substitution" in given:
+            substitution = moe.substitution
+            keep_top = None if substitution is None else substitution.keep_top
+            if keep_top is not None and keep_top > bounds.top_k:
+                raise _bad(
+                    f"moe.substitution.keep_top must be at most the model's {bounds.top_k} experts per token, "
+                    f"got {keep_top}",
+                    "moe.substitution.keep_top",
+                )
+            if keep_top is not None and not bounds.substitution_available:
+                raise _bad(
+                    "substitution needs the experts' similarity maps; start the server with --substitution-keep-top "
+                    "or --similarity-maps",
+                    "moe.substitution",
+                )
+            similarity = routing.min_similarity if substitution is None else substitution.min_similarity
+            routing = replace(routing, keep_top=keep_top, min_similarity=similarity)
+        return routing
 
     def _tokens(self, prompt: str | list[int]) -> list[int]:
         if not isinstance(prompt, str):

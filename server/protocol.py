@@ -53,6 +53,31 @@ STREAM_OPTIONS_RULE = _requires(
 )
 
 
+class Substitution(StrictModel):
+    """Batch-aware expert substitution for this request's generated tokens (docs/pruning.md)."""
+
+    keep_top: Annotated[int, Field(ge=0), WHOLE] | None = Field(
+        None, description="Slots each token keeps as routed; its later slots may be re-routed. Absent: off."
+    )
+    min_similarity: Annotated[float, Field(ge=-1.0, le=1.0)] = Field(
+        0.5, description="A slot moves only to an expert at least this similar (PES's cosine) to its own."
+    )
+
+
+class MoeRouting(StrictModel):
+    """vLLM-style extra body `moe`: this request's routing budget. Absent fields keep the server's setting."""
+
+    route_threshold: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        None, description="Drop routed experts whose probability is below this."
+    )
+    experts_per_token: Annotated[int, Field(ge=1), WHOLE] | None = Field(
+        None, description="Use at most this many of the model's top-k experts per token (null: all)."
+    )
+    substitution: Substitution | None = Field(
+        None, description="Batch-aware substitution; null or {} turns the server's default off."
+    )
+
+
 class _SamplingRequest(StrictModel):
     """Fields shared by completions and chat completions."""
 
@@ -81,6 +106,7 @@ class _SamplingRequest(StrictModel):
     stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    moe: MoeRouting | None = Field(None, description="This request's expert-routing budget (moe-serve's extra).")
 
     @model_validator(mode="after")
     def _supported(self) -> _SamplingRequest:
@@ -329,6 +355,10 @@ class LayerLoad(BaseModel):
     max_over_mean: float | None = Field(description="Busiest expert / mean; null when the layer routed nothing.")
     coefficient_of_variation: float | None
     idle_experts: int | None = Field(description="Experts that received no tokens; null when nothing was routed.")
+    experts_read_per_step: float | None = Field(
+        description="Mean distinct experts a forward step read in this layer (the union of its tokens' experts, "
+        "what batch-aware substitution lowers); null before the first step."
+    )
 
 
 class LoadPeriod(BaseModel):

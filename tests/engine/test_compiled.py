@@ -14,6 +14,7 @@ from engine import RoutingPolicy, SamplingParams
 from engine.config import ModelConfig
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.outputs import RequestOutput
+from engine.token_routing import TokenRouting
 from tests.conftest import ARCHS
 
 TOLERANCE = 1e-5
@@ -125,3 +126,35 @@ def test_routing_changes_at_run_time_are_served_by_the_new_routing(tiny_model: P
     tokens = {name: [o.outputs[0].token_ids for o in out] for name, out in outputs.items()}
     assert tokens["pruned"] != tokens["default"]  # the change took effect ...
     assert tokens["default"] == [o.outputs[0].token_ids for o in before]  # ... and was undone
+
+
+def test_per_request_budgets_and_substitution_are_data_not_recompiles(tiny_model: Path) -> None:
+    """Requests at different budgets in one batch match eager, and changing budgets compiles nothing new."""
+    eager, compiled = engines(tiny_model, max_num_seqs=4, kv_cache_memory_bytes=16 << 20)
+    for engine in (eager, compiled):
+        policies = {}
+        for block in engine.model.moe_blocks():
+            flat = torch.nn.functional.normalize(block.experts.gate_up_proj.flatten(1).float(), dim=1)
+            policies[block.layer_idx] = RoutingPolicy(similarity=flat @ flat.T)
+        engine.set_routing_policies(policies)
+    prompts = [[5, 9, 13, 2, 40, 41], [7, 7, 1], [3, 1, 4, 1, 5, 9, 2, 6]]
+
+    def run(engine: LLMEngine, budgets: list[TokenRouting | None]) -> list[RequestOutput]:
+        for i, (prompt, routing) in enumerate(zip(prompts, budgets, strict=True)):
+            params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=1, routing=routing)
+            engine.add_request(f"r{i}", prompt, params)
+        finished: dict[str, RequestOutput] = {}
+        while engine.has_unfinished_requests():
+            finished.update((o.request_id, o) for o in engine.step() if o.finished)
+        return [finished[f"r{i}"] for i in range(len(prompts))]
+
+    mixes = [
+        [TokenRouting(experts_per_token=2), TokenRouting(keep_top=1, min_similarity=0.0), None],
+        [TokenRouting(min_prob=0.2), None, TokenRouting(keep_top=1, min_similarity=-1.0)],
+    ]
+    run(compiled, mixes[0])  # compiles the graphs for this routing
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for budgets in mixes:
+        for a, b in zip(run(eager, budgets), run(compiled, budgets), strict=True):
+            assert_same(a, b)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

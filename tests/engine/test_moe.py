@@ -198,3 +198,12 @@ def test_released_experts_free_memory_and_route_as_the_policy_does(tiny_model: P
     assert load.sum() > 0 and load[:, removed].sum() == 0  # redirected slots count for the expert serving them
     with pytest.raises(ValueError, match=r"reaches experts \[1, 2, 5\], whose weights were released"):
         released.set_routing_policies({})
+
+
+def test_a_forward_counts_the_experts_it_read() -> None:
+    load = ExpertLoad(num_layers=2, num_experts=6)
+    load.record(1, torch.tensor([[0, 2], [2, 6], [5, 0]]))  # experts 0, 2, 5 and one dropped slot
+    load.record(1, torch.tensor([[4, 4]]))
+    read = load.experts_read()
+    assert read.shape == (2, 7) and read[1, 3] == 1 and read[1, 1] == 1 and read.sum() == 2
+    assert load.snapshot()[1].tolist() == [2, 0, 2, 0, 2, 1]

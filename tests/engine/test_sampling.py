@@ -198,3 +198,20 @@ def test_request_fields_outside_the_vocabulary_are_rejected(llm: LLM) -> None:
         llm.engine.add_request("bad-stop", PROMPT, SamplingParams(min_tokens=2, stop_token_ids=[vocab]))
     assert not llm.engine.has_unfinished_requests()
     assert tokens(llm, SamplingParams(max_tokens=3, ignore_eos=True))  # the engine still serves others
+
+
+def test_forced_tokens_score_a_continuation_as_the_prompt_pass_does(llm: LLM) -> None:
+    """Teacher forcing: decode steps emit the given tokens, and their logprobs equal those of scoring the same
+    tokens as a prompt (no routing here depends on the batch)."""
+    prompt, continuation = list(range(20, 32)), [7, 99, 3, 150, 42, 8]
+    forced = SamplingParams(max_tokens=len(continuation), forced_tokens=continuation, logprobs=0, temperature=1.0)
+    scored = SamplingParams(max_tokens=0, prompt_logprobs=0)
+    decoded, whole = llm.generate([prompt, prompt + continuation], [forced, scored], use_tqdm=False)
+    assert decoded.outputs[0].token_ids == continuation
+    by_decode = [entry[token].logprob for entry, token in zip(decoded.outputs[0].logprobs, continuation)]
+    by_prompt = [whole.prompt_logprobs[len(prompt) + i][token].logprob for i, token in enumerate(continuation)]
+    assert by_decode == pytest.approx(by_prompt, abs=1e-5)
+    with pytest.raises(ValueError, match="max_tokens must be set and at most the number of forced_tokens"):
+        SamplingParams(max_tokens=7, forced_tokens=continuation)
+    with pytest.raises(ValueError, match="forced_tokens holds 999999"):
+        llm.generate([prompt], SamplingParams(max_tokens=1, forced_tokens=[999999]), use_tqdm=False)

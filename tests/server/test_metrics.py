@@ -136,17 +136,21 @@ def test_per_layer_mode_drops_per_expert_series(server_factory: Callable[..., An
 def test_engine_reads_expert_counts_every_few_steps_and_the_monitor_windows_them(tiny_model: Any) -> None:
     engine = LLMEngine(tiny_model)
     loop = _EngineLoop(None, engine, read_every_steps=4)  # type: ignore[arg-type]  # no pipe needed here
+    num_experts = engine.model.config.num_experts
     engine.model.expert_load.counts[0, 1] = 7
+    engine.model.expert_load.counts[0, num_experts + 1 + 3] = 5  # five forwards that read three experts
     reads = [loop._expert_counts() for _ in range(5)]
     assert all(r is None for r in reads[:4])  # the copy starts at the fourth step ...
-    counts = reads[4]
-    assert counts is not None and counts[0, 1] == 7  # ... and lands by the next
+    landed = reads[4]
+    assert landed is not None  # ... and lands by the next
+    counts, read = landed
+    assert counts.shape == (engine.model.config.num_layers, num_experts) and counts[0, 1] == 7 and read[0, 3] == 5
     config = engine.model.config
     monitor = ExpertLoadMonitor(config.num_layers, config.num_experts)
     monitor.on_step(EngineStats(1, 1, 0, 1, 0.1, 0), [])
     assert monitor.totals().sum() == 0
-    monitor.on_step(EngineStats(1, 1, 0, 1, 0.1, 0, expert_counts=counts), [])
-    assert monitor.totals()[0, 1] == 7
+    monitor.on_step(EngineStats(1, 1, 0, 1, 0.1, 0, expert_counts=counts, experts_read=read), [])
+    assert monitor.totals()[0, 1] == 7 and monitor.experts_read()[0, 3] == 5
     recent, span = monitor.recent()
     assert recent[0, 1] == 7 and span >= 0
 

@@ -6,14 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine import LLM, SamplingParams
+from engine import LLM, SamplingParams, TokenRouting
 from pruning.plan import PruningPlan
+from pruning.serving import PruningSettings
 from server.launch import free_port, launched
 
 SERVE_ARGS = ["--threads", "1", "--max-num-seqs", "8", "--dtype", "float32"]
@@ -87,3 +89,55 @@ def test_impossible_pruning_exits_before_binding(tiny_model: Path, flags: list[s
     assert done.returncode == 1 and message in done.stderr
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health")
+
+
+def test_substitution_and_request_budgets_serve_what_the_engine_serves(tiny_model: Path, tmp_path: Path) -> None:
+    """The server's default substitution, a request turning it off, a request's own budget on top of it: each
+    gives the offline engine's tokens under the same routing; the step's expert union shows in /metrics."""
+    env = {**os.environ, "MOE_SERVE_CACHE": str(tmp_path / "cache")}
+    flags = ["--substitution-keep-top", "1", "--substitution-min-similarity", "-1"]
+    body = {"prompt": "Stand-in experts", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    budgets = [None, {"substitution": None}, {"experts_per_token": 1}]
+    with launched([*SERVE_ARGS, "--model", str(tiny_model), *flags], env=env) as server:
+        texts = []
+        for moe in budgets:
+            response = httpx.post(f"{server.url}/v1/completions", json={**body, "moe": moe}, timeout=60)
+            assert response.status_code == 200, response.text
+            texts.append(response.json()["choices"][0]["text"])
+        bad = httpx.post(f"{server.url}/v1/completions", json={**body, "moe": {"experts_per_token": 9}})
+        load = httpx.get(f"{server.url}/v1/experts/load").json()
+        metrics = samples(server.url)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "moe.experts_per_token"
+    settings = PruningSettings(substitution_keep_top=1, substitution_min_similarity=-1.0)
+    policies, _ = settings.resolve(tiny_model, "cpu", "float32", cache_dir=tmp_path / "cache")
+    offline = LLM(tiny_model, dtype="float32", routing_policies=policies)
+    server_default = settings.token_routing()
+    for moe, text in zip(budgets, texts, strict=True):
+        routing = {
+            None: server_default,
+            "off": TokenRouting(),
+            "one": replace(server_default, experts_per_token=1),
+        }[None if moe is None else ("off" if "substitution" in moe else "one")]
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, routing=routing)
+        assert offline.generate([body["prompt"]], params, use_tqdm=False)[0].outputs[0].text == text
+    assert texts[0] != texts[1]  # substitution changed what was generated
+    touched = {(s["layer"], s["le"]): v for s, v in metrics["moe_serve_experts_touched_per_step_bucket"]}
+    layers = {layer for layer, _ in touched}
+    # Each decode step of one request under keep_top=1 and any similarity reads exactly one expert per layer.
+    assert layers and all(touched[(layer, "1.0")] >= 11 for layer in layers)
+    means = [layer["experts_read_per_step"] for layer in load["since_start"]["layers"]]
+    assert all(1.0 < mean < 8 for mean in means)  # prefill steps read more
+
+
+def test_request_routing_is_refused_where_the_server_cannot_or_will_not(tiny_model: Path) -> None:
+    body = {"prompt": "Budgets", "max_tokens": 2}
+    with launched([*SERVE_ARGS, "--model", str(tiny_model)]) as server:
+        no_map = httpx.post(f"{server.url}/v1/completions", json={**body, "moe": {"substitution": {"keep_top": 1}}})
+        allowed = httpx.post(f"{server.url}/v1/completions", json={**body, "moe": {"route_threshold": 0.2}})
+        unknown = httpx.post(f"{server.url}/v1/completions", json={**body, "moe": {"keep_top": 1}})
+    assert no_map.status_code == 400 and "--substitution-keep-top" in no_map.json()["error"]["message"]
+    assert allowed.status_code == 200
+    assert unknown.status_code == 400 and "keep_top" in unknown.json()["error"]["message"]
+    with launched([*SERVE_ARGS, "--model", str(tiny_model), "--no-allow-request-routing"]) as server:
+        refused = httpx.post(f"{server.url}/v1/completions", json={**body, "moe": {"route_threshold": 0.2}})
+    assert refused.status_code == 400 and "--allow-request-routing" in refused.json()["error"]["message"]
