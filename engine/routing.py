@@ -11,7 +11,8 @@ at different budgets and changing them never recompiles a graph. Substitution (S
 similarity map): a step keeps the union of every token's first `keep_top` experts (and every slot of tokens
 that do not substitute); each other slot whose expert is outside that union is re-routed, with its weight, to
 the most similar expert inside it when their similarity is at least `min_similarity`, so the step reads fewer
-experts. Tokens substitute only where their policy has a similarity map.
+experts; a slot landing on an expert its token already uses merges into that slot. Tokens substitute only where
+their policy has a similarity map.
 """
 
 from __future__ import annotations
@@ -165,4 +166,17 @@ def _substitute(
         unmatched = candidate & ~swap
         expert_ids = expert_ids.masked_fill(unmatched, num_experts)
         weights = weights.masked_fill(unmatched, 0.0)
-    return expert_ids, weights
+    return _merge_repeats(expert_ids, weights, num_experts)
+
+
+def _merge_repeats(
+    expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token whose slots now name one expert twice gets it once, with the slots' weights summed (the same
+    output, computed once): each slot's weight goes to the first slot naming its expert, repeats are dropped."""
+    k = expert_ids.shape[1]
+    same = expert_ids[:, :, None] == expert_ids[:, None, :]  # [T, k, k]: slot j names slot i's expert
+    first = torch.argmax(same.to(torch.int8), dim=-1)  # [T, k]: the first slot naming each slot's expert
+    merged = torch.zeros_like(weights).scatter_add(1, first, weights)
+    repeat = first != torch.arange(k, device=expert_ids.device)
+    return expert_ids.masked_fill(repeat, num_experts), merged.masked_fill(repeat, 0.0)

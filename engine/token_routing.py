@@ -43,10 +43,12 @@ class TokenRouting:
     def cache_salt(self) -> bytes:
         """Mixed into prefix-cache digests: keys and values computed under another budget differ (prompt tokens
         under experts_per_token and min_prob; generated tokens, whose blocks are cached too, also under
-        substitution), so a prefix is shared only between requests that route alike."""
-        if self == TokenRouting():
+        substitution), so a prefix is shared only between requests whose tokens route alike."""
+        rows = (self.row(generated=False), self.row(generated=True))
+        default = TokenRouting()
+        if rows == (default.row(generated=False), default.row(generated=True)):
             return b""
-        return f"routing:{self.experts_per_token}:{self.min_prob!r}:{self.keep_top}:{self.min_similarity!r}".encode()
+        return f"routing:{rows!r}".encode()
 
     def row(self, generated: bool) -> tuple[float, float, float, float]:
         """The controls of one token: a generated token substitutes, a prompt token never does."""

@@ -2,7 +2,7 @@
 thresholds and budgets, and static pruning, measured side by side on one model.
 
 `python -m pruning.frontier MODEL [--batch-sizes 8,32] [--rounds 3] [--static reap,frequency,pes]`
-`[--levels 0.25] [--json PATH] [--plot PNG]`
+`[--levels 0.25] [--json PATH] [--plot PNG]`; `--from-json PATH --plot PNG` redraws a run.
 
 Substitution depends on a token's batch-mates, and it touches generated tokens only, so its cost cannot be read
 from a prompt-scoring pass. Here every sequence is teacher-forced (SamplingParams.forced_tokens): B windows of
@@ -52,7 +52,7 @@ class Setting:
 
 
 def per_token_settings(
-    top_k: int, keep_tops: list[int], similarities: list[float], thresholds: list[float]
+    top_k: int, keep_tops: list[int], similarities: list[float], thresholds: list[float], experts: list[int] | None
 ) -> list[Setting]:
     settings = [Setting("none", "none")]
     for keep in keep_tops:
@@ -61,7 +61,9 @@ def per_token_settings(
             settings.append(Setting(f"substitute keep {keep}, sim >= {rho:g}", f"substitution, keep {keep}", routing))
     settings += [Setting(f"threshold {tau:g}", "threshold", TokenRouting(min_prob=tau)) for tau in thresholds]
     settings += [
-        Setting(f"{k} experts/token", "experts per token", TokenRouting(experts_per_token=k)) for k in range(1, top_k)
+        Setting(f"{k} experts/token", "experts per token", TokenRouting(experts_per_token=k))
+        for k in (range(1, top_k) if experts is None else experts)
+        if k < top_k
     ]
     return settings
 
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = 64  # one graph pair per engine; several engines share the functions
     top_k = load_model(args.model, torch.float32, torch.device("cpu")).config.top_k
-    settings = per_token_settings(top_k, args.keep_top, args.min_similarity, args.thresholds)
+    settings = per_token_settings(top_k, args.keep_top, args.min_similarity, args.thresholds, args.experts_per_token)
     settings += [
         Setting(f"{method} {level:g}", f"static {method}", plan=(method, level))
         for method in args.static
@@ -215,29 +217,33 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict[str, Any], out: Path) -> Path:
-    """Per batch size: decode tokens/s (median, whiskers min-max) against perplexity change, per family."""
+def plot(result: dict[str, Any], out: Path, max_change: float = 0.4) -> Path:
+    """Per batch size, against the perplexity change (up to max_change): decode tokens/s (median, whiskers
+    min-max over rounds) above, experts a decode step read per layer below; one line per family."""
     from pruning.report import finish_figure, pyplot
 
     plt = pyplot()
-    rows = summary(result)
+    rows = [row for row in summary(result) if row["ppl_change"] <= max_change]
     batches = sorted({row["batch"] for row in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
-    for ax, batch in zip(axes[0], batches, strict=True):
+    fig, axes = plt.subplots(2, len(batches), figsize=(6 * len(batches), 8), squeeze=False, sharex="col")
+    for column, batch in enumerate(batches):
+        top, bottom = axes[0][column], axes[1][column]
         for family in dict.fromkeys(row["family"] for row in rows):
             points = sorted(
                 (r for r in rows if r["batch"] == batch and r["family"] == family), key=lambda r: r["ppl_change"]
             )
             x = [100 * r["ppl_change"] for r in points]
-            y = [r["tok_s"] for r in points]
             spread = [[r["tok_s"] - r["tok_s_min"] for r in points], [r["tok_s_max"] - r["tok_s"] for r in points]]
-            ax.errorbar(x, y, yerr=spread, marker="o", capsize=3, label=family)
-        ax.set_title(f"batch {batch}")
-        ax.set_xlabel("decode-time perplexity change (%)")
-        ax.set_ylabel("decode tokens/s")
-        ax.axvline(3.0, color="grey", linestyle=":", linewidth=1)
+            top.errorbar(x, [r["tok_s"] for r in points], yerr=spread, marker="o", capsize=3, label=family)
+            bottom.plot(x, [r["experts_read"] for r in points], marker="o", label=family)
+        top.set_title(f"batch {batch}")
+        top.set_ylabel("decode tokens/s")
+        bottom.set_ylabel("experts read per layer per decode step")
+        bottom.set_xlabel(f"decode-time perplexity change (%), settings up to +{100 * max_change:g}%")
+        for ax in (top, bottom):
+            ax.axvline(3.0, color="grey", linestyle=":", linewidth=1)
     axes[0][-1].legend(fontsize=7)
-    return finish_figure(plt, fig, list(axes[0]), out)
+    return finish_figure(plt, fig, [ax for row in axes for ax in row], out)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -250,6 +256,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-top", type=ints, default=[1, 2])
     parser.add_argument("--min-similarity", type=floats, default=[0.0, 0.3, 0.6])
     parser.add_argument("--thresholds", type=floats, default=[0.1, 0.2])
+    parser.add_argument("--experts-per-token", type=ints, help="budgets below top-k (default: every one)")
     parser.add_argument("--static", type=lambda t: [m for m in t.split(",") if m], default=["reap", "frequency", "pes"])
     parser.add_argument("--levels", type=floats, default=[0.25])
     parser.add_argument("--prompt-len", type=int, default=32)
@@ -262,14 +269,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kv-bytes", type=int, default=256 << 20)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--from-json", type=Path, help="print and plot an earlier run's --json; run nothing")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    result = run(args)
+    result = json.loads(args.from_json.read_text()) if args.from_json else run(args)
     print(markdown(result))
-    if args.json:
+    if args.json and not args.from_json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
         plot(result, args.plot)

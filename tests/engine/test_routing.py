@@ -56,12 +56,17 @@ def test_substitutes_come_from_the_kept_union_and_dropping_bounds_the_step(keep_
     union = set(plain.expert_ids[:, :keep_top].flatten().tolist())
     assert len(union) < E
     keep = route(logits, K, True, RoutingPolicy(similarity=random_similarity()), decode_rows(3, keep_top, -1.0))
-    changed = keep.expert_ids != plain.expert_ids
+    served = keep.expert_ids[keep.expert_ids < E]
+    assert set(served.tolist()) <= union  # every slot now reads a kept expert ...
+    assert torch.equal(keep.expert_ids[:, :keep_top], plain.expert_ids[:, :keep_top])  # ... the first ones as routed
     outside = ~torch.isin(plain.expert_ids, torch.tensor(sorted(union)))
-    assert torch.equal(changed, outside)  # with any similarity accepted, exactly the slots outside are re-routed
     assert outside.any() or keep_top > 1  # one kept slot per token leaves some outside
-    assert set(keep.expert_ids.flatten().tolist()) <= union  # every slot now reads a kept expert
-    assert torch.equal(keep.weights, plain.weights)  # a substitute serves with the replaced slot's weight
+    assert (keep.expert_ids != plain.expert_ids).any() == outside.any()
+    # A slot moved onto an expert its token already uses is merged into that slot: same mass, no repeats.
+    torch.testing.assert_close(keep.weights.sum(dim=1), plain.weights.sum(dim=1))
+    for row in keep.expert_ids:
+        live = row[row < E].tolist()
+        assert len(live) == len(set(live))
     policy = RoutingPolicy(similarity=random_similarity(), drop_unmatched=True)
     dropped = route(logits, K, True, policy, decode_rows(3, keep_top, 0.5))
     assert set(dropped.expert_ids[dropped.expert_ids < E].tolist()) <= union
@@ -84,10 +89,13 @@ def test_prompt_and_padding_rows_never_substitute_and_padding_widens_nothing() -
     policy = RoutingPolicy(similarity=torch.ones(E, E))  # every expert stands in for every other
     prompt = route(logits, K, True, policy, controls([TokenRouting(keep_top=1).row(False)] * 12))
     assert torch.equal(prompt.expert_ids, route(logits, K, True).expert_ids)
-    # One decode row and eleven padding rows: only the decode row's first expert is kept, all its slots go there.
+    # One decode row and eleven padding rows: only the decode row's first expert is kept, and all its slots
+    # merge into it.
     rows = controls([TokenRouting(keep_top=1).row(True)] + [PADDING_ROW] * 11)
     routed = route(logits, K, True, policy, rows)
-    assert (routed.expert_ids[0] == routed.expert_ids[0, 0]).all()
+    plain = route(logits, K, True)
+    assert routed.expert_ids[0, 0] == plain.expert_ids[0, 0] and (routed.expert_ids[0, 1:] == E).all()
+    torch.testing.assert_close(routed.weights[0, 0], plain.weights[0].sum())  # merged into one slot
 
 
 def test_an_identical_expert_substitutes_at_zero_cost() -> None:
@@ -170,3 +178,13 @@ def test_bad_budgets_are_refused_naming_the_field(tiny_model: Path) -> None:
     with pytest.raises(InvalidRequestError, match="substitution needs the experts' similarity map"):
         llm.engine.add_request("b", [1, 2, 3], SamplingParams(routing=TokenRouting(keep_top=1)))
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_prefix_cache_salt_follows_what_tokens_compute() -> None:
+    assert TokenRouting().cache_salt == TokenRouting(min_similarity=0.5).cache_salt == b""  # no substitution
+    salts = {
+        TokenRouting(keep_top=1).cache_salt,
+        TokenRouting(keep_top=2).cache_salt,
+        TokenRouting(min_prob=0.1).cache_salt,
+    }
+    assert len(salts) == 3 and b"" not in salts
