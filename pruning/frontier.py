@@ -217,31 +217,37 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict[str, Any], out: Path, max_change: float = 0.4) -> Path:
-    """Per batch size, against the perplexity change (up to max_change): decode tokens/s (median, whiskers
-    min-max over rounds) above, experts a decode step read per layer below; one line per family."""
+def plot(result: dict[str, Any], out: Path, max_change: float = 0.4, against: str = "perplexity") -> Path:
+    """Per batch size, one line per family. Against perplexity (settings up to max_change): decode tokens/s
+    (median, whiskers min-max over rounds) above, experts a decode step read per layer below. Against experts
+    (for models whose perplexity means nothing, such as random ones): decode tokens/s by experts read."""
     from pruning.report import finish_figure, pyplot
 
     plt = pyplot()
-    rows = [row for row in summary(result) if row["ppl_change"] <= max_change]
+    by_ppl = against == "perplexity"
+    rows = [row for row in summary(result) if row["ppl_change"] <= max_change or not by_ppl]
     batches = sorted({row["batch"] for row in rows})
-    fig, axes = plt.subplots(2, len(batches), figsize=(6 * len(batches), 8), squeeze=False, sharex="col")
+    grid = 2 if by_ppl else 1
+    fig, axes = plt.subplots(grid, len(batches), figsize=(6 * len(batches), 4 * grid), squeeze=False, sharex="col")
     for column, batch in enumerate(batches):
-        top, bottom = axes[0][column], axes[1][column]
+        top = axes[0][column]
         for family in dict.fromkeys(row["family"] for row in rows):
-            points = sorted(
-                (r for r in rows if r["batch"] == batch and r["family"] == family), key=lambda r: r["ppl_change"]
-            )
-            x = [100 * r["ppl_change"] for r in points]
+            key = (lambda r: r["ppl_change"]) if by_ppl else (lambda r: r["experts_read"])
+            points = sorted((r for r in rows if r["batch"] == batch and r["family"] == family), key=key)
+            x = [100 * r["ppl_change"] if by_ppl else r["experts_read"] for r in points]
             spread = [[r["tok_s"] - r["tok_s_min"] for r in points], [r["tok_s_max"] - r["tok_s"] for r in points]]
             top.errorbar(x, [r["tok_s"] for r in points], yerr=spread, marker="o", capsize=3, label=family)
-            bottom.plot(x, [r["experts_read"] for r in points], marker="o", label=family)
+            if by_ppl:
+                axes[1][column].plot(x, [r["experts_read"] for r in points], marker="o", label=family)
         top.set_title(f"batch {batch}")
         top.set_ylabel("decode tokens/s")
-        bottom.set_ylabel("experts read per layer per decode step")
-        bottom.set_xlabel(f"decode-time perplexity change (%), settings up to +{100 * max_change:g}%")
-        for ax in (top, bottom):
-            ax.axvline(3.0, color="grey", linestyle=":", linewidth=1)
+        if by_ppl:
+            axes[1][column].set_ylabel("experts read per layer per decode step")
+            axes[1][column].set_xlabel(f"decode-time perplexity change (%), settings up to +{100 * max_change:g}%")
+            for ax in (top, axes[1][column]):
+                ax.axvline(3.0, color="grey", linestyle=":", linewidth=1)
+        else:
+            top.set_xlabel("experts read per layer per decode step")
     axes[0][-1].legend(fontsize=7)
     return finish_figure(plt, fig, [ax for row in axes for ax in row], out)
 
@@ -269,6 +275,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kv-bytes", type=int, default=256 << 20)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument(
+        "--plot-against", choices=["perplexity", "experts"], default="perplexity",
+        help="the plot's x axis (experts read: for models whose perplexity means nothing, such as random ones)",
+    )  # fmt: skip
     parser.add_argument("--from-json", type=Path, help="print and plot an earlier run's --json; run nothing")
     return parser.parse_args(argv)
 
@@ -280,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json and not args.from_json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
-        plot(result, args.plot)
+        plot(result, args.plot, against=args.plot_against)
 
 
 if __name__ == "__main__":
