@@ -172,7 +172,7 @@ class CompiledForward:
             static = self._static
             for name in ("input_ids", "positions", "token_mask", "block_tables"):
                 static[name][start:end] = 0
-            static["route_controls"][start:end] = torch.tensor(PADDING_ROW)
+            static["route_controls"][start:end] = static["padding_row"]  # on the device: no host copy per step
             static["slot_mapping"][start:end] = self.spare_slot
             static["seq_lens"][start:end] = 1
             static["block_tables"][start:end, 0] = self.kv_caches[0].shape[1] - 1
@@ -230,6 +230,7 @@ class CompiledForward:
         }
         self._static["block_tables"] = torch.zeros(largest, self.max_blocks, dtype=torch.long, device=self.device)
         self._static["route_controls"] = torch.zeros(largest, NUM_CONTROLS, device=self.device)
+        self._static["padding_row"] = torch.tensor(PADDING_ROW, device=self.device)
         self._pad(0, largest)
         pool = None
         for size in reversed(self.ladder):  # largest first, so smaller graphs reuse its memory pool
