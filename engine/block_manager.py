@@ -97,7 +97,7 @@ class BlockManager:
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Make seq's fully computed blocks reusable by later sequences with the same prefix."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not seq.shares_prefixes:
             return
         full = seq.num_computed_tokens // self.block_size
         hashes = self._prefix_hashes(seq, full)

@@ -281,7 +281,9 @@ class LLMEngine:
     def _request_routing(self, params: SamplingParams) -> TokenRouting:
         """The routing budget a request runs under, checked against the model (InvalidRequestError names the
         field)."""
-        routing = params.routing or self.config.token_routing
+        return self._checked_routing(params.routing or self.config.token_routing)
+
+    def _checked_routing(self, routing: TokenRouting) -> TokenRouting:
         try:
             routing.validate(self.model.config.top_k)
         except ValueError as error:
@@ -291,10 +293,23 @@ class LLMEngine:
         ):
             raise InvalidRequestError(
                 "routing: substitution needs the experts' similarity map, and this engine has none "
-                "(install routing policies with a similarity map, e.g. moe-serve --substitution)",
+                "(install routing policies with a similarity map, e.g. moe-serve --similarity-maps)",
                 "routing",
             )
         return routing
+
+    def set_token_routing(self, routing: TokenRouting) -> None:
+        """Change the default routing budget between steps: requests that did not bring their own, in flight
+        included, route under it from the next step. Nothing recompiles (the budget is data); InvalidRequestError
+        (naming the field) leaves the old one in place."""
+        routing = self._checked_routing(routing)
+        self.config.token_routing = routing
+        rows = (routing.row(generated=False), routing.row(generated=True))
+        for request in self.requests.values():
+            for seq in request.seqs:
+                if seq.params.routing is None and seq.routing_rows != rows:
+                    seq.routing_rows = rows
+                    seq.shares_prefixes = False
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks; unknown ids are ignored."""

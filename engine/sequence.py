@@ -50,6 +50,8 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # prefix digests of full token blocks (tokens only grow: never stale)
         routing = routing or TokenRouting()
         self.cache_salt = routing.cache_salt  # seeds the first block's digest
+        # False once its routing changed mid-way: its blocks then mix two routings and are offered to no one.
+        self.shares_prefixes = True
         self.routing_rows = (routing.row(generated=False), routing.row(generated=True))  # a token's route controls
         self.num_registered_blocks = 0  # leading blocks of block_table already offered for prefix reuse
         self.status = SequenceStatus.WAITING

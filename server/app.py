@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from engine.outputs import RequestOutput
 from engine.token_routing import TokenRouting
+from server.admin import RoutingControl, add_admin_routes
 from server.async_engine import AsyncEngine
 from server.chat import ChatService
 from server.completions import CompletionService
@@ -85,6 +86,7 @@ class ServerSettings:
     token_routing: TokenRouting = field(default_factory=TokenRouting)  # requests' routing unless they say
     allow_request_routing: bool = True
     substitution_available: bool = False  # the engine holds the experts' similarity maps
+    enable_admin_api: bool = False  # GET/POST /v1/routing
 
 
 def model_info(engine: AsyncEngine, settings: ServerSettings) -> dict[str, str]:
@@ -170,6 +172,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     _add_health_routes(app, engine, metrics)
     _add_generation_routes(app, engine, settings, preprocessor)
     _add_expert_routes(app, engine, settings, metrics, monitor)
+    control = RoutingControl(engine, bounds, metrics)
+    if settings.enable_admin_api:
+        add_admin_routes(app, control)
     return app
 
 

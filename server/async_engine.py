@@ -27,6 +27,7 @@ from engine.config import CheckpointError, ModelConfig
 from engine.llm_engine import EngineConfig
 from engine.outputs import RequestOutput
 from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.token_routing import TokenRouting
 from engine.tokenizer import Tokenizer
 from server.engine_messages import (
     AbortAll,
@@ -45,6 +46,8 @@ from server.engine_messages import (
     Ready,
     Refresh,
     Refreshed,
+    RoutingSet,
+    SetRouting,
     StepDone,
     ToEngine,
 )
@@ -196,7 +199,8 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._admitted = 0  # sequences accepted and not yet finished or aborted
         self._stopping = False
-        self._queries: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[EngineStats | None]]] = {}
+        # Answers awaited from the engine (Refreshed, RoutingSet), by query number.
+        self._queries: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
         self._next_query = 0
         self._last_heard = time.monotonic()
         self._handlers: dict[type, Callable[[Any], None]] = {
@@ -204,6 +208,7 @@ class AsyncEngine:
             Added: self._on_added,
             Idle: self._on_idle,
             Refreshed: self._on_refreshed,
+            RoutingSet: self._on_routing_set,
             Heartbeat: lambda _: None,
             Ready: self._on_ready,
         }
@@ -325,6 +330,30 @@ class AsyncEngine:
         except TimeoutError:
             with self._lock:
                 self._queries.pop(query, None)
+
+    async def set_routing(self, routing: TokenRouting) -> None:
+        """Make `routing` the default budget from the engine's next step on; ValueError (the engine's reason)
+        if it refused, EngineDeadError if it is gone."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str | None] = loop.create_future()
+        with self._lock:
+            if self.error is not None:
+                raise EngineDeadError(f"the engine stopped: {self.error}")
+            query = self._next_query
+            self._next_query += 1
+            self._queries[query] = (loop, future)
+        self._outbox.put(SetRouting(query, routing))
+        error = await future
+        if error is not None:
+            raise ValueError(error)
+        if self.error is not None:
+            raise EngineDeadError(f"the engine stopped: {self.error}")
+
+    def _on_routing_set(self, message: RoutingSet) -> None:
+        with self._lock:
+            waiting = self._queries.pop(message.query, None)
+        if waiting is not None:
+            _call_in_loop(waiting[0], _settle, waiting[1], None, message.error)
 
     @property
     def num_sequences(self) -> int:

@@ -164,6 +164,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="load the experts' similarity maps without a default substitution, so requests may ask for one",
     )
+    parser.add_argument(
+        "--enable-admin-api",
+        action="store_true",
+        help="serve GET/POST /v1/routing: read and switch the routing budget live (behind the API key if set)",
+    )
     pruning.add_argument(
         "--allow-request-routing",
         action=argparse.BooleanOptionalAction,
@@ -231,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             token_routing=pruning.token_routing(),
             allow_request_routing=args.allow_request_routing,
             substitution_available=pruning.wants_similarity,
+            enable_admin_api=args.enable_admin_api,
             limits=limits,
             request_workers=args.request_workers,
             allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.sampling_params import SamplingParams
+from engine.token_routing import TokenRouting
 from server.output_delta import OutputDelta
 
 
@@ -72,11 +73,19 @@ class Refresh:
 
 
 @dataclass(frozen=True)
+class SetRouting:
+    """Change the default routing budget at the next step boundary (answered with RoutingSet)."""
+
+    query: int
+    routing: TokenRouting
+
+
+@dataclass(frozen=True)
 class Exit:
     pass
 
 
-ToEngine = AddRequest | AbortRequest | AbortAll | Refresh | Exit
+ToEngine = AddRequest | AbortRequest | AbortAll | Refresh | SetRouting | Exit
 
 
 # ----- from the engine -----
@@ -127,6 +136,12 @@ class Refreshed:
 
 
 @dataclass(frozen=True)
+class RoutingSet:
+    query: int
+    error: str | None  # why the engine refused it (the old setting stays), or None
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     """Sent at least every HEARTBEAT_INTERVAL_S while the engine loop is idle (a busy loop's steps count too)."""
 
@@ -136,6 +151,6 @@ class Dead:
     message: str
 
 
-FromEngine = Loaded | LoadFailed | Ready | Added | StepDone | Idle | Refreshed | Heartbeat | Dead
+FromEngine = Loaded | LoadFailed | Ready | Added | StepDone | Idle | Refreshed | RoutingSet | Heartbeat | Dead
 
 HEARTBEAT_INTERVAL_S = 0.5

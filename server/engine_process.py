@@ -44,6 +44,8 @@ from server.engine_messages import (
     Ready,
     Refresh,
     Refreshed,
+    RoutingSet,
+    SetRouting,
     StepDone,
     ToEngine,
 )
@@ -92,6 +94,7 @@ class _EngineLoop:
             AbortRequest: self._abort,
             AbortAll: self._abort_all,
             Refresh: self._refresh,
+            SetRouting: self._set_routing,
             Exit: self._exit,
         }
 
@@ -121,6 +124,14 @@ class _EngineLoop:
         idle = not self.engine.has_unfinished_requests()
         stats = _stats(self.engine, _read_counts(self.engine), False) if idle else None
         self.conn.send(Refreshed(message.query, stats))
+
+    def _set_routing(self, message: SetRouting) -> None:
+        try:
+            self.engine.set_token_routing(message.routing)
+            error = None
+        except InvalidRequestError as exc:
+            error = str(exc)
+        self.conn.send(RoutingSet(message.query, error))
 
     def _exit(self, _: Exit) -> None:
         raise _ExitLoop

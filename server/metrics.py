@@ -29,6 +29,7 @@ from prometheus_client.utils import floatToGoString
 
 from engine.config import ModelConfig
 from engine.outputs import RequestOutput
+from engine.token_routing import TokenRouting
 from server.engine_messages import EngineStats
 from server.expert_load import ExpertLoadMonitor, layer_balance
 
@@ -145,6 +146,13 @@ class ServerMetrics:
             f"{PREFIX}_model", "The served model: balancing method, shape and runtime.", labels, registry=registry
         )
         info.labels(model_name).info(model_info or {})
+        self.routing_info = Gauge(
+            f"{PREFIX}_routing_config_info",
+            "The routing budget requests without a `moe` field run under (1 for the current one), by generation.",
+            ["model_name", "generation", "route_threshold", "experts_per_token", "substitution"],
+            registry=registry,
+        )
+        self.routing_changes = counter("routing_changes", "Live switches of the routing budget (POST /v1/routing).")
         gauge("model_weight_bytes", "Bytes of model weights resident on the device.").set(weight_bytes)
         gauge(
             "released_expert_weight_bytes", "Bytes of expert weights freed at load because pruning removed them."
@@ -241,6 +249,22 @@ class ServerMetrics:
             return sum(n for _, n in self._recent_tokens) / THROUGHPUT_WINDOW_S
 
     # ----- HTTP side -----
+
+    def routing_changed(self, routing: TokenRouting, generation: int) -> None:
+        """Publish the current routing budget (the previous generation's series is removed)."""
+        self.routing_info.clear()
+        substitution = (
+            "" if routing.keep_top is None else f"keep_top={routing.keep_top},min_similarity={routing.min_similarity:g}"
+        )
+        self.routing_info.labels(
+            self.model_name,
+            str(generation),
+            f"{routing.min_prob:g}",
+            str(routing.experts_per_token or ""),
+            substitution,
+        ).set(1)
+        if generation:
+            self.routing_changes.inc()
 
     def observe_http(self, method: str, route: str, status_code: int) -> None:
         self.http_requests.labels(self.model_name, method, route, str(status_code)).inc()

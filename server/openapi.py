@@ -35,6 +35,13 @@ AUTH_ERRORS: Responses = {
     400: _error("A Host header the server does not allow (--allowed-hosts)"),
     401: _error("Missing or wrong API key (when the server has one)"),
 }
+ADMIN_ERRORS: Responses = {
+    **AUTH_ERRORS,
+    400: _error(
+        "A Host header the server does not allow, malformed JSON, a setting out of range (the message names the "
+        "field), or one that cannot change on a running server"
+    ),
+}
 GENERATION_ERRORS: Responses = {
     **AUTH_ERRORS,
     400: _error(

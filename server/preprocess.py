@@ -35,7 +35,7 @@ from engine.token_routing import TokenRouting
 from engine.tokenizer import Tokenizer
 from server.chat_template import ChatTemplate, ChatTemplateError, RenderTimeout
 from server.child_process import become_child
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest, MoeRouting
 from server.request_limits import RequestLimits, flag
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,40 @@ class Refused(Exception):
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> Refused:
     return Refused(RequestError(400, message, param, code))
+
+
+def merged_routing(base: TokenRouting, moe: MoeRouting, bounds: ModelBounds, prefix: str = "") -> TokenRouting:
+    """`base` with the fields `moe` gives replaced, checked against the model (Refused naming prefix + field)."""
+    given = moe.model_fields_set
+    routing = base
+    if "route_threshold" in given:
+        routing = replace(routing, min_prob=moe.route_threshold or 0.0)
+    if "experts_per_token" in given:
+        if moe.experts_per_token is not None and moe.experts_per_token > bounds.top_k:
+            raise _bad(
+                f"{prefix}experts_per_token must be at most the model's {bounds.top_k} experts per token, "
+                f"got {moe.experts_per_token}",
+                f"{prefix}experts_per_token",
+            )
+        routing = replace(routing, experts_per_token=moe.experts_per_token)
+    if "substitution" in given:
+        substitution = moe.substitution
+        keep_top = None if substitution is None else substitution.keep_top
+        if keep_top is not None and keep_top > bounds.top_k:
+            raise _bad(
+                f"{prefix}substitution.keep_top must be at most the model's {bounds.top_k} experts per token, "
+                f"got {keep_top}",
+                f"{prefix}substitution.keep_top",
+            )
+        if keep_top is not None and not bounds.substitution_available:
+            raise _bad(
+                "substitution needs the experts' similarity maps; start the server with --substitution-keep-top "
+                "or --similarity-maps",
+                f"{prefix}substitution",
+            )
+        similarity = routing.min_similarity if substitution is None else substitution.min_similarity
+        routing = replace(routing, keep_top=keep_top, min_similarity=similarity)
+    return routing
 
 
 # ----- in the worker processes -----
@@ -170,43 +204,14 @@ class _Worker:
                 "n",
             )
 
-    def _routing(self, request: CompletionRequest | ChatCompletionRequest) -> TokenRouting:
-        """The server's routing budget with the request's `moe` field applied, checked against the model."""
-        bounds, moe = self.bounds, request.moe
-        if moe is None:
-            return bounds.routing
-        if not bounds.allow_request_routing:
+    def _routing(self, request: CompletionRequest | ChatCompletionRequest) -> TokenRouting | None:
+        """The server's routing budget (as started) with the request's `moe` field applied, checked against the
+        model; None without the field: the request follows the server's setting, live switches included."""
+        if request.moe is None:
+            return None
+        if not self.bounds.allow_request_routing:
             raise _bad("this server does not accept per-request routing (--allow-request-routing)", "moe")
-        given = moe.model_fields_set
-        routing = bounds.routing
-        if "route_threshold" in given:
-            routing = replace(routing, min_prob=moe.route_threshold or 0.0)
-        if "experts_per_token" in given:
-            if moe.experts_per_token is not None and moe.experts_per_token > bounds.top_k:
-                raise _bad(
-                    f"moe.experts_per_token must be at most the model's {bounds.top_k} experts per token, "
-                    f"got {moe.experts_per_token}",
-                    "moe.experts_per_token",
-                )
-            routing = replace(routing, experts_per_token=moe.experts_per_token)
-        if "substitution" in given:
-            substitution = moe.substitution
-            keep_top = None if substitution is None else substitution.keep_top
-            if keep_top is not None and keep_top > bounds.top_k:
-                raise _bad(
-                    f"moe.substitution.keep_top must be at most the model's {bounds.top_k} experts per token, "
-                    f"got {keep_top}",
-                    "moe.substitution.keep_top",
-                )
-            if keep_top is not None and not bounds.substitution_available:
-                raise _bad(
-                    "substitution needs the experts' similarity maps; start the server with --substitution-keep-top "
-                    "or --similarity-maps",
-                    "moe.substitution",
-                )
-            similarity = routing.min_similarity if substitution is None else substitution.min_similarity
-            routing = replace(routing, keep_top=keep_top, min_similarity=similarity)
-        return routing
+        return merged_routing(self.bounds.routing, request.moe, self.bounds, "moe.")
 
     def _tokens(self, prompt: str | list[int]) -> list[int]:
         if not isinstance(prompt, str):

@@ -78,6 +78,24 @@ class MoeRouting(StrictModel):
     )
 
 
+class RoutingUpdate(MoeRouting):
+    """POST /v1/routing: the fields given replace the server's routing setting from the next engine step."""
+
+    prune_level: float | None = Field(None, description="Not switchable live yet: refused (restart with it).")
+    prune_method: str | None = Field(None, description="Not switchable live yet: refused.")
+    prune_plan: str | None = Field(None, description="Not switchable live yet: refused.")
+
+
+class RoutingSetting(BaseModel):
+    """GET/POST /v1/routing: the routing budget requests without a `moe` field run under, and its generation
+    (0 at start, one more per change)."""
+
+    generation: int
+    route_threshold: float
+    experts_per_token: int | None
+    substitution: Substitution | None
+
+
 class _SamplingRequest(StrictModel):
     """Fields shared by completions and chat completions."""
 

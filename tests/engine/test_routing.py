@@ -188,3 +188,27 @@ def test_prefix_cache_salt_follows_what_tokens_compute() -> None:
         TokenRouting(min_prob=0.1).cache_salt,
     }
     assert len(salts) == 3 and b"" not in salts
+
+
+def test_a_default_switch_reaches_requests_in_flight_but_not_their_own_budgets(tiny_model: Path) -> None:
+    llm = LLM(tiny_model, dtype="float32", device="cpu", max_model_len=64)
+    engine = llm.engine
+    engine.set_routing_policies(similarity_policies(llm))
+
+    def run(switch_at: int) -> dict[str, list[float]]:
+        greedy = {"temperature": 0.0, "max_tokens": 12, "ignore_eos": True, "logprobs": 0}
+        engine.add_request("follows", list(range(10, 30)), SamplingParams(**greedy))
+        engine.add_request("own", list(range(40, 57)), SamplingParams(**greedy, routing=TokenRouting()))
+        finished, step = {}, 0
+        while engine.has_unfinished_requests():
+            if step == switch_at:
+                engine.set_token_routing(TokenRouting(keep_top=1, min_similarity=-1.0))
+            finished.update((o.request_id, values(o.outputs[0].logprobs)) for o in engine.step() if o.finished)
+            step += 1
+        engine.set_token_routing(TokenRouting())
+        return finished
+
+    plain, switched = run(-1), run(4)
+    assert switched["own"] == pytest.approx(plain["own"], abs=1e-5)  # its own budget: untouched
+    assert switched["follows"][:3] == pytest.approx(plain["follows"][:3], abs=1e-5)  # before the switch
+    assert switched["follows"][4:] != pytest.approx(plain["follows"][4:], abs=1e-3)  # from the next step on

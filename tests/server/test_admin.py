@@ -1,0 +1,72 @@
+"""The admin API: off by default, behind the API key, switching the routing budget live under a running stream
+without failing it, refusing bad or not-yet-live settings without changing anything, and counted in /metrics."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import httpx
+
+from engine import LLM, SamplingParams, TokenRouting
+from pruning.serving import PruningSettings
+from server.launch import launched
+from tests.server.test_pruning import SERVE_ARGS, samples
+
+
+def test_the_admin_api_is_off_unless_enabled(tiny_model: Path) -> None:
+    with launched([*SERVE_ARGS, "--model", str(tiny_model)]) as server:
+        assert httpx.get(f"{server.url}/v1/routing").status_code == 404
+        assert httpx.post(f"{server.url}/v1/routing", json={"route_threshold": 0.1}).status_code == 404
+
+
+def test_a_live_switch_applies_from_the_next_step_and_fails_no_stream(tiny_model: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "MOE_SERVE_CACHE": str(tmp_path / "cache")}
+    args = [*SERVE_ARGS, "--model", str(tiny_model), "--enable-admin-api", "--similarity-maps", "--api-key", "k"]
+    auth = {"Authorization": "Bearer k"}
+    body = {"prompt": "Switch while I stream", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    long_stream = {**body, "max_tokens": 200, "stream": True}  # still streaming when the switch lands
+    switch = {"substitution": {"keep_top": 1, "min_similarity": -1}}
+    with launched(args, env=env) as server, httpx.Client(base_url=server.url, headers=auth, timeout=60) as client:
+        assert httpx.get(f"{server.url}/v1/routing").status_code == 401
+        assert client.get("/v1/routing").json() == {
+            "generation": 0, "route_threshold": 0.0, "experts_per_token": None, "substitution": None,
+        }  # fmt: skip
+        first_chunk, streamed = threading.Event(), []
+
+        def stream() -> None:
+            with client.stream("POST", "/v1/completions", json=long_stream) as response:
+                for line in response.iter_lines():
+                    if line:
+                        streamed.append(line)
+                        first_chunk.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first_chunk.wait(60)
+        switched = client.post("/v1/routing", json=switch)
+        reader.join(60)
+        after = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        bad = client.post("/v1/routing", json={"experts_per_token": 99})
+        not_live = client.post("/v1/routing", json={"prune_level": 0.25})
+        unknown = client.post("/v1/routing", json={"keep_top": 1})
+        final = client.get("/v1/routing").json()
+        metrics = samples(server.url)
+    assert switched.status_code == 200 and switched.json()["generation"] == 1
+    assert switched.json()["substitution"] == {"keep_top": 1, "min_similarity": -1.0}
+    assert streamed[-1] == "data: [DONE]" and not any('"error"' in line for line in streamed)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "experts_per_token"
+    assert not_live.status_code == 400 and "--prune-level" in not_live.json()["error"]["message"]
+    assert unknown.status_code == 400
+    assert final["generation"] == 1 and final["substitution"] == {"keep_top": 1, "min_similarity": -1.0}
+    (info,) = metrics["moe_serve_routing_config_info"]
+    assert info[0]["generation"] == "1" and info[0]["substitution"] == "keep_top=1,min_similarity=-1" and info[1] == 1
+    assert metrics["moe_serve_routing_changes_total"][0][1] == 1
+    # A request after the switch gets what the engine gives under the new budget.
+    policies, _ = PruningSettings(similarity_maps=True).resolve(tiny_model, "cpu", "float32", tmp_path / "cache")
+    offline = LLM(tiny_model, dtype="float32", routing_policies=policies)
+    params = SamplingParams(
+        max_tokens=48, temperature=0, ignore_eos=True, routing=TokenRouting(keep_top=1, min_similarity=-1)
+    )
+    assert offline.generate([body["prompt"]], params, use_tqdm=False)[0].outputs[0].text == after
