@@ -1,0 +1,79 @@
+"""How long a live routing switch takes under load, and whether any request fails across it.
+
+`python -m loadtests.live_switch [MODEL] [--users 8] [--switches 20] [--threads 1]`
+
+Starts moe-serve with the admin API and the similarity maps, keeps --users streaming clients busy, and meanwhile
+cycles the routing budget through substitution on/off and a threshold on/off with POST /v1/routing, timing each
+round trip (HTTP plus the wait for the engine's next step boundary). Prints the median and largest switch time,
+the requests completed and the failures among them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from server.launch import launched
+
+SETTINGS: list[dict[str, Any]] = [
+    {"substitution": {"keep_top": 1, "min_similarity": 0.1}},
+    {"substitution": None},
+    {"route_threshold": 0.1},
+    {"route_threshold": 0.0},
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.live_switch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", type=Path, nargs="?", default=Path("models/tiny-simbal"))
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--switches", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="the engine's torch threads")
+    args = parser.parse_args(argv)
+    serve = ["--model", str(args.model), "--threads", str(args.threads), "--enable-admin-api", "--similarity-maps",
+             "--log-level", "warning"]  # fmt: skip
+    with launched(serve, ready_timeout=600) as server:
+        stop, lock = threading.Event(), threading.Lock()
+        counts = {"requests": 0, "failures": 0}
+
+        def user() -> None:
+            body = {"prompt": "And the king said", "max_tokens": 64, "ignore_eos": True, "stream": True}
+            with httpx.Client(base_url=server.url, timeout=120) as client:
+                while not stop.is_set():
+                    response = client.post("/v1/completions", json=body)
+                    failed = response.status_code != 200 or not response.text.rstrip().endswith("data: [DONE]")
+                    with lock:
+                        counts["requests"] += 1
+                        counts["failures"] += failed or '"error"' in response.text
+
+        users = [threading.Thread(target=user) for _ in range(args.users)]
+        for thread in users:
+            thread.start()
+        seconds = []
+        with httpx.Client(base_url=server.url, timeout=60) as admin:
+            while counts["requests"] < args.users:  # every user past its first request
+                time.sleep(0.1)
+            for i in range(args.switches):
+                start = time.perf_counter()
+                response = admin.post("/v1/routing", json=SETTINGS[i % len(SETTINGS)])
+                seconds.append(time.perf_counter() - start)
+                if response.status_code != 200:
+                    raise RuntimeError(f"switch {i} refused: {response.text}")
+                time.sleep(0.25)
+        stop.set()
+        for thread in users:
+            thread.join()
+    print(
+        f"{args.switches} switches under {args.users} streaming users: median {statistics.median(seconds) * 1e3:.1f} ms, "
+        f"largest {max(seconds) * 1e3:.1f} ms; {counts['requests']} requests, {counts['failures']} failed"
+    )
+
+
+if __name__ == "__main__":
+    main()
