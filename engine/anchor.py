@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from engine.bench import make_prompts, progress
+from engine.decoding import start_decoding
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
@@ -34,12 +35,7 @@ def ours(llm: LLM, batch: int) -> float:
     engine = llm.engine
     prompts = make_prompts(batch, PROMPT, engine.model.config.vocab_size, seed=batch)
     params = SamplingParams(temperature=0.0, max_tokens=GENERATED + 1, ignore_eos=True)
-    ids = [f"anchor-{batch}-{i}" for i in range(batch)]
-    for request_id, prompt in zip(ids, prompts):
-        engine.add_request(request_id, prompt, params)
-    seqs = [seq for request_id in ids for seq in engine.requests[request_id].seqs]
-    while any(seq.num_output_tokens == 0 for seq in seqs):  # prefill: every sequence has its first token
-        engine.step()
+    start_decoding(engine, "anchor", prompts, [params] * batch)
     start = time.perf_counter()
     for _ in range(GENERATED):
         engine.step()

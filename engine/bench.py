@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from engine import breakdown
+from engine.decoding import start_decoding
 from engine.llm import LLM
 from engine.llm_engine import DTYPES, resolve_device
 from engine.model import MoEForCausalLM
@@ -137,12 +138,8 @@ def decode_step(llm: LLM, prompts: list[list[int]], steps: int, device: torch.de
     of routed experts per MoE layer, from expert_load() differences taken between the timed steps."""
     engine, warmup = llm.engine, 2
     params = SamplingParams(temperature=0, max_tokens=steps + warmup + 2, ignore_eos=True)
-    ids = [f"decode-{len(prompts)}-{i}" for i in range(len(prompts))]
-    for request_id, prompt in zip(ids, prompts):
-        engine.add_request(request_id, prompt, params)
+    ids = start_decoding(engine, "decode", prompts, [params] * len(prompts))
     seqs = [seq for request_id in ids for seq in engine.requests[request_id].seqs]
-    while engine.scheduler.waiting or any(s.num_tokens - s.num_computed_tokens > 1 for s in seqs):
-        engine.step()
     for _ in range(warmup):
         engine.step()
     moe_layers = [block.layer_idx for block in engine.model.moe_blocks()]

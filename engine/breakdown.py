@@ -30,8 +30,9 @@ import torch
 
 from engine import model_runner
 from engine.cpu_kernels import kernels
+from engine.decoding import start_decoding
 from engine.llm_engine import LLMEngine
-from engine.model import Attention, DecoderLayer, MoEForCausalLM, apply_rotary, rotary_cos_sin
+from engine.model import Attention, DecoderLayer, MoEForCausalLM, rotary_cos_sin
 from engine.moe import SparseMoE, dispatch
 from engine.routing import Routing, route
 from engine.sampling_params import SamplingParams
@@ -85,12 +86,7 @@ class PartClock:
 def decode_ready(engine: LLMEngine, prompts: list[list[int]], extra_tokens: int) -> list[str]:
     """Add one request per prompt and step until every sequence decodes one token per step."""
     params = SamplingParams(temperature=0, max_tokens=extra_tokens, ignore_eos=True)
-    ids = [f"breakdown-{len(prompts)}-{i}" for i in range(len(prompts))]
-    for request_id, prompt in zip(ids, prompts):
-        engine.add_request(request_id, prompt, params)
-    seqs = [seq for request_id in ids for seq in engine.requests[request_id].seqs]
-    while engine.scheduler.waiting or any(s.num_tokens - s.num_computed_tokens > 1 for s in seqs):
-        engine.step()
+    ids = start_decoding(engine, "breakdown", prompts, [params] * len(prompts))
     for _ in range(2):
         engine.step()
     return ids
@@ -229,7 +225,7 @@ class _EagerPartsForward:
             attn: Attention = layer.self_attn
             h = run("norms + residuals", layer.input_layernorm, x)
             q, k, v = run("dense projections", _qkv, attn, h)
-            q, k, v = run("rope + qk norm", _qk, attn, q, k, v, rope)
+            q, k, v = run("rope + qk norm", attn.heads, q, k, v, rope)
             out = run("attention core", torch.ops.moe_serve.paged_attention, q, k, v, attn.layer_idx, attn.scale)
             proj = run("dense projections", attn.o_proj, out.reshape(x.shape[0], -1))
             x = run("norms + residuals", torch.add, x, proj)
@@ -248,20 +244,6 @@ class _EagerPartsForward:
 
 def _qkv(attn: Attention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-
-
-def _qk(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Any) -> tuple[torch.Tensor, ...]:
-    """Attention.forward between the projections and the attention op."""
-    if attn.qk_norm == "full":
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.clip_qkv is not None:
-        q, k, v = (t.clamp(-attn.clip_qkv, attn.clip_qkv) for t in (q, k, v))
-    q = q.view(-1, attn.num_heads, attn.head_dim)
-    k = k.view(-1, attn.num_kv_heads, attn.head_dim)
-    v = v.view(-1, attn.num_kv_heads, attn.head_dim)
-    if attn.qk_norm == "head":
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    return apply_rotary(q, *rope), apply_rotary(k, *rope), v
 
 
 def _route(block: SparseMoE, logits: torch.Tensor, token_mask: torch.Tensor, controls: torch.Tensor) -> Routing:

@@ -259,7 +259,7 @@ class LLMEngine:
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_request(token_ids, params, self.model.config.vocab_size, self.max_model_len)
-        routing = self._request_routing(params)
+        routing = self._checked_routing(params.routing or self.config.token_routing)
         stop_strings = StopStrings(params.stop) if params.stop else None
         max_output = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(token_ids)
         seqs = []
@@ -278,12 +278,8 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
 
-    def _request_routing(self, params: SamplingParams) -> TokenRouting:
-        """The routing budget a request runs under, checked against the model (InvalidRequestError names the
-        field)."""
-        return self._checked_routing(params.routing or self.config.token_routing)
-
     def _checked_routing(self, routing: TokenRouting) -> TokenRouting:
+        """`routing` if this model can run it; otherwise InvalidRequestError naming the field."""
         try:
             routing.validate(self.model.config.top_k)
         except ValueError as error:

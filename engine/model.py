@@ -73,7 +73,15 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> torch.Tensor:
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), rope)
+        out = attend(q, k, v, meta, self.layer_idx, self.scale)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+    def heads(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected queries, keys and values [T, width] -> per-head [T, heads, head_dim], with the
+        architecture's q/k norm, clipping and RoPE applied."""
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -83,9 +91,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = attend(q, k, v, meta, self.layer_idx, self.scale)
-        return self.o_proj(out.reshape(x.shape[0], -1))
+        return apply_rotary(q, *rope), apply_rotary(k, *rope), v
 
 
 class DecoderLayer(nn.Module):

@@ -31,6 +31,8 @@ import torch._dynamo
 
 from engine.bench import expected_experts, progress
 from engine.checkpoint import load_model
+from engine.config import ModelConfig
+from engine.decoding import start_decoding
 from engine.llm import LLM
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -87,12 +89,7 @@ def measure(
             )
             for row in rows
         ]  # fmt: skip
-        ids = [f"frontier-{start}-{i}" for i in range(batch)]
-        for request_id, row, p in zip(ids, rows, params, strict=True):
-            engine.add_request(request_id, row[:prompt_len], p)
-        seqs = [seq for request_id in ids for seq in engine.requests[request_id].seqs]
-        while any(seq.num_output_tokens == 0 for seq in seqs):
-            engine.step()
+        ids = start_decoding(engine, f"frontier-{start}", [row[:prompt_len] for row in rows], params)
         read_before = engine.experts_read()[moe_layers]
         finished: dict[str, RequestOutput] = {}
         begin = time.perf_counter()
@@ -101,9 +98,7 @@ def measure(
         seconds += time.perf_counter() - begin
         read = read + engine.experts_read()[moe_layers] - read_before
         decoded += batch * (forced_len - 1)
-        for request_id, row in zip(ids, rows, strict=True):
-            if not score:
-                continue
+        for request_id, row in zip(ids, rows, strict=True) if score else ():
             entries = finished[request_id].outputs[0].logprobs or []
             for entry, token in zip(entries[1:], row[prompt_len + 1 :], strict=True):
                 nll -= entry[token].logprob
@@ -121,9 +116,11 @@ def build_engines(model_dir: Path, settings: list[Setting], args: argparse.Names
     policies, _ = PruningSettings(similarity_maps=True).resolve(model_dir, "cpu", args.dtype, spec=spec)
     progress("compiling the shared engine")
     engines: dict[Any, LLM] = {None: LLM(model_dir, routing_policies=policies, **common)}
-    model = load_model(model_dir, torch.float32, torch.device("cpu")).eval()
+    static = any(setting.plan is not None for setting in settings)
+    model = load_model(model_dir, torch.float32, torch.device("cpu")).eval() if static else None
     for setting in settings:
         if setting.plan is not None and setting.plan not in engines:
+            assert model is not None
             plan = cached_plan(model_dir, model, *setting.plan, spec=spec)
             progress(f"compiling the engine of {setting.name}")
             engines[setting.plan] = LLM(model_dir, routing_policies=plan.routing_policies(), **common)
@@ -133,7 +130,7 @@ def build_engines(model_dir: Path, settings: list[Setting], args: argparse.Names
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = 64  # one graph pair per engine; several engines share the functions
-    top_k = load_model(args.model, torch.float32, torch.device("cpu")).config.top_k
+    top_k = ModelConfig.from_dir(args.model).top_k
     settings = per_token_settings(top_k, args.keep_top, args.min_similarity, args.thresholds, args.experts_per_token)
     settings += [
         Setting(f"{method} {level:g}", f"static {method}", plan=(method, level))
