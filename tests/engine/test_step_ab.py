@@ -1,0 +1,20 @@
+"""engine.step_ab against itself: both sides measured in their own processes, a ratio per batch size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.step_ab import main
+
+
+def test_a_checkout_against_itself_prints_a_ratio_per_batch(
+    tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkout = Path(__file__).resolve().parents[2]
+    main([str(checkout), "--model", str(tiny_model), "--dtype", "float32", "--batch-sizes", "1,2", "--rounds", "2",
+          "--threads", "1", "--enforce-eager"])  # fmt: skip
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 2
+    assert all(float(row.split("|")[4].strip().removesuffix("x")) > 0 for row in rows)
