@@ -13,7 +13,7 @@ device buffers that every replay reads).
 Compiled artifacts are cached by inductor under $MOE_SERVE_CACHE/inductor (engine/paths.py), so a restart
 compiles from cache.
 Routing policies are traced into the graph: changing them drops the compiled graphs (they recompile on the
-next step) and the captured CUDA graphs.
+next step) and the captured CUDA graphs. Live pruning tables (engine/expert_tables.py) are graph inputs instead.
 """
 
 from __future__ import annotations
@@ -58,15 +58,16 @@ def _cxx_compiler() -> str | None:
 
 def _one_token_forward(model: MoEForCausalLM, *inputs: torch.Tensor) -> torch.Tensor:
     """The serving forward of a one-token step (its own function: torch.compile keeps a cache per function).
-    inputs: input_ids, positions, token_mask, route_controls (StepBuffers.INPUTS)."""
-    input_ids, positions, token_mask, route_controls = inputs
-    return model(input_ids, positions, PAGED, token_mask, route_controls)
+    inputs: input_ids, positions, token_mask, route_controls (StepBuffers.inputs), then the live expert tables
+    if the model has them (engine.expert_tables)."""
+    input_ids, positions, token_mask, route_controls, *tables = inputs
+    return model(input_ids, positions, PAGED, token_mask, route_controls, (tables[0], tables[1]) if tables else None)
 
 
 def _many_token_forward(model: MoEForCausalLM, *inputs: torch.Tensor) -> torch.Tensor:
     """The serving forward of every other step."""
-    input_ids, positions, token_mask, route_controls = inputs
-    return model(input_ids, positions, PAGED, token_mask, route_controls)
+    input_ids, positions, token_mask, route_controls, *tables = inputs
+    return model(input_ids, positions, PAGED, token_mask, route_controls, (tables[0], tables[1]) if tables else None)
 
 
 class CompiledForward:
@@ -133,6 +134,8 @@ class CompiledForward:
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         """Hidden states of a step whose attention context is set (engine.attention.paged_step). inputs:
         input_ids, positions, token_mask, route_controls, each the step's rows."""
+        if self.model.expert_tables is not None:  # graph inputs, not frozen constants: switching recompiles nothing
+            inputs = (*inputs, *self.model.expert_tables.inputs())
         if not self._compiled:
             return _many_token_forward(self.model, *inputs)
         kind = inputs[0].shape[0] == 1

@@ -66,6 +66,9 @@ class EngineConfig:
     # release_unrouted_experts, the weights of experts no policy can reach are freed first.
     routing_policies: dict[int, RoutingPolicy] = field(default_factory=dict)
     release_unrouted_experts: bool = True
+    # Pruning switchable while serving (set_live_pruning): every expert stays loaded and the policies' kept
+    # experts and redirects become data every step reads (engine/expert_tables.py), not traced code.
+    live_pruning: bool = False
     # Every request's routing budget unless it brings its own (SamplingParams.routing).
     token_routing: TokenRouting = field(default_factory=TokenRouting)
 
@@ -188,9 +191,18 @@ class LLMEngine:
         )
 
     def _install_routing(self, config: EngineConfig) -> int:
-        if not config.routing_policies:
+        policies = config.routing_policies
+        if config.live_pruning:
+            tables = self.model.enable_expert_tables()
+            live = {layer: RoutingPolicy(p.kept_experts, p.redirect) for layer, p in policies.items()}
+            tables.install(tables.tables_for(live, self.model.config.top_k))
+            self.model.set_routing_policies(
+                {layer: replace(p, kept_experts=None, redirect=None) for layer, p in policies.items()}
+            )
             return 0
-        self.model.set_routing_policies(config.routing_policies)
+        if not policies:
+            return 0
+        self.model.set_routing_policies(policies)
         if not config.release_unrouted_experts:
             return 0
         released = self.model.release_unrouted_experts()
@@ -294,11 +306,14 @@ class LLMEngine:
             )
         return routing
 
-    def set_token_routing(self, routing: TokenRouting) -> None:
+    def set_token_routing(self, routing: TokenRouting, pruning: dict[int, RoutingPolicy] | None = None) -> None:
         """Change the default routing budget between steps: requests that did not bring their own, in flight
-        included, route under it from the next step. Nothing recompiles (the budget is data); InvalidRequestError
-        (naming the field) leaves the old one in place."""
+        included, route under it from the next step. Nothing recompiles (the budget is data). With `pruning`,
+        switch the live pruning too (set_live_pruning), both or neither: ValueError (InvalidRequestError for
+        the budget, naming the field) leaves the old ones in place."""
         routing = self._checked_routing(routing)
+        if pruning is not None:
+            self.set_live_pruning(pruning)
         self.config.token_routing = routing
         rows = (routing.row(generated=False), routing.row(generated=True))
         for request in self.requests.values():
@@ -306,6 +321,21 @@ class LLMEngine:
                 if seq.params.routing is None and seq.routing_rows != rows:
                     seq.routing_rows = rows
                     seq.shares_prefixes = False
+
+    def set_live_pruning(self, policies: dict[int, RoutingPolicy]) -> None:
+        """Switch the experts each MoE layer routes to (the policies' kept_experts and redirect; layers not named
+        prune nothing) from the next step, requests in flight included; nothing recompiles or reloads. Needs
+        EngineConfig.live_pruning; ValueError (naming the layer and field) leaves the old pruning in place.
+        Cached prefixes were computed under the old pruning, so they are forgotten and sequences in flight stop
+        sharing theirs."""
+        tables = self.model.expert_tables
+        if tables is None:
+            raise ValueError("live pruning is off: start the engine with EngineConfig.live_pruning")
+        tables.install(tables.tables_for(policies, self.model.config.top_k))
+        self.block_manager.reset_prefix_cache()
+        for request in self.requests.values():
+            for seq in request.seqs:
+                seq.shares_prefixes = False
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks; unknown ids are ignored."""

@@ -13,8 +13,9 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, attend
 from engine.config import ModelConfig
+from engine.expert_tables import ExpertTables
 from engine.moe import DenseMLP, ExpertLoad, RoutingObserver, SparseMoE
-from engine.routing import RoutingPolicy
+from engine.routing import LiveExperts, RoutingPolicy
 
 
 class RMSNorm(nn.Module):
@@ -123,10 +124,13 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         token_mask: torch.Tensor | None = None,
         route_controls: torch.Tensor | None = None,
+        live: LiveExperts | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, meta)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, token_mask, route_controls) if isinstance(self.mlp, SparseMoE) else self.mlp(h))
+        if isinstance(self.mlp, SparseMoE):
+            return x + self.mlp(h, token_mask, route_controls, live)
+        return x + self.mlp(h)
 
 
 class DecoderStack(nn.Module):
@@ -152,6 +156,8 @@ class MoEForCausalLM(nn.Module):
         self.expert_load = ExpertLoad(config.num_layers, config.num_experts)
         for block in self.moe_blocks():
             block.record_load = self.expert_load.record
+        # Live pruning tables (enable_expert_tables); the serving forward passes them to every step.
+        self.expert_tables: ExpertTables | None = None
 
     @property
     def router_balancing(self) -> dict[str, object] | None:
@@ -185,6 +191,14 @@ class MoEForCausalLM(nn.Module):
         for layer, block in blocks.items():
             block.policy = policies[layer].to(device) if layer in policies else None
 
+    def enable_expert_tables(self) -> ExpertTables:
+        """Route through live pruning tables from now on (engine.expert_tables), initially pruning nothing."""
+        if self.expert_tables is None:
+            moe_layers = [block.layer_idx for block in self.moe_blocks()]
+            device = self.lm_head.weight.device
+            self.expert_tables = ExpertTables(self.config.num_layers, self.config.num_experts, moe_layers, device)
+        return self.expert_tables
+
     def release_unrouted_experts(self) -> int:
         """Free the weights of every expert the installed routing policies can no longer reach (static pruning:
         the memory goes back to the device, e.g. for KV cache). Returns the bytes released."""
@@ -208,13 +222,16 @@ class MoEForCausalLM(nn.Module):
         meta: AttentionMetadata,
         token_mask: torch.Tensor | None = None,
         route_controls: torch.Tensor | None = None,
+        expert_tables: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Final hidden states [T, H]. token_mask [T] (0 or 1) leaves tokens out of the expert-load counts;
-        route_controls [T, 4] are each token's routing budget (engine.routing.TokenRouting.row)."""
+        route_controls [T, 4] are each token's routing budget (engine.routing.TokenRouting.row); expert_tables
+        are the live pruning tables (engine.expert_tables: kept [layers, E], serve [layers, E + 1])."""
         x = self.model.embed_tokens(input_ids)
         rope = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, rope, meta, token_mask, route_controls)
+        for index, layer in enumerate(self.model.layers):
+            live = None if expert_tables is None else LiveExperts(expert_tables[0][index], expert_tables[1][index])
+            x = layer(x, rope, meta, token_mask, route_controls, live)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.cpu_kernels import SUFFIX, kernels
-from engine.routing import Routing, RoutingPolicy, route
+from engine.routing import LiveExperts, Routing, RoutingPolicy, route
 
 logger = logging.getLogger(__name__)
 
@@ -313,10 +313,14 @@ class SparseMoE(nn.Module):
         self.backend = backend
 
     def forward(
-        self, x: torch.Tensor, token_mask: torch.Tensor | None = None, route_controls: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        route_controls: torch.Tensor | None = None,
+        live: LiveExperts | None = None,
     ) -> torch.Tensor:
         router_logits = self.gate(x)
-        routing = route(router_logits, self.top_k, self.norm_topk_prob, self.policy, route_controls)
+        routing = route(router_logits, self.top_k, self.norm_topk_prob, self.policy, route_controls, live)
         if self.record_load is not None:
             self.record_load(self.layer_idx, routing.expert_ids, token_mask)
         if self.observer is not None:

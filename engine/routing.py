@@ -18,6 +18,7 @@ their policy has a similarity map.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -30,6 +31,14 @@ class Routing:
 
     expert_ids: torch.Tensor
     weights: torch.Tensor
+
+
+class LiveExperts(NamedTuple):
+    """One MoE layer's live pruning tables (engine.expert_tables): data, so switching them recompiles nothing.
+    kept: bool [E], False leaves the softmax; serve: long [E + 1], the expert serving a slot routed to e."""
+
+    kept: torch.Tensor
+    serve: torch.Tensor
 
 
 @dataclass
@@ -106,13 +115,16 @@ def route(
     norm_topk_prob: bool,
     policy: RoutingPolicy | None = None,
     controls: torch.Tensor | None = None,
+    live: LiveExperts | None = None,
 ) -> Routing:
-    """Softmax over experts, top-k, optional renormalization, with the layer's policy and the tokens' controls
-    ([T, 4] float: TokenRouting.row of each token) applied."""
+    """Softmax over experts, top-k, optional renormalization, with the layer's policy, the tokens' controls
+    ([T, 4] float: TokenRouting.row of each token) and the live pruning tables applied."""
     num_experts = router_logits.shape[-1]
     logits = router_logits.float()
     if policy is not None and policy.kept_experts is not None:
         logits = logits.masked_fill(~policy.kept_experts, float("-inf"))
+    if live is not None:
+        logits = logits.masked_fill(~live.kept, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     k = policy.top_k if policy is not None and policy.top_k else top_k
     if policy is not None and policy.skip_top:
@@ -124,7 +136,7 @@ def route(
         weights = weights.masked_fill(slot >= controls[:, EXPERTS_PER_TOKEN : EXPERTS_PER_TOKEN + 1], 0.0)
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    if policy is None and controls is None:
+    if policy is None and controls is None and live is None:
         return Routing(expert_ids, weights)
     min_prob = policy.min_prob if policy is not None else 0.0
     threshold = controls[:, MIN_PROB : MIN_PROB + 1].clamp(min=min_prob) if controls is not None else min_prob
@@ -137,6 +149,8 @@ def route(
         # Append a self-mapped sentinel so dropped slots stay dropped.
         table = torch.cat([policy.redirect, policy.redirect.new_tensor([num_experts])])
         expert_ids = table[expert_ids]
+    if live is not None:
+        expert_ids = live.serve[expert_ids]
     if controls is not None and policy is not None and policy.similarity is not None:
         expert_ids, weights = _substitute(expert_ids, weights, controls, policy, slot)
     return Routing(expert_ids, weights)

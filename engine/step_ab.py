@@ -3,7 +3,9 @@ own checkout first on the import path, the sides alternate over --rounds (A B, B
 per-round ratios is printed (this VM drifts 10-30% within minutes; alternating puts the drift on both sides).
 
 `python -m engine.step_ab OTHER_CHECKOUT [--this CHECKOUT] [--model models/tiny-simbal] [--dtype bfloat16]`
-`[--batch-sizes 1,8,32] [--rounds 3] [--threads 2] [--enforce-eager]` (--this defaults to this checkout)
+`[--batch-sizes 1,8,32] [--rounds 3] [--threads 2] [--enforce-eager] [--this-config K=V] [--other-config K=V]`
+(--this defaults to this checkout; the config options set EngineConfig fields of one side, a JSON value each,
+so `python -m engine.step_ab . --this-config live_pruning=true` times one checkout with and without a setting)
 
 OTHER_CHECKOUT is typically an earlier commit's worktree (`git worktree add /tmp/base REF`). The measuring code
 uses only the engine API every checkout since the compiled path has (LLMEngine, EngineConfig, warm_up, step):
@@ -30,7 +32,7 @@ from engine.sampling_params import SamplingParams
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 config = EngineConfig(dtype=args["dtype"], max_num_seqs=max(args["batch_sizes"]), kv_cache_memory_bytes=256 << 20,
-                      enable_prefix_caching=False, enforce_eager=args["enforce_eager"])
+                      enable_prefix_caching=False, enforce_eager=args["enforce_eager"], **args["config"])
 engine = LLMEngine(args["model"], config)
 engine.warm_up()
 result = {}
@@ -68,6 +70,18 @@ def measure(checkout: Path, settings: dict[str, object]) -> dict[int, float]:
     return {int(batch): ms for batch, ms in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
+def engine_config(items: list[str]) -> dict[str, object]:
+    """EngineConfig fields from FIELD=JSON items (SystemExit naming a malformed one)."""
+    config = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            config[name] = json.loads(value)
+        except json.JSONDecodeError:
+            raise SystemExit(f"engine.step_ab: {item!r} is not FIELD=JSON (e.g. live_pruning=true)") from None
+    return config
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.step_ab", description=__doc__.split("\n\n")[0])
     parser.add_argument("other", type=Path, help="the other checkout (a worktree of another commit)")
@@ -78,17 +92,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--enforce-eager", action="store_true")
+    for side in ("this", "other"):
+        parser.add_argument(f"--{side}-config", action="append", default=[], metavar="FIELD=JSON")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     settings = {"model": str(args.model.resolve()), "dtype": args.dtype, "batch_sizes": batches,
                 "threads": args.threads, "enforce_eager": args.enforce_eager}  # fmt: skip
     sides = {"this": args.this.resolve(), "other": args.other.resolve()}
+    configs = {"this": engine_config(args.this_config), "other": engine_config(args.other_config)}
     samples: dict[str, list[dict[int, float]]] = {name: [] for name in sides}
     for round_ in range(args.rounds):
         # A B, then B A: whichever side runs second in a pair measured faster here, so the order alternates too.
         for name, checkout in list(sides.items())[:: 1 if round_ % 2 == 0 else -1]:
-            progress(f"round {round_ + 1}/{args.rounds}: {name} ({checkout})")
-            samples[name].append(measure(checkout, settings))
+            progress(f"round {round_ + 1}/{args.rounds}: {name} ({checkout}) {configs[name] or ''}")
+            samples[name].append(measure(checkout, {**settings, "config": configs[name]}))
     print(f"decode step ms, {args.dtype}, {args.threads} threads, {args.rounds} alternating rounds")
     print("\n| batch | this (median) | other (median) | other / this, median of rounds | range |")
     print("|---:|---:|---:|---:|---:|")

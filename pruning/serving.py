@@ -15,6 +15,7 @@ from engine.llm_engine import resolve_device, resolve_dtype
 from engine.routing import RoutingPolicy
 from engine.token_routing import TokenRouting
 from pruning.cache import DEFAULT_CACHE_DIR, CalibrationSpec, cached_calibration, cached_plan
+from pruning.methods import METHODS
 from pruning.plan import PlanError, PruningPlan
 
 
@@ -71,25 +72,7 @@ class PruningSettings:
         similarity maps calibrate on `spec` (default: CalibrationSpec())."""
         spec = spec or CalibrationSpec()
         config = ModelConfig.from_dir(model_dir)
-        plan = None
-        if self.plan_file is not None:
-            plan = PruningPlan.load(self.plan_file)
-            plan.check_model(model_dir)
-        elif self.level:
-            where = resolve_device(device)
-            with torch.no_grad():
-                model = load_model(model_dir, resolve_dtype(dtype, where), where, config).eval()
-                plan = cached_plan(
-                    model_dir,
-                    model,
-                    self.method,
-                    self.level,
-                    self.budget,
-                    self.handling,
-                    spec=spec,
-                    cache_dir=cache_dir,
-                )
-            del model
+        plan = self.plan(model_dir, device, dtype, cache_dir, spec)
         base = plan.routing_policies() if plan is not None else {}
         layers = [layer for layer in range(config.num_layers) if config.is_moe_layer(layer)]
         similarity = (
@@ -106,6 +89,36 @@ class PruningSettings:
             for layer in layers
         }
         return ({} if not self.active else policies), plan
+
+    def plan(
+        self,
+        model_dir: Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        cache_dir: Path = DEFAULT_CACHE_DIR,
+        spec: CalibrationSpec | None = None,
+    ) -> PruningPlan | None:
+        """The plan file's plan (checked against the model), the cached plan for the level and method (made
+        now, calibrating on `spec`, if there is none), or None when nothing is pruned."""
+        if self.plan_file is not None:
+            plan = PruningPlan.load(self.plan_file)
+            plan.check_model(model_dir)
+            return plan
+        if not self.level:
+            return None
+        where = resolve_device(device)
+        with torch.no_grad():
+            model = load_model(model_dir, resolve_dtype(dtype, where), where).eval()
+            return cached_plan(
+                model_dir,
+                model,
+                self.method,
+                self.level,
+                self.budget,
+                self.handling,
+                spec=spec or CalibrationSpec(),
+                cache_dir=cache_dir,
+            )
 
     @staticmethod
     def _similarity_maps(
@@ -135,3 +148,38 @@ class PruningSettings:
             else f"keep_top={self.substitution_keep_top},min_similarity={self.substitution_min_similarity:g}"
             + (",drop_unmatched" if self.substitution_drop_unmatched else ""),
         }
+
+
+@dataclass(frozen=True)
+class LivePruning:
+    """A running server's pruning (its start-up settings with the level, method or plan file switched live)
+    and the routing that serves it."""
+
+    settings: PruningSettings
+    model_dir: Path
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def switched(self, level: float | None, method: str | None, plan_file: Path | None) -> LivePruning:
+        """These settings with the given fields replaced (a level replaces a plan file and the other way round);
+        PlanError naming the field that cannot be."""
+        if level is not None and plan_file is not None:
+            raise PlanError("give either prune_level or prune_plan, not both")
+        if level is not None and not 0.0 <= level < 1.0:
+            raise PlanError(f"prune_level must be in [0, 1), got {level}")
+        if method is not None and method not in METHODS:
+            raise PlanError(f"prune_method must be one of {sorted(METHODS)}, got {method!r}")
+        settings = self.settings
+        if level is not None:
+            settings = replace(settings, level=level, plan_file=None)
+        if plan_file is not None:
+            settings = replace(settings, level=0.0, plan_file=plan_file)
+        if method is not None:
+            settings = replace(settings, method=method)
+        return replace(self, settings=settings)
+
+    def policies(self) -> tuple[dict[int, RoutingPolicy], PruningPlan | None]:
+        """Each MoE layer's kept experts and redirects under these settings (what the engine's live pruning
+        tables take), and the plan they come from; making an uncached plan calibrates first (minutes)."""
+        plan = self.settings.plan(self.model_dir, self.device, self.dtype)
+        return (plan.routing_policies() if plan is not None else {}), plan

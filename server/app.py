@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from engine.outputs import RequestOutput
 from engine.token_routing import TokenRouting
+from pruning.serving import LivePruning
 from server.admin import RoutingControl, add_admin_routes
 from server.async_engine import AsyncEngine
 from server.chat import ChatService
@@ -87,6 +88,7 @@ class ServerSettings:
     allow_request_routing: bool = True
     substitution_available: bool = False  # the engine holds the experts' similarity maps
     enable_admin_api: bool = False  # GET/POST /v1/routing
+    live_pruning: LivePruning | None = None  # pruning switchable through the admin API (engine's live_pruning)
 
 
 def model_info(engine: AsyncEngine, settings: ServerSettings) -> dict[str, str]:
@@ -172,7 +174,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     _add_health_routes(app, engine, metrics)
     _add_generation_routes(app, engine, settings, preprocessor)
     _add_expert_routes(app, engine, settings, metrics, monitor)
-    control = RoutingControl(engine, bounds, metrics)
+    control = RoutingControl(engine, bounds, metrics, settings.live_pruning, settings.pruning_labels)
     if settings.enable_admin_api:
         add_admin_routes(app, control)
     return app

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from engine.config import CheckpointError, ModelConfig
 from engine.llm_engine import EngineConfig
 from engine.outputs import RequestOutput
+from engine.routing import RoutingPolicy
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.token_routing import TokenRouting
 from engine.tokenizer import Tokenizer
@@ -331,9 +332,9 @@ class AsyncEngine:
             with self._lock:
                 self._queries.pop(query, None)
 
-    async def set_routing(self, routing: TokenRouting) -> None:
-        """Make `routing` the default budget from the engine's next step on; ValueError (the engine's reason)
-        if it refused, EngineDeadError if it is gone."""
+    async def set_routing(self, routing: TokenRouting, pruning: dict[int, RoutingPolicy] | None = None) -> None:
+        """Make `routing` the default budget (and `pruning` the live pruning, if given) from the engine's next
+        step on; ValueError (the engine's reason) if it refused, EngineDeadError if it is gone."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str | None] = loop.create_future()
         with self._lock:
@@ -342,7 +343,7 @@ class AsyncEngine:
             query = self._next_query
             self._next_query += 1
             self._queries[query] = (loop, future)
-        self._outbox.put(SetRouting(query, routing))
+        self._outbox.put(SetRouting(query, routing, pruning))
         error = await future
         if error is not None:
             raise ValueError(error)

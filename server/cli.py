@@ -167,7 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--enable-admin-api",
         action="store_true",
-        help="serve GET/POST /v1/routing: read and switch the routing budget live (behind the API key if set)",
+        help="serve GET/POST /v1/routing: read and switch the routing budget and pruning live (behind the API key "
+        "if set); pruning then keeps every expert's weights loaded so that any level can be switched to",
     )
     pruning.add_argument(
         "--allow-request-routing",
@@ -183,7 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     from corpus.splits import CorpusError
     from engine.llm_engine import EngineConfig
-    from pruning.serving import PruningSettings
+    from pruning.serving import LivePruning, PruningSettings
     from server.app import ServerSettings, build_app
     from server.async_engine import AsyncEngine
 
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             enable_prefix_caching=args.enable_prefix_caching,
             routing_policies=policies,
             token_routing=pruning.token_routing(),
+            live_pruning=args.enable_admin_api,
         )
         if args.enforce_eager is not None:
             config.enforce_eager = True
@@ -237,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_request_routing=args.allow_request_routing,
             substitution_available=pruning.wants_similarity,
             enable_admin_api=args.enable_admin_api,
+            live_pruning=LivePruning(pruning, args.model, args.device, args.dtype) if args.enable_admin_api else None,
             limits=limits,
             request_workers=args.request_workers,
             allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),

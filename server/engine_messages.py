@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.routing import RoutingPolicy
 from engine.sampling_params import SamplingParams
 from engine.token_routing import TokenRouting
 from server.output_delta import OutputDelta
@@ -74,10 +75,12 @@ class Refresh:
 
 @dataclass(frozen=True)
 class SetRouting:
-    """Change the default routing budget at the next step boundary (answered with RoutingSet)."""
+    """Change the default routing budget, and the live pruning if given (kept experts and redirects per MoE
+    layer), at the next step boundary (answered with RoutingSet)."""
 
     query: int
     routing: TokenRouting
+    pruning: dict[int, RoutingPolicy] | None = None
 
 
 @dataclass(frozen=True)

@@ -127,9 +127,9 @@ class _EngineLoop:
 
     def _set_routing(self, message: SetRouting) -> None:
         try:
-            self.engine.set_token_routing(message.routing)
+            self.engine.set_token_routing(message.routing, message.pruning)
             error = None
-        except InvalidRequestError as exc:
+        except ValueError as exc:  # InvalidRequestError included
             error = str(exc)
         self.conn.send(RoutingSet(message.query, error))
 

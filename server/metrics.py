@@ -67,6 +67,18 @@ class _RequestState:
     last_token_time: float
 
 
+ROUTING_LABELS = (
+    "model_name",
+    "generation",
+    "route_threshold",
+    "experts_per_token",
+    "substitution",
+    "prune_method",
+    "prune_level",
+    "prune_plan",
+)
+
+
 class ServerMetrics:
     """The server's metric registry, fed by the engine's steps (an EngineObserver) and by HTTP middleware."""
 
@@ -149,7 +161,7 @@ class ServerMetrics:
         self.routing_info = Gauge(
             f"{PREFIX}_routing_config_info",
             "The routing budget requests without a `moe` field run under (1 for the current one), by generation.",
-            ["model_name", "generation", "route_threshold", "experts_per_token", "substitution"],
+            ROUTING_LABELS,
             registry=registry,
         )
         self.routing_changes = counter("routing_changes", "Live switches of the routing budget (POST /v1/routing).")
@@ -250,8 +262,9 @@ class ServerMetrics:
 
     # ----- HTTP side -----
 
-    def routing_changed(self, routing: TokenRouting, generation: int) -> None:
-        """Publish the current routing budget (the previous generation's series is removed)."""
+    def routing_changed(self, routing: TokenRouting, generation: int, pruning: dict[str, str]) -> None:
+        """Publish the current routing budget and pruning (PruningSettings.labels; the previous generation's
+        series is removed)."""
         self.routing_info.clear()
         substitution = (
             "" if routing.keep_top is None else f"keep_top={routing.keep_top},min_similarity={routing.min_similarity:g}"
@@ -262,6 +275,9 @@ class ServerMetrics:
             f"{routing.min_prob:g}",
             str(routing.experts_per_token or ""),
             substitution,
+            pruning.get("prune_method", ""),
+            pruning.get("prune_level", "0"),
+            pruning.get("prune_plan", ""),
         ).set(1)
         if generation:
             self.routing_changes.inc()

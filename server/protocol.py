@@ -81,9 +81,11 @@ class MoeRouting(StrictModel):
 class RoutingUpdate(MoeRouting):
     """POST /v1/routing: the fields given replace the server's routing setting from the next engine step."""
 
-    prune_level: float | None = Field(None, description="Not switchable live yet: refused (restart with it).")
-    prune_method: str | None = Field(None, description="Not switchable live yet: refused.")
-    prune_plan: str | None = Field(None, description="Not switchable live yet: refused.")
+    prune_level: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        None, description="Prune this share of experts (0: none) with prune_method, from its cached plan."
+    )
+    prune_method: str | None = Field(None, description="The pruning method of prune_level (moe-prune's methods).")
+    prune_plan: str | None = Field(None, description="A plan file on the server (moe-prune plan) instead of a level.")
 
 
 class RoutingSetting(BaseModel):
@@ -94,6 +96,9 @@ class RoutingSetting(BaseModel):
     route_threshold: float
     experts_per_token: int | None
     substitution: Substitution | None
+    prune_level: float = 0.0
+    prune_method: str | None = None
+    prune_plan: str | None = None
 
 
 class _SamplingRequest(StrictModel):

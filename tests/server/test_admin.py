@@ -1,5 +1,5 @@
-"""The admin API: off by default, behind the API key, switching the routing budget live under a running stream
-without failing it, refusing bad or not-yet-live settings without changing anything, and counted in /metrics."""
+"""The admin API: off by default, behind the API key, switching the routing budget and the pruning live under a
+running stream without failing it, refusing bad settings without changing anything, and counted in /metrics."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 
 from engine import LLM, SamplingParams, TokenRouting
+from pruning.plan import PruningPlan
 from pruning.serving import PruningSettings
 from server.launch import launched
 from tests.server.test_pruning import SERVE_ARGS, samples
@@ -32,6 +33,7 @@ def test_a_live_switch_applies_from_the_next_step_and_fails_no_stream(tiny_model
         assert httpx.get(f"{server.url}/v1/routing").status_code == 401
         assert client.get("/v1/routing").json() == {
             "generation": 0, "route_threshold": 0.0, "experts_per_token": None, "substitution": None,
+            "prune_level": 0.0, "prune_method": None, "prune_plan": None,
         }  # fmt: skip
         first_chunk, streamed = threading.Event(), []
 
@@ -49,7 +51,6 @@ def test_a_live_switch_applies_from_the_next_step_and_fails_no_stream(tiny_model
         reader.join(60)
         after = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
         bad = client.post("/v1/routing", json={"experts_per_token": 99})
-        not_live = client.post("/v1/routing", json={"prune_level": 0.25})
         unknown = client.post("/v1/routing", json={"keep_top": 1})
         final = client.get("/v1/routing").json()
         metrics = samples(server.url)
@@ -57,7 +58,6 @@ def test_a_live_switch_applies_from_the_next_step_and_fails_no_stream(tiny_model
     assert switched.json()["substitution"] == {"keep_top": 1, "min_similarity": -1.0}
     assert streamed[-1] == "data: [DONE]" and not any('"error"' in line for line in streamed)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "experts_per_token"
-    assert not_live.status_code == 400 and "--prune-level" in not_live.json()["error"]["message"]
     assert unknown.status_code == 400
     assert final["generation"] == 1 and final["substitution"] == {"keep_top": 1, "min_similarity": -1.0}
     (info,) = metrics["moe_serve_routing_config_info"]
@@ -70,3 +70,59 @@ def test_a_live_switch_applies_from_the_next_step_and_fails_no_stream(tiny_model
         max_tokens=48, temperature=0, ignore_eos=True, routing=TokenRouting(keep_top=1, min_similarity=-1)
     )
     assert offline.generate([body["prompt"]], params, use_tqdm=False)[0].outputs[0].text == after
+
+
+def test_pruning_switches_live_under_a_stream_and_serves_the_plan(tiny_model: Path, tmp_path: Path) -> None:
+    """A level, a plan file and back to none, each switched while a stream runs: no stream fails, each request
+    after a switch gets the offline engine's tokens under that plan, bad switches change nothing."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "MOE_SERVE_CACHE": str(cache)}
+    body = {"prompt": "Prune me while I stream", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    long_stream = {**body, "max_tokens": 400, "stream": True}
+    with (
+        launched([*SERVE_ARGS, "--model", str(tiny_model), "--enable-admin-api"], env=env) as server,
+        httpx.Client(base_url=server.url, timeout=120) as client,
+    ):
+        first_chunk, streamed = threading.Event(), []
+
+        def stream() -> None:
+            with client.stream("POST", "/v1/completions", json=long_stream) as response:
+                for line in response.iter_lines():
+                    if line:
+                        streamed.append(line)
+                        first_chunk.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first_chunk.wait(60)
+        unpruned = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        level = client.post("/v1/routing", json={"prune_level": 0.25, "prune_method": "frequency"})
+        at_level = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        metrics = samples(server.url)
+        (plan_file,) = (cache / "plans").glob("*.json")  # the plan the switch made, cached
+        refused = {
+            "prune_level": client.post("/v1/routing", json={"prune_level": 1.5}),
+            "prune_method": client.post("/v1/routing", json={"prune_level": 0.25, "prune_method": "nope"}),
+            "prune_plan": client.post("/v1/routing", json={"prune_plan": str(tmp_path / "missing.json")}),
+        }
+        unchanged = client.get("/v1/routing").json()
+        back = client.post("/v1/routing", json={"prune_level": 0})
+        restored = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        by_file = client.post("/v1/routing", json={"prune_plan": str(plan_file)})
+        from_file = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        reader.join(120)
+    assert streamed[-1] == "data: [DONE]" and not any('"error"' in line for line in streamed)
+    assert level.status_code == 200 and level.json()["prune_level"] == 0.25 and level.json()["generation"] == 1
+    assert level.json()["prune_method"] == "frequency"
+    plan = PruningPlan.load(plan_file)
+    offline = LLM(tiny_model, dtype="float32", routing_policies=plan.routing_policies())
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    assert offline.generate([body["prompt"]], params, use_tqdm=False)[0].outputs[0].text == at_level == from_file
+    assert at_level != unpruned and restored == unpruned
+    (info,) = metrics["moe_serve_routing_config_info"]
+    assert info[0]["prune_level"] == "0.25" and info[0]["prune_method"] == "frequency" and info[0]["generation"] == "1"
+    for param, response in refused.items():
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    assert unchanged["generation"] == 1 and unchanged["prune_level"] == 0.25
+    assert back.status_code == 200 and back.json()["prune_level"] == 0.0
+    assert by_file.status_code == 200 and by_file.json()["prune_plan"] == str(plan_file)
