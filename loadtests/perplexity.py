@@ -61,3 +61,39 @@ def served_perplexity(
             nll = sum(pool.map(score, batches))
     tokens = windows[:, 1:].numel()
     return ServedPerplexity(nll / tokens, tokens)
+
+
+def served_continuation_perplexity(
+    url: str,
+    model: str,
+    windows: torch.Tensor,
+    prompt_len: int,
+    concurrency: int,
+    api_key: str | None = None,
+    timeout: float = 300.0,
+) -> ServedPerplexity:
+    """Perplexity of each window's tokens after its first prompt_len, scored as generated tokens: every window
+    is one request that teacher-forces them (`forced_tokens`, logprobs of the tokens it was made to pick), and
+    `concurrency` windows run at once, so each generated token shares its steps with other windows' tokens as
+    under load. Batch-aware routing (substitution) acts on generated tokens only and depends on batch-mates,
+    so this, not prompt scoring, is its cost."""
+    if windows.ndim != 2 or not 0 < prompt_len < windows.shape[1]:
+        raise ValueError(f"need [N, L] windows longer than prompt_len {prompt_len}, got {tuple(windows.shape)}")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url, headers=headers, timeout=timeout) as client:
+
+        def score(window: list[int]) -> float:
+            body = {"model": model, "prompt": window[:prompt_len], "forced_tokens": window[prompt_len:],
+                    "logprobs": 0, "temperature": 0}  # fmt: skip
+            response = client.post("/v1/completions", json=body)
+            if response.status_code != 200:
+                raise RuntimeError(f"{url}/v1/completions answered {response.status_code}: {response.text[:300]}")
+            logprobs = response.json()["choices"][0]["logprobs"]["token_logprobs"]
+            if len(logprobs) != len(window) - prompt_len:
+                raise RuntimeError(f"{url}: {len(window) - prompt_len} forced tokens, {len(logprobs)} logprobs")
+            return -sum(logprobs)
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            nll = sum(pool.map(score, windows.tolist()))
+    tokens = windows[:, prompt_len:].numel()
+    return ServedPerplexity(nll / tokens, tokens)

@@ -12,6 +12,7 @@ are the server's flags and are checked after this shape.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -174,6 +175,11 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
     best_of: Literal[1] | None = Field(None, description="Accepted for compatibility (as vLLM's V1 engine): only 1.")
     suffix: str | None = Field(None, max_length=0, description="Accepted for compatibility; must be empty.")
+    forced_tokens: Annotated[list[TokenId], Field(min_length=1)] | None = Field(
+        None,
+        description="moe-serve's extra: generate exactly these tokens (max_tokens defaults to their number), so "
+        "that logprobs score a continuation under generation-time routing (substitution acts on generated tokens).",
+    )
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts this request carries, in order."""
@@ -186,7 +192,11 @@ class CompletionRequest(_SamplingRequest):
 
     def sampling_params(self) -> SamplingParams:
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
-        return self._params(self.max_tokens, self.logprobs, prompt_logprobs)
+        if self.forced_tokens is None:
+            return self._params(self.max_tokens, self.logprobs, prompt_logprobs)
+        max_tokens = self.max_tokens if "max_tokens" in self.model_fields_set else len(self.forced_tokens)
+        params = self._params(max_tokens, self.logprobs, prompt_logprobs)
+        return replace(params, forced_tokens=list(self.forced_tokens))
 
 
 class TextContent(StrictModel):

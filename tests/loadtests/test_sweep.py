@@ -15,7 +15,8 @@ import torch
 from engine.checkpoint import load_model
 from loadtests.locust_run import Workload, run_locust
 from loadtests.perplexity import served_perplexity
-from loadtests.sweep import ServerOptions, Setting, main, settings_grid, sweep
+from loadtests.settings import ServerOptions, Setting, settings_grid
+from loadtests.sweep import main, sweep
 from pruning.cache import CalibrationSpec
 from pruning.data import split_windows
 from pruning.perplexity import perplexity
