@@ -175,6 +175,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     _add_generation_routes(app, engine, settings, preprocessor)
     _add_expert_routes(app, engine, settings, metrics, monitor)
     control = RoutingControl(engine, bounds, metrics, settings.live_pruning, settings.pruning_labels)
+    preprocessor.default_routing = lambda: control.routing
     if settings.enable_admin_api:
         add_admin_routes(app, control)
     return app

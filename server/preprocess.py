@@ -19,7 +19,7 @@ import logging
 import multiprocessing
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
@@ -206,7 +206,8 @@ class _Worker:
 
     def _routing(self, request: CompletionRequest | ChatCompletionRequest) -> TokenRouting | None:
         """The server's routing budget (as started) with the request's `moe` field applied, checked against the
-        model; None without the field: the request follows the server's setting, live switches included."""
+        model (Preprocessor.prepare merges it again against the live budget); None without the field: the
+        request follows the server's setting, live switches included."""
         if request.moe is None:
             return None
         if not self.bounds.allow_request_routing:
@@ -393,6 +394,9 @@ class Preprocessor:
         self.bounds = bounds
         self.workers = workers
         self.max_pending = max_pending
+        # The routing budget requests follow now (RoutingControl switches it); workers hold the one at start, so
+        # a request's `moe` field is merged again against this one here.
+        self.default_routing: Callable[[], TokenRouting] = lambda: bounds.routing
         self._pending = 0
         self._lock = threading.Lock()
         self._pool = self._start_pool()
@@ -432,6 +436,8 @@ class Preprocessor:
                 self._pending -= 1
         if isinstance(result, RequestError):
             raise Refused(result)
+        if result.body.moe is not None:
+            result.params.routing = merged_routing(self.default_routing(), result.body.moe, self.bounds, "moe.")
         return result
 
     def _restart(self, broken: ProcessPoolExecutor) -> None:

@@ -50,6 +50,7 @@ def test_a_live_switch_applies_from_the_next_step_and_fails_no_stream(tiny_model
         switched = client.post("/v1/routing", json=switch)
         reader.join(60)
         after = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        partial = client.post("/v1/completions", json={**body, "moe": {"route_threshold": 0.01}})
         bad = client.post("/v1/routing", json={"experts_per_token": 99})
         unknown = client.post("/v1/routing", json={"keep_top": 1})
         final = client.get("/v1/routing").json()
@@ -70,6 +71,10 @@ def test_a_live_switch_applies_from_the_next_step_and_fails_no_stream(tiny_model
         max_tokens=48, temperature=0, ignore_eos=True, routing=TokenRouting(keep_top=1, min_similarity=-1)
     )
     assert offline.generate([body["prompt"]], params, use_tqdm=False)[0].outputs[0].text == after
+    # A request's partial `moe` field applies on top of the live budget, not the one the server started with.
+    params.routing = TokenRouting(keep_top=1, min_similarity=-1, min_prob=0.01)
+    partial_text = partial.json()["choices"][0]["text"]
+    assert offline.generate([body["prompt"]], params, use_tqdm=False)[0].outputs[0].text == partial_text
 
 
 def test_pruning_switches_live_under_a_stream_and_serves_the_plan(tiny_model: Path, tmp_path: Path) -> None:
