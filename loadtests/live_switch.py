@@ -1,10 +1,10 @@
 """How long a live routing switch takes under load, and whether any request fails across it.
 
-`python -m loadtests.live_switch [MODEL] [--users 8] [--switches 20] [--threads 1]`
+`python -m loadtests.live_switch [MODEL] [--users 8] [--switches 20] [--threads 1] [--prune-level L]`
 
 Starts moe-serve with the admin API and the similarity maps, keeps --users streaming clients busy, and meanwhile
-cycles the routing budget through substitution on/off and a threshold on/off with POST /v1/routing, timing each
-round trip (HTTP plus the wait for the engine's next step boundary). Prints the median and largest switch time,
+cycles the routing budget through substitution on/off and a threshold on/off (and static pruning at --prune-level
+on/off) with POST /v1/routing, after one untimed round (it makes and caches any plan), timing each round trip (HTTP plus the wait for the engine's next step boundary). Prints the median and largest switch time,
 the requests completed and the failures among them.
 """
 
@@ -35,7 +35,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--switches", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="the engine's torch threads")
+    parser.add_argument(
+        "--prune-level", type=float, help="also switch static pruning (--prune-method at this level) on and off"
+    )
+    parser.add_argument("--prune-method", default="pes")
     args = parser.parse_args(argv)
+    settings = list(SETTINGS)
+    if args.prune_level:
+        settings += [{"prune_level": args.prune_level, "prune_method": args.prune_method}, {"prune_level": 0.0}]
     serve = ["--model", str(args.model), "--threads", str(args.threads), "--enable-admin-api", "--similarity-maps",
              "--log-level", "warning"]  # fmt: skip
     with launched(serve, ready_timeout=600) as server:
@@ -59,10 +66,11 @@ def main(argv: list[str] | None = None) -> None:
         with httpx.Client(base_url=server.url, timeout=60) as admin:
             while counts["requests"] < args.users:  # every user past its first request
                 time.sleep(0.1)
-            for i in range(args.switches):
+            for i in range(-len(settings), args.switches):  # one untimed round first: a plan made now is cached
                 start = time.perf_counter()
-                response = admin.post("/v1/routing", json=SETTINGS[i % len(SETTINGS)])
-                seconds.append(time.perf_counter() - start)
+                response = admin.post("/v1/routing", json=settings[i % len(settings)])
+                if i >= 0:
+                    seconds.append(time.perf_counter() - start)
                 if response.status_code != 200:
                     raise RuntimeError(f"switch {i} refused: {response.text}")
                 time.sleep(0.25)

@@ -15,7 +15,7 @@ from engine.llm_engine import resolve_device, resolve_dtype
 from engine.routing import RoutingPolicy
 from engine.token_routing import TokenRouting
 from pruning.cache import DEFAULT_CACHE_DIR, CalibrationSpec, cached_calibration, cached_plan
-from pruning.methods import METHODS
+from pruning.methods import METHODS, experts_to_remove
 from pruning.plan import PlanError, PruningPlan
 
 
@@ -41,6 +41,10 @@ class PruningSettings:
     def __post_init__(self) -> None:
         if self.plan_file is not None and self.level:
             raise PlanError("give either a pruning level or a plan file, not both")
+        if not 0.0 <= self.level < 1.0:
+            raise PlanError(f"the pruning level must be in [0, 1), got {self.level}")
+        if self.top_k is not None and self.top_k < 1:
+            raise PlanError(f"experts per token must be at least 1, got {self.top_k}")
         if not 0.0 <= self.route_threshold < 1.0:
             raise PlanError(f"the routing threshold must be in [0, 1), got {self.route_threshold}")
         if not -1.0 <= self.substitution_min_similarity <= 1.0:
@@ -72,6 +76,7 @@ class PruningSettings:
         similarity maps calibrate on `spec` (default: CalibrationSpec())."""
         spec = spec or CalibrationSpec()
         config = ModelConfig.from_dir(model_dir)
+        self.check(config)
         plan = self.plan(model_dir, device, dtype, cache_dir, spec)
         base = plan.routing_policies() if plan is not None else {}
         layers = [layer for layer in range(config.num_layers) if config.is_moe_layer(layer)]
@@ -89,6 +94,18 @@ class PruningSettings:
             for layer in layers
         }
         return ({} if not self.active else policies), plan
+
+    def check(self, config: ModelConfig) -> None:
+        """PlanError naming what this model cannot serve, before any calibration or loading."""
+        if self.level:
+            try:
+                experts_to_remove(config.num_experts, config.top_k, self.level)
+            except ValueError as error:
+                raise PlanError(str(error)) from None
+        if self.top_k is not None and self.top_k > config.num_experts:
+            raise PlanError(
+                f"experts per token must be at most the model's {config.num_experts} experts, got {self.top_k}"
+            )
 
     def plan(
         self,
@@ -176,6 +193,7 @@ class LivePruning:
             settings = replace(settings, level=0.0, plan_file=plan_file)
         if method is not None:
             settings = replace(settings, method=method)
+        settings.check(ModelConfig.from_dir(self.model_dir))
         return replace(self, settings=settings)
 
     def policies(self) -> tuple[dict[int, RoutingPolicy], PruningPlan | None]:

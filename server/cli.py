@@ -191,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        listener = bind(args.host, args.port)  # before any expensive work: a port in use is reported at once
+    except OSError as exc:
+        print(f"moe-serve: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    try:
         pruning = PruningSettings(
             args.prune_level,
             args.prune_method,
@@ -246,11 +251,13 @@ def main(argv: list[str] | None = None) -> int:
             body_timeout_s=args.body_timeout,
         )
     except (CheckpointError, ValueError, RuntimeError, CorpusError) as exc:
+        listener.close()
         print(f"moe-serve: error: {exc}", file=sys.stderr)
         return 1
     try:
         app = build_app(engine, settings)
     except (ValueError, RuntimeError) as exc:
+        listener.close()
         engine.shutdown(timeout=30)
         print(f"moe-serve: error: {exc}", file=sys.stderr)
         return 1
@@ -272,8 +279,22 @@ def main(argv: list[str] | None = None) -> int:
     engine.on_death.append(server.stop_for_dead_engine)
     if engine.failed:  # it died while the app was being built
         server.stop_for_dead_engine(engine.error or "")
-    server.run()
+    server.run(sockets=[listener])
     return 1 if server.engine_died or engine.failed else 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port but not listening (connections are refused until uvicorn serves on it)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError:
+        listener.close()
+        raise
+    listener.set_inheritable(True)
+    return listener
 
 
 def allowed_hosts(flag_value: str | None, bind_host: str) -> frozenset[str] | None:

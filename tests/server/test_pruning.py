@@ -4,6 +4,7 @@ removed experts' weights, reports the settings in /metrics, and refuses impossib
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -80,6 +81,8 @@ def test_threshold_and_top_k_at_startup(tiny_model: Path) -> None:
         (["--prune-plan", "/nonexistent/plan.json"], "plan file does not exist"),
         (["--prune-level", "0.25", "--prune-plan", "x.json"], "not both"),
         (["--route-threshold", "1.5"], "threshold must be in [0, 1)"),
+        (["--prune-level", "1.5"], "level must be in [0, 1)"),
+        (["--top-k", "0"], "at least 1"),
     ],
 )
 def test_impossible_pruning_exits_before_binding(tiny_model: Path, flags: list[str], message: str) -> None:
@@ -87,8 +90,20 @@ def test_impossible_pruning_exits_before_binding(tiny_model: Path, flags: list[s
     command = [sys.executable, "-m", "server.cli", "--model", str(tiny_model), "--port", str(port), *flags]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 1 and message in done.stderr
+    assert "calibrating" not in done.stderr and "loaded" not in done.stderr  # refused before any expensive work
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health")
+
+
+def test_a_port_in_use_is_reported_before_the_model_loads(tiny_model: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "server.cli", "--model", str(tiny_model), "--port", str(port)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "loaded" not in done.stderr
 
 
 def test_substitution_and_request_budgets_serve_what_the_engine_serves(tiny_model: Path, tmp_path: Path) -> None:

@@ -1,0 +1,123 @@
+"""Does a pruning plan hold up off its calibration distribution?
+
+`python -m pruning.generalization [MODEL ...] --files TEXT... [--level 0.25] [--methods pes,reap,frequency]`
+
+Plans are made from the default calibration (the corpus's validation split) and scored on the corpus's test
+split (in distribution) and on the given text files (out of it: prose the corpus has none of). Two diagnostics
+say why a method travels badly: the share of the out-of-distribution text's routed slots that its removed
+experts held (their work that must go elsewhere), and the same plan calibrated on the files themselves (an
+oracle: it sees the evaluation text, so it bounds what a better calibration could recover).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.checkpoint import load_model
+from engine.config import DEFAULT_MODEL_DIR
+from engine.model import MoEForCausalLM
+from engine.routing import RoutingPolicy
+from pruning.cache import DEFAULT_CACHE_DIR, CalibrationSpec, cached_plan
+from pruning.data import file_windows, split_windows
+from pruning.perplexity import perplexity
+from pruning.plan import PruningPlan
+
+
+def scored(model: MoEForCausalLM, windows: torch.Tensor, policies: dict[int, RoutingPolicy]) -> float:
+    """Perplexity of the windows with the policies installed (removed afterwards)."""
+    model.set_routing_policies(policies)
+    try:
+        return perplexity(model, windows).ppl
+    finally:
+        model.set_routing_policies({})
+
+
+def routed_counts(model: MoEForCausalLM, windows: torch.Tensor) -> np.ndarray:
+    """[layers, experts] routed slots of the unpruned model on the windows."""
+    model.expert_load.reset()
+    perplexity(model, windows)
+    return model.expert_load.snapshot()[:, : model.config.num_experts].numpy().astype(np.float64)
+
+
+def removed_share(plan: PruningPlan, counts: np.ndarray) -> float:
+    """The share of routed slots (all MoE layers) that went to experts the plan removes."""
+    removed = sum(
+        counts[layer, sorted(set(range(plan.num_experts)) - set(kept))].sum() for layer, kept in plan.kept.items()
+    )
+    return float(removed / sum(counts[layer].sum() for layer in plan.kept))
+
+
+def study(
+    model_dir: Path, files: list[Path], level: float, methods: list[str], seq_len: int, cache_dir: Path
+) -> list[dict[str, Any]]:
+    """A row per method and calibration: perplexity in and out of distribution, and the removed share."""
+    model = load_model(model_dir, torch.float32, torch.device("cpu")).eval()
+    inside = split_windows(model_dir, "test", seq_len)
+    outside = file_windows(model_dir, files, seq_len)
+    with torch.no_grad():
+        base = {"in": perplexity(model, inside).ppl, "out": perplexity(model, outside).ppl}
+        counts = {"in": routed_counts(model, inside), "out": routed_counts(model, outside)}
+        rows = []
+        for calibration, spec in (
+            ("corpus", CalibrationSpec()),
+            ("files (oracle)", CalibrationSpec(files=tuple(files))),
+        ):
+            for method in methods:
+                plan = cached_plan(model_dir, model, method, level, spec=spec, cache_dir=cache_dir)
+                policies = plan.routing_policies()
+                ppl = {"in": scored(model, inside, policies), "out": scored(model, outside, policies)}
+                rows.append({
+                    "model": model_dir.resolve().name, "method": method, "calibration": calibration, "level": level,
+                    "ppl_in": ppl["in"], "ppl_out": ppl["out"], "base_in": base["in"], "base_out": base["out"],
+                    "removed_share_in": removed_share(plan, counts["in"]),
+                    "removed_share_out": removed_share(plan, counts["out"]),
+                    "tokens_in": inside[:, 1:].numel(), "tokens_out": outside[:, 1:].numel(),
+                })  # fmt: skip
+                print(_line(rows[-1]), flush=True)
+    return rows
+
+
+def _line(row: dict[str, Any]) -> str:
+    return (
+        f"| {row['model']} | {row['calibration']} | {row['method']} | {row['ppl_in']:.2f} "
+        f"(+{row['ppl_in'] - row['base_in']:.2f}) | {row['ppl_out']:.2f} (+{row['ppl_out'] - row['base_out']:.2f}) "
+        f"| {row['removed_share_in']:.1%} | {row['removed_share_out']:.1%} |"
+    )
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    header = (
+        "| model | calibrated on | method | test ppl (cost) | outside ppl (cost) | removed share, test | "
+        "removed share, outside |\n|---|---|---|---:|---:|---:|---:|\n"
+    )
+    return header + "\n".join(_line(row) for row in rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pruning.generalization", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "models", type=Path, nargs="*", default=[DEFAULT_MODEL_DIR, DEFAULT_MODEL_DIR.with_name("tiny-lbl")]
+    )
+    parser.add_argument("--files", type=Path, nargs="+", required=True, help="UTF-8 text outside the corpus")
+    parser.add_argument("--level", type=float, default=0.25)
+    parser.add_argument("--methods", default="pes,reap,frequency")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args(argv)
+    rows = []
+    for model_dir in args.models:
+        rows += study(model_dir, args.files, args.level, args.methods.split(","), args.seq_len, args.cache_dir)
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
