@@ -21,11 +21,12 @@ from typing import Any
 import torch
 
 from engine import breakdown
+from engine.choices import BACKENDS
 from engine.decoding import start_decoding
 from engine.llm import LLM
 from engine.llm_engine import DTYPES, resolve_device
 from engine.model import MoEForCausalLM
-from engine.moe import BACKENDS, dispatch
+from engine.moe import dispatch
 from engine.random_checkpoint import add_shape_arguments, shape_from_args, write_random_checkpoint
 from engine.routing import Routing
 from engine.sampling_params import SamplingParams

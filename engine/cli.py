@@ -2,35 +2,35 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
+from engine.choices import BACKENDS
+from engine.command_line import command_parser
 from engine.config import DEFAULT_MODEL_DIR, CheckpointError
 from engine.llm import LLM
-from engine.moe import BACKENDS
 from engine.sampling_params import SamplingParams
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate text with an MoE checkpoint (Hugging Face layout).")
+    parser = command_parser("moe-generate", "Generate text with an MoE checkpoint (Hugging Face layout).")
     parser.add_argument(
         "model",
         nargs="?",
         default=str(DEFAULT_MODEL_DIR),
-        help="model directory: config.json, safetensors, tokenizer.json (default: the bundled SimBal model)",
+        help="model directory: config.json, safetensors, tokenizer.json (the bundled SimBal model by default)",
     )
     parser.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); default: stdin lines")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[])
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--moe-backend", default="auto", choices=BACKENDS)
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this probability mass")
+    parser.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens (0: all)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--stop", action="append", default=[], help="stop at this text (repeat for more)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (the model's by default)")
+    parser.add_argument("--moe-backend", default="auto", choices=BACKENDS, help="how experts run (auto: the best here)")
     parser.add_argument(
         "--enforce-eager",
         action="store_const",

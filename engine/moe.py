@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.choices import BACKENDS
 from engine.cpu_kernels import SUFFIX, kernels
 from engine.routing import LiveExperts, Routing, RoutingPolicy, route
 
@@ -26,8 +27,6 @@ GroupedMM = Callable[..., torch.Tensor]
 # logits for its balancing losses, calibration runs all experts on the input; inference installs none.
 RoutingObserver = Callable[["SparseMoE", torch.Tensor, torch.Tensor, Routing], None]
 _grouped_mm: GroupedMM | None = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-BACKENDS = ("auto", "grouped", "loop")
 
 
 class DenseMLP(nn.Module):

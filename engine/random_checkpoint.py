@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from engine.checkpoint import save_checkpoint
+from engine.command_line import command_parser
 from engine.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from engine.model import MoEForCausalLM
 from engine.tokenizer import byte_level_tokenizer, save_tokenizer_files
@@ -119,6 +120,16 @@ SHAPE_FLAGS = {
     "top-k": "top_k",
     "vocab": "vocab_size",
 }
+SHAPE_HELP = {
+    "layers": "decoder layers",
+    "hidden": "hidden size",
+    "heads": "attention heads",
+    "kv-heads": "key/value heads (grouped-query attention)",
+    "experts": "routed experts per MoE layer",
+    "expert-width": "each expert's intermediate size",
+    "top-k": "experts each token is routed to",
+    "vocab": "vocabulary size",
+}
 DEMO_SHAPE = {
     "layers": 4,
     "hidden": 256,
@@ -134,7 +145,7 @@ DEMO_SHAPE = {
 def add_shape_arguments(parser: argparse._ActionsContainer, defaults: dict[str, int]) -> None:
     """Add the --layers/--hidden/... flags with the given defaults."""
     for flag, default in defaults.items():
-        parser.add_argument(f"--{flag}", type=int, default=default)
+        parser.add_argument(f"--{flag}", type=int, default=default, help=SHAPE_HELP[flag])
 
 
 def shape_from_args(args: argparse.Namespace) -> dict[str, int]:
@@ -143,13 +154,13 @@ def shape_from_args(args: argparse.Namespace) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a random-weight MoE checkpoint (Hugging Face layout).")
-    parser.add_argument("output", type=Path)
-    parser.add_argument("--arch", default="qwen3_moe", choices=SUPPORTED_MODEL_TYPES)
+    parser = command_parser("moe-random-checkpoint", "Write a random-weight MoE checkpoint (Hugging Face layout).")
+    parser.add_argument("output", type=Path, help="directory to write (created)")
+    parser.add_argument("--arch", default="qwen3_moe", choices=SUPPORTED_MODEL_TYPES, help="architecture to write")
     add_shape_arguments(parser, DEMO_SHAPE)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of the tensors")
     parser.add_argument("--fused", action="store_true", help="write fused experts.gate_up_proj tensors")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     path = write_random_checkpoint(args.output, args.arch, args.seed, dtype, args.fused, shape_from_args(args))

@@ -19,7 +19,7 @@ from engine.checkpoint import load_model
 from engine.llm_engine import resolve_device, resolve_dtype
 from loadtests.locust_run import LoadResult
 from pruning.cache import CalibrationSpec, cached_plan
-from pruning.methods import METHODS
+from pruning.choices import METHODS
 
 MIB = 2**20
 

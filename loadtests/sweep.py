@@ -25,6 +25,7 @@ import httpx
 import torch
 from tqdm import tqdm
 
+from engine.command_line import command_parser
 from engine.config import DEFAULT_MODEL_DIR, CheckpointError, ModelConfig
 from loadtests.live_sweep import live_sweep
 from loadtests.locust_run import Workload, run_locust
@@ -143,10 +144,15 @@ def _substitutions(text: str) -> list[tuple[int, float]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="moe-loadtest", description=__doc__.split("\n\n")[0])
+    parser = command_parser("moe-loadtest", __doc__.split("\n\n")[0])
     parser.add_argument("models", type=Path, nargs="*", default=BUNDLED_MODELS, help="default: both bundled models")
-    parser.add_argument("--methods", default="pes", help="comma-separated pruning methods")
-    parser.add_argument("--levels", type=_number_list(float), default=[0.0, 0.25, 0.5], help="e.g. 0,0.25,0.5")
+    parser.add_argument(
+        "--prune-methods", "--methods", dest="methods", default="pes", help="comma-separated pruning methods"
+    )
+    parser.add_argument(
+        "--prune-levels", "--levels", dest="levels", type=_number_list(float), default=[0.0, 0.25, 0.5],
+        help="pruning levels, e.g. 0,0.25,0.5",
+    )  # fmt: skip
     parser.add_argument("--thresholds", type=_number_list(float), default=[], help="routing thresholds tau")
     parser.add_argument(
         "--substitutions",
@@ -171,13 +177,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-tokens", type=int, default=CalibrationSpec.sample_tokens)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--server-threads", type=int, default=ServerOptions.threads, help="torch threads of moe-serve")
+    parser.add_argument(
+        "--threads", "--server-threads", dest="server_threads", type=int, default=ServerOptions.threads,
+        help="torch threads of each moe-serve (as moe-serve --threads; --server-threads is the old spelling)",
+    )  # fmt: skip
     parser.add_argument("--max-num-seqs", type=int, default=ServerOptions.max_num_seqs)
-    parser.add_argument("--api-key", default=os.environ.get("MOE_SERVE_API_KEY"), help="servers require it")
+    parser.add_argument("--api-key", help="servers require it (or set $MOE_SERVE_API_KEY; never shown here)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--seed", type=int, default=0, help="seeds the workload")
     parser.add_argument("-o", "--out", type=Path, default=Path("runs/loadtest"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.api_key = args.api_key or os.environ.get("MOE_SERVE_API_KEY")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

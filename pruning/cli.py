@@ -20,6 +20,7 @@ import torch
 
 from corpus.splits import CorpusError
 from engine.checkpoint import load_model
+from engine.command_line import HelpFormatter, command_parser
 from engine.config import DEFAULT_MODEL_DIR, CheckpointError
 from engine.llm_engine import resolve_device, resolve_dtype
 from engine.model import MoEForCausalLM
@@ -27,11 +28,10 @@ from pruning import report
 from pruning.apply import apply_plan
 from pruning.cache import DEFAULT_CACHE_DIR, CalibrationSpec, cached_calibration, cached_plan
 from pruning.calibration import Calibration
+from pruning.choices import BUDGETS, HANDLINGS, METHODS
 from pruning.data import split_windows
 from pruning.evaluation import Variant, dropped_top_rows, pruning_rows, threshold_rows
-from pruning.methods import BUDGETS, METHODS
 from pruning.plan import PlanError, PruningPlan
-from pruning.redundancy import HANDLINGS
 
 DEFAULT_LEVELS = "0,0.125,0.25,0.375,0.5"
 
@@ -170,9 +170,7 @@ def _progress(label: str, rows: Any) -> list[dict[str, Any]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moe-prune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser("moe-prune", __doc__ or "")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     common.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 ...")
@@ -193,34 +191,60 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--seed", type=int, default=0, help="for the random method")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    analyze = sub.add_parser("analyze", parents=[common], help="per-layer PES, load balance, similar pairs, heatmap")
-    analyze.add_argument("model", type=Path, nargs="?", default=DEFAULT_MODEL_DIR)
-    analyze.add_argument("-o", "--out", type=Path, default=Path("pruning-analysis"))
+    analyze = sub.add_parser(
+        "analyze",
+        parents=[common],
+        formatter_class=HelpFormatter,
+        help="per-layer PES, load balance, similar pairs, heatmap",
+    )
+    analyze.add_argument("model", type=Path, nargs="?", default=DEFAULT_MODEL_DIR, help="model directory")
+    analyze.add_argument("-o", "--out", type=Path, default=Path("pruning-analysis"), help="output directory")
     analyze.set_defaults(run=cmd_analyze)
 
-    plan = sub.add_parser("plan", parents=[common], help="choose the experts to remove at a level; write a plan")
-    plan.add_argument("model", type=Path)
-    plan.add_argument("--method", choices=METHODS, default="pes")
-    plan.add_argument("--level", type=float, required=True, help="fraction of routed experts removed, e.g. 0.25")
-    plan.add_argument(
-        "--budget", choices=BUDGETS, default="uniform", help="pes only: adaptive = per-layer counts by cost"
+    plan = sub.add_parser(
+        "plan",
+        parents=[common],
+        formatter_class=HelpFormatter,
+        help="choose the experts to remove at a level; write a plan",
     )
-    plan.add_argument("--handling", choices=HANDLINGS, default="repick", help="where removed experts' tokens go")
+    plan.add_argument("model", type=Path)
+    plan.add_argument(
+        "--prune-method", "--method", dest="method", choices=METHODS, default="pes", help="how experts are chosen"
+    )
+    plan.add_argument(
+        "--prune-level", "--level", dest="level", type=float, required=True,
+        help="fraction of routed experts removed, e.g. 0.25 (moe-serve's name; --level is the old spelling)",
+    )  # fmt: skip
+    plan.add_argument(
+        "--prune-budget", "--budget", dest="budget", choices=BUDGETS, default="uniform",
+        help="pes only: adaptive = per-layer counts by cost",
+    )  # fmt: skip
+    plan.add_argument(
+        "--prune-handling", "--handling", dest="handling", choices=HANDLINGS, default="repick",
+        help="where removed experts' tokens go",
+    )  # fmt: skip
     plan.add_argument("-o", "--out", type=Path, required=True)
     plan.set_defaults(run=cmd_plan)
 
-    apply = sub.add_parser("apply", help="write the plan as a smaller Hugging Face checkpoint")
+    apply = sub.add_parser(
+        "apply", formatter_class=HelpFormatter, help="write the plan as a smaller Hugging Face checkpoint"
+    )
     apply.add_argument("model", type=Path)
     apply.add_argument("plan", type=Path)
     apply.add_argument("-o", "--out", type=Path, required=True)
     apply.set_defaults(run=cmd_apply)
 
-    evaluate = sub.add_parser("eval", parents=[common], help="test perplexity per method and level; Table 6; Fig. 4")
+    evaluate = sub.add_parser(
+        "eval",
+        parents=[common],
+        formatter_class=HelpFormatter,
+        help="test perplexity per method and level; Table 6; Fig. 4",
+    )
     evaluate.add_argument("models", type=Path, nargs="+")
     evaluate.add_argument(
         "--methods", default="pes,reap,frequency,random", help="comma-separated; pes+adaptive, pes+redirect ..."
     )
-    evaluate.add_argument("--levels", default=DEFAULT_LEVELS)
+    evaluate.add_argument("--levels", default=DEFAULT_LEVELS, help="comma-separated pruning levels")
     evaluate.add_argument("--thresholds", default="0,0.1,0.15,0.2", help="routing thresholds tau ('' to skip)")
     evaluate.add_argument("--dropped-top", default="0,1,2,3", help="top experts masked per token ('' to skip)")
     evaluate.add_argument(

@@ -15,11 +15,8 @@ import numpy as np
 
 from engine.model import MoEForCausalLM
 from pruning.calibration import Calibration, LayerCalibration
-from pruning.redundancy import HANDLINGS, LayerReplay, layer_budgets, redirect_targets, removal_path
-
-BASELINES = ("frequency", "reap", "random")
-METHODS = ("pes", *BASELINES)
-BUDGETS = ("uniform", "adaptive")
+from pruning.choices import BASELINES, BUDGETS, HANDLINGS, METHODS
+from pruning.redundancy import LayerReplay, layer_budgets, redirect_targets, removal_path
 
 
 def removal_order(method: str, layer: LayerCalibration, seed: int = 0) -> list[int]:

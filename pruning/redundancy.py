@@ -21,8 +21,7 @@ import torch
 
 from engine.moe import SparseMoE
 from engine.routing import RoutingPolicy, route
-
-HANDLINGS = ("repick", "redirect")
+from pruning.choices import HANDLINGS
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from engine.llm_engine import resolve_device, resolve_dtype
 from engine.routing import RoutingPolicy
 from engine.token_routing import TokenRouting
 from pruning.cache import DEFAULT_CACHE_DIR, CalibrationSpec, cached_calibration, cached_plan
-from pruning.methods import METHODS, experts_to_remove
+from pruning.choices import METHODS
+from pruning.methods import experts_to_remove
 from pruning.plan import PlanError, PruningPlan
 
 
@@ -37,10 +38,16 @@ class PruningSettings:
     substitution_drop_unmatched: bool = False
     # Load the similarity maps even without a default substitution, so requests can ask for one.
     similarity_maps: bool = False
+    # Calibrate plans and similarity maps on these UTF-8 files instead of the corpus's validation split: text
+    # like the served traffic (pes adapts to its calibration text more than the baselines; docs/pruning.md).
+    calibration_files: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         if self.plan_file is not None and self.level:
             raise PlanError("give either a pruning level or a plan file, not both")
+        missing = [str(f) for f in self.calibration_files if not Path(f).is_file()]
+        if missing:
+            raise PlanError(f"calibration files not found: {', '.join(missing)}")
         if not 0.0 <= self.level < 1.0:
             raise PlanError(f"the pruning level must be in [0, 1), got {self.level}")
         if self.top_k is not None and self.top_k < 1:
@@ -73,8 +80,8 @@ class PruningSettings:
         spec: CalibrationSpec | None = None,
     ) -> tuple[dict[int, RoutingPolicy], PruningPlan | None]:
         """The engine's routing policies, and the plan they came from (read, cached, or made now); plans and
-        similarity maps calibrate on `spec` (default: CalibrationSpec())."""
-        spec = spec or CalibrationSpec()
+        similarity maps calibrate on `spec` (default: the calibration files, else the corpus's validation split)."""
+        spec = spec or self.calibration()
         config = ModelConfig.from_dir(model_dir)
         self.check(config)
         plan = self.plan(model_dir, device, dtype, cache_dir, spec)
@@ -94,6 +101,10 @@ class PruningSettings:
             for layer in layers
         }
         return ({} if not self.active else policies), plan
+
+    def calibration(self) -> CalibrationSpec:
+        """What plans and similarity maps calibrate on."""
+        return CalibrationSpec(files=tuple(self.calibration_files))
 
     def check(self, config: ModelConfig) -> None:
         """PlanError naming what this model cannot serve, before any calibration or loading."""
@@ -133,7 +144,7 @@ class PruningSettings:
                 self.level,
                 self.budget,
                 self.handling,
-                spec=spec or CalibrationSpec(),
+                spec=spec or self.calibration(),
                 cache_dir=cache_dir,
             )
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import uvicorn
 
+from engine.command_line import command_parser, positive_int
 from engine.config import DEFAULT_MODEL_DIR, CheckpointError
 from server.http_protocol import HEADER_TIMEOUT_S, bounded_protocol
 from server.request_limits import RequestLimits, flag
@@ -65,16 +66,18 @@ class DrainingServer(uvicorn.Server):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from engine.moe import BACKENDS
-    from pruning.methods import BUDGETS, METHODS
-    from pruning.redundancy import HANDLINGS
+    from engine.choices import BACKENDS
+    from pruning.choices import BUDGETS, HANDLINGS, METHODS
 
-    parser = argparse.ArgumentParser(prog="moe-serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="Hugging Face model directory")
+    parser = command_parser("moe-serve", __doc__.split("\n\n")[0])
+    parser.add_argument(
+        "model_path", type=Path, nargs="?", metavar="MODEL", help="Hugging Face model directory (as vllm serve MODEL)"
+    )
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="the same, as a flag")
     parser.add_argument("--served-model-name", help="name clients send as `model` (default: the directory name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require this key (or ${API_KEY_ENV})")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port to bind")
+    parser.add_argument("--api-key", help=f"require this key (or set ${API_KEY_ENV}; never shown here)")
     parser.add_argument(
         "--dtype",
         default="auto",
@@ -85,7 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-num-seqs", type=int, default=128, help="sequences in one batch")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    parser.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30, help="KV cache size on CPU")
+    parser.add_argument(
+        "--kv-cache-memory-bytes", type=int, default=1 << 30, help="KV cache size on CPU, in bytes (1073741824 = 1 GiB)"
+    )
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use")
     parser.add_argument(
         "--moe-backend", choices=BACKENDS, default="auto", help="auto: the CPU kernel on CPU, else grouped"
@@ -139,9 +144,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     pruning.add_argument("--prune-plan", type=Path, help="a plan file from `moe-prune plan` (instead of a level)")
     pruning.add_argument(
+        "--calibration-files",
+        type=Path,
+        nargs="+",
+        default=(),
+        help="UTF-8 text like the served traffic to calibrate plans and similarity maps on (default: the corpus's "
+        "validation split)",
+    )
+    pruning.add_argument(
         "--route-threshold", type=float, default=0.0, help="drop routed experts below this probability"
     )
-    pruning.add_argument("--top-k", type=int, help="experts per token (default: the model's)")
+    pruning.add_argument(
+        "--experts-per-token",
+        "--top-k",
+        dest="top_k",
+        metavar="N",
+        type=positive_int,
+        help="experts each token is routed to (the model's by default; --top-k is the old spelling)",
+    )
     pruning.add_argument(
         "--substitution-keep-top",
         type=int,
@@ -178,17 +198,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads of the engine (default: torch's choice)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.api_key = args.api_key or os.environ.get(API_KEY_ENV)
+    if args.model_path is not None:
+        if args.model != DEFAULT_MODEL_DIR and args.model != args.model_path:
+            parser.error(f"two models given: {args.model_path} and --model {args.model}")
+        args.model = args.model_path
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)  # before importing torch: --help, --version and bad flags answer at once
     from corpus.splits import CorpusError
     from engine.llm_engine import EngineConfig
     from pruning.serving import LivePruning, PruningSettings
     from server.app import ServerSettings, build_app
     from server.async_engine import AsyncEngine
 
-    args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         listener = bind(args.host, args.port)  # before any expensive work: a port in use is reported at once
@@ -208,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             args.substitution_min_similarity,
             args.substitution_drop_unmatched,
             args.similarity_maps,
+            tuple(args.calibration_files),
         )
         policies, plan = pruning.resolve(args.model, args.device, args.dtype)
         config = EngineConfig(

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from corpus.splits import DEFAULT_CORPUS_DIR, REPO_ROOT, SPLITS, CorpusError, read_split
+from engine.command_line import HelpFormatter, command_parser
 from engine.tokenizer import save_tokenizer_files
 from training.bpe import train_tokenizer
 from training.card import write_model_card
@@ -67,24 +68,28 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="moe-train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = command_parser("moe-train", __doc__ or "")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    corpus = commands.add_parser("corpus", help="assemble the corpus and its train/validation/test split")
+    corpus = commands.add_parser(
+        "corpus", formatter_class=HelpFormatter, help="assemble the corpus and its train/validation/test split"
+    )
     corpus.add_argument("--out", type=Path, help=f"default: {DEFAULT_CORPUS_DIR} (required with --files)")
     corpus.add_argument("--cache", type=Path, default=DEFAULT_CACHE_DIR, help="where source packages are unpacked")
     corpus.add_argument("--files", type=Path, nargs="+", help="your own text files or directories instead")
     corpus.set_defaults(run=_corpus)
 
-    tokenizer = commands.add_parser("tokenizer", help="train the byte-level BPE tokenizer on the train split")
+    tokenizer = commands.add_parser(
+        "tokenizer", formatter_class=HelpFormatter, help="train the byte-level BPE tokenizer on the train split"
+    )
     tokenizer.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS_DIR)
     tokenizer.add_argument("--vocab", type=int, default=4096)
     tokenizer.add_argument("--out", type=Path, default=DEFAULT_TOKENIZER_DIR)
     tokenizer.set_defaults(run=_tokenizer)
 
-    train = commands.add_parser("train", help="train a model (rerun to resume after a kill)")
+    train = commands.add_parser(
+        "train", formatter_class=HelpFormatter, help="train a model (rerun to resume after a kill)"
+    )
     train.add_argument("output", type=Path)
     train.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER_DIR)
     train.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS_DIR)
@@ -94,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     _add_config_flags(train)
     train.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("eval", help="perplexity and routing measures of a model on a corpus split")
+    evaluate = commands.add_parser(
+        "eval", formatter_class=HelpFormatter, help="perplexity and routing measures of a model on a corpus split"
+    )
     evaluate.add_argument("model", type=Path)
     evaluate.add_argument("--split", default="test", choices=SPLITS)
     evaluate.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS_DIR)

@@ -83,6 +83,7 @@ def test_threshold_and_top_k_at_startup(tiny_model: Path) -> None:
         (["--route-threshold", "1.5"], "threshold must be in [0, 1)"),
         (["--prune-level", "1.5"], "level must be in [0, 1)"),
         (["--top-k", "0"], "at least 1"),
+        (["--prune-level", "0.25", "--calibration-files", "/nonexistent/traffic.txt"], "calibration files not found"),
     ],
 )
 def test_impossible_pruning_exits_before_binding(tiny_model: Path, flags: list[str], message: str) -> None:

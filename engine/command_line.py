@@ -1,0 +1,36 @@
+"""What every moe-serve command line shares: defaults shown in --help, a --version, and value checks that name
+the flag. Torch-free, so `--help` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+from importlib import metadata
+
+
+def version() -> str:
+    try:
+        return metadata.version("moe-serve")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written (paragraphs, examples), and each option's default after its help."""
+
+
+def command_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """An ArgumentParser that shows each option's default in --help and answers --version."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    return parser
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
