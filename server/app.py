@@ -30,7 +30,7 @@ from pruning.serving import LivePruning
 from server.admin import RoutingControl, add_admin_routes
 from server.async_engine import AsyncEngine
 from server.chat import ChatService
-from server.completions import CompletionService
+from server.completions import CompletionService, usage_of
 from server.errors import APIError, ending_with_error_event, install_error_handlers
 from server.expert_load import ExpertLoadMonitor, layer_balance
 from server.metrics import ServerMetrics
@@ -89,6 +89,7 @@ class ServerSettings:
     substitution_available: bool = False  # the engine holds the experts' similarity maps
     enable_admin_api: bool = False  # GET/POST /v1/routing
     live_pruning: LivePruning | None = None  # pruning switchable through the admin API (engine's live_pruning)
+    access_log: bool = True  # a log line per request (server/middleware.py)
 
 
 def model_info(engine: AsyncEngine, settings: ServerSettings) -> dict[str, str]:
@@ -170,6 +171,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         body_timeout_s=settings.body_timeout_s,
         allowed_hosts=settings.allowed_hosts,
         count=lambda method, route, status: metrics.observe_http(method, route, status),
+        access_log=settings.access_log,
     )
     _add_health_routes(app, engine, metrics)
     _add_generation_routes(app, engine, settings, preprocessor)
@@ -220,10 +222,22 @@ def _add_generation_routes(
         body = await _json_body(request)
         prepared = await cancel_on_disconnect(request, preprocessor.prepare(kind, body))
         request_id, firsts, streams = await cancel_on_disconnect(request, service.start(prepared))
+
+        def count_tokens() -> None:  # for the access log (server/middleware.py)
+            usage = usage_of([stream.latest or first for first, stream in zip(firsts, streams)])
+            request.state.tokens = (usage.prompt_tokens, usage.completion_tokens)
+
+        async def closed() -> None:
+            count_tokens()
+            await close_all(streams)
+
         if prepared.body.stream:
             events = ending_with_error_event(service.stream(prepared.body, request_id, firsts, streams))
-            return EventStreamResponse(events, on_close=lambda: close_all(streams))
-        return await cancel_on_disconnect(request, service.complete(prepared.body, request_id, firsts, streams))
+            return EventStreamResponse(events, on_close=closed)
+        try:
+            return await cancel_on_disconnect(request, service.complete(prepared.body, request_id, firsts, streams))
+        finally:
+            count_tokens()
 
     @app.get("/v1/models", response_model=ModelList, responses=AUTH_ERRORS)
     async def models() -> ModelList:

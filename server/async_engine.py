@@ -139,6 +139,7 @@ class RequestStream:
         self._stream = stream
         self._added = False
         self._done = False
+        self.latest: RequestOutput | None = None  # the last output read
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -155,6 +156,7 @@ class RequestStream:
             await self.aclose()
             raise
         self._done = output.finished
+        self.latest = output
         return output
 
     async def aclose(self) -> None:

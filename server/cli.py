@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -30,6 +31,10 @@ from engine.command_line import command_parser, positive_int
 from engine.config import DEFAULT_MODEL_DIR, CheckpointError
 from server.http_protocol import HEADER_TIMEOUT_S, bounded_protocol
 from server.request_limits import RequestLimits, flag
+
+if TYPE_CHECKING:
+    from server.app import ServerSettings
+    from server.async_engine import AsyncEngine
 
 API_KEY_ENV = "MOE_SERVE_API_KEY"
 LIMIT_HELP = {
@@ -197,7 +202,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="accept a request's `moe` field (its own route_threshold, experts_per_token, substitution)",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads of the engine (default: torch's choice)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
+    parser.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log a line per request: client, method, route, status, latency, tokens",
+    )
     args = parser.parse_args(argv)
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV)
     if args.model_path is not None:
@@ -276,11 +287,13 @@ def main(argv: list[str] | None = None) -> int:
             request_workers=args.request_workers,
             allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),
             body_timeout_s=args.body_timeout,
+            access_log=args.access_log,
         )
     except (CheckpointError, ValueError, RuntimeError, CorpusError) as exc:
         listener.close()
         print(f"moe-serve: error: {exc}", file=sys.stderr)
         return 1
+    logging.getLogger("moe_serve").info(startup_summary(engine, settings, args))
     try:
         app = build_app(engine, settings)
     except (ValueError, RuntimeError) as exc:
@@ -294,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         log_level=args.log_level,
         timeout_graceful_shutdown=round(args.shutdown_grace) + 10,  # a backstop: drain() ends streams first
-        access_log=args.log_level == "debug",
+        access_log=False,  # the server logs its own line per request (server/middleware.py)
         http=bounded_protocol(args.header_timeout),
         limit_concurrency=args.max_connections,
     )
@@ -308,6 +321,24 @@ def main(argv: list[str] | None = None) -> int:
         server.stop_for_dead_engine(engine.error or "")
     server.run(sockets=[listener])
     return 1 if server.engine_died or engine.failed else 0
+
+
+def startup_summary(engine: AsyncEngine, settings: ServerSettings, args: argparse.Namespace) -> str:
+    """What is being served, and how, in a few lines (what moe-generate prints, plus the server's own settings)."""
+    config, info = engine.model_config, engine.info
+    balancing = config.router_balancing
+    pruning = ", ".join(f"{k}={v}" for k, v in settings.pruning_labels.items() if v not in ("", "0")) or "none"
+    return (
+        f"serving {settings.model_name} from {settings.model_path}: {config.model_type}, {config.num_layers} layers, "
+        f"{config.num_experts} experts top-{config.top_k}, router balanced with "
+        f"{balancing.method if balancing else 'unknown'}\n"
+        f"  {info.device}, {info.dtype}, weights {info.weight_bytes / 2**20:.1f} MiB resident "
+        f"({info.released_expert_bytes / 2**20:.1f} MiB of pruned experts released), {info.num_kv_blocks} KV blocks "
+        f"of {args.block_size} tokens, max_model_len {info.max_model_len}, up to {args.max_num_seqs} sequences\n"
+        f"  pruning: {pruning}; admin API {'on (live pruning)' if settings.enable_admin_api else 'off'}; "
+        f"API key {'required' if settings.api_key else 'not required'}\n"
+        f"  http://{args.host}:{args.port}/v1 (ready once warm-up has run; GET /ready)"
+    )
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -1,11 +1,13 @@
 """The server's front door, as plain ASGI (no per-request overhead beyond what it checks): the Host header
 against the allowed hosts, the API key on /v1 routes, a bound on body size and on the time the body may take
-to arrive, and a count of every HTTP response by route and status."""
+to arrive, a count of every HTTP response by route and status, and an access log line per request (method,
+route, status, latency, and the tokens of a generation request, which the app leaves in its scope's state)."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 from collections.abc import Callable
 
@@ -15,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.errors import APIError, error_body
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+access_logger = logging.getLogger("moe_serve.access")
 
 
 def _too_large_message(limit: int) -> str:
@@ -44,7 +47,7 @@ def host_of(header: str) -> str:
 
 class ServerMiddleware:
     """Checks the Host header (when hosts are restricted), the API key (when one is set) and the body size
-    before the app runs, bounds the time the body takes to arrive, and counts responses."""
+    before the app runs, bounds the time the body takes to arrive, counts responses and logs each one."""
 
     def __init__(
         self,
@@ -54,6 +57,7 @@ class ServerMiddleware:
         count: Callable[[str, str, int], None],
         body_timeout_s: float = 30.0,
         allowed_hosts: frozenset[str] | None = None,
+        access_log: bool = True,
     ) -> None:
         self.app = app
         self.api_key = api_key
@@ -61,12 +65,15 @@ class ServerMiddleware:
         self.body_timeout_s = body_timeout_s
         self.allowed_hosts = allowed_hosts
         self.count = count
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         status = 500
+        started = time.perf_counter()
+        state = scope.setdefault("state", {})  # Starlette's request.state: the app leaves "tokens" here
 
         async def send_counted(message: Message) -> None:
             nonlocal status
@@ -81,7 +88,15 @@ class ServerMiddleware:
             else:
                 await self.app(scope, self._bounded(receive), send_counted)
         finally:
-            self.count(scope["method"], _route_of(scope), status)
+            route = _route_of(scope)
+            self.count(scope["method"], route, status)
+            if self.access_log:
+                tokens = state.get("tokens")
+                access_logger.info(
+                    '%s "%s %s" %d %.0f ms%s', _client_of(scope), scope["method"], scope["path"][:200], status,
+                    (time.perf_counter() - started) * 1e3,
+                    "" if tokens is None else f" {tokens[0]} prompt + {tokens[1]} completion tokens",
+                )  # fmt: skip
 
     def _refuse(self, scope: Scope) -> APIError | None:
         headers = dict(scope["headers"])
@@ -131,6 +146,11 @@ class ServerMiddleware:
             return message
 
         return bounded
+
+
+def _client_of(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "-"
 
 
 def _route_of(scope: Scope) -> str:

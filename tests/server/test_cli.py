@@ -144,3 +144,25 @@ def test_slow_or_oversized_headers_and_slow_bodies_are_cut_off() -> None:
         answer, took = exchange(server.port, slow_body, 0)
         assert b" 408 " in answer.split(b"\r\n")[0] and b"did not arrive within 1 s" in answer, answer
         assert httpx.get(f"{server.url}/health").status_code == 200  # the server is fine
+
+
+@pytest.mark.parametrize("access_log", [True, False])
+def test_start_summary_and_a_log_line_per_request(tmp_path: Path, access_log: bool) -> None:
+    log = tmp_path / "server.log"
+    flags = [*SERVE_ARGS, "--access-log" if access_log else "--no-access-log"]
+    body = {"prompt": "Log me", "max_tokens": 3, "ignore_eos": True}
+    with open(log, "w") as out, launched(flags, stderr=out) as server:
+        assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code == 200
+        streamed = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60)
+        assert streamed.text.rstrip().endswith("data: [DONE]")
+        assert httpx.get(f"{server.url}/v1/nothing").status_code == 404
+    text = log.read_text()
+    assert "serving tiny-simbal from" in text and "experts top-4" in text and "KV blocks" in text
+    assert "pruning: " in text and "API key not required" in text
+    lines = [line for line in text.splitlines() if "moe_serve.access" in line]
+    if not access_log:
+        assert lines == []
+        return
+    completions = [line for line in lines if '"POST /v1/completions" 200' in line]
+    assert len(completions) == 2 and all("+ 3 completion tokens" in line for line in completions)
+    assert any('"GET /v1/nothing" 404' in line and "tokens" not in line for line in lines)
