@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import email.message
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,11 +173,11 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         count=lambda method, route, status: metrics.observe_http(method, route, status),
         access_log=settings.access_log,
     )
-    _add_health_routes(app, engine, metrics)
-    _add_generation_routes(app, engine, settings, preprocessor)
-    _add_expert_routes(app, engine, settings, metrics, monitor)
     control = RoutingControl(engine, bounds, metrics, settings.live_pruning, settings.pruning_labels)
     preprocessor.default_routing = lambda: control.routing
+    _add_health_routes(app, engine, metrics)
+    _add_generation_routes(app, engine, settings, preprocessor)
+    _add_expert_routes(app, engine, settings, metrics, monitor, lambda: control.plan_labels)
     if settings.enable_admin_api:
         add_admin_routes(app, control)
     return app
@@ -284,8 +284,16 @@ async def _json_body(request: Request) -> bytes:
     return await request.body()
 
 
+UNPRUNED = {"prune_method": "", "prune_level": "0", "prune_plan": ""}
+
+
 def _add_expert_routes(
-    app: FastAPI, engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics, monitor: ExpertLoadMonitor
+    app: FastAPI,
+    engine: AsyncEngine,
+    settings: ServerSettings,
+    metrics: ServerMetrics,
+    monitor: ExpertLoadMonitor,
+    pruning_now: Callable[[], dict[str, str]],
 ) -> None:
     config = engine.model_config
     started_at = time.time()
@@ -310,7 +318,8 @@ def _add_expert_routes(
                     experts_read_per_step=float(mean_read[layer]) if forwards[layer] else None,
                 )
             )
-        return LoadPeriod(since=since, total_routed=int(counts[layers].sum()), layers=rows)
+        slots = int(counts[layers].sum())
+        return LoadPeriod(since=since, total_routed_slots=slots, total_routed=slots, layers=rows)
 
     @app.get("/v1/experts/load", response_model=ExpertLoadResponse, responses=AUTH_ERRORS)
     async def expert_load() -> ExpertLoadResponse:
@@ -320,9 +329,11 @@ def _add_expert_routes(
         balancing = config.router_balancing
         return ExpertLoadResponse(
             model=settings.model_name,
-            balancing_method=balancing.method if balancing else None,
+            balancing_method=balancing.method if balancing else "unknown",
             num_experts=config.num_experts,
             top_k=config.top_k,
+            experts_per_token=int(settings.pruning_labels.get("top_k_override") or config.top_k),
+            pruning={key: pruning_now().get(key, unset) for key, unset in UNPRUNED.items()},
             since_start=period(monitor.totals(), monitor.experts_read(), started_at),
             since_reset=period(since_reset, read_since_reset, reset_at),
         )

@@ -335,8 +335,20 @@ def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | 
     if param == "prompt" and len(loc) > 1 and not loc[1].isdigit():  # every member of the prompt union refused it
         return "prompt must be a string, a list of strings, token ids or lists of token ids", param
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    where = ".".join(part for part in loc if not any(c in part for c in "[]()")) or "body"
-    return f"{where}: {message}", param
+    where = _field_path([part for part in loc if part not in TYPE_TAGS and not any(c in part for c in "[]()-")])
+    return (f"{where}: {message}" if where else message), param
+
+
+# Names pydantic adds to an error's location for the member of a union that refused the value.
+TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "tuple"})
+
+
+def _field_path(parts: list[str]) -> str:
+    """messages, 0, content -> messages[0].content (as OpenAI names fields)."""
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if part.isdigit() else (f".{part}" if path else part)
+    return path
 
 
 _worker: _Worker | None = None

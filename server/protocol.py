@@ -15,7 +15,15 @@ import time
 from dataclasses import replace
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from engine.limits import MAX_LOGPROBS
 from engine.sampling_params import SamplingParams
@@ -328,8 +336,14 @@ class ChatCompletionResponse(BaseModel):
 
 
 class DeltaMessage(BaseModel):
+    """A streamed chat chunk's delta; fields not set are left out (the last chunk's delta is {}, as OpenAI's)."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, serialize: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in serialize(self).items() if value is not None}
 
 
 class ChatChunkChoice(BaseModel):
@@ -396,7 +410,11 @@ class LayerLoad(BaseModel):
 
 class LoadPeriod(BaseModel):
     since: float = Field(description="Unix time the period started.")
-    total_routed: int
+    total_routed_slots: int = Field(
+        description="(token, expert) routing slots summed over experts and MoE layers: about tokens x experts per "
+        "token x MoE layers, not a token count."
+    )
+    total_routed: int = Field(description="The same as total_routed_slots (its old name).", deprecated=True)
     layers: list[LayerLoad]
 
 
@@ -404,8 +422,12 @@ class ExpertLoadResponse(BaseModel):
     """GET /v1/experts/load: routed-token counts per MoE layer and expert, since start and since a reset."""
 
     model: str
-    balancing_method: str | None
+    balancing_method: str = Field(description="How the router was balanced in training (unknown: not recorded).")
     num_experts: int
-    top_k: int
+    top_k: int = Field(description="The checkpoint's experts per token.")
+    experts_per_token: int = Field(description="Experts per token as served (top_k, or the server's override).")
+    pruning: dict[str, str] = Field(
+        description="The pruning served now: prune_method, prune_level, prune_plan (as GET /v1/routing)."
+    )
     since_start: LoadPeriod
     since_reset: LoadPeriod

@@ -250,3 +250,20 @@ def test_openapi_documents_every_endpoint(live_server: LiveServer) -> None:
     assert paths["/v1/completions"]["post"]["responses"]["200"]["content"]["application/json"]["schema"][
         "$ref"
     ].endswith("CompletionResponse")
+
+
+def test_chunk_and_error_shapes_follow_openai(live_server: LiveServer) -> None:
+    """The last chat chunk's delta is {} (no null fields); a wrong type names the field as OpenAI does, without
+    pydantic's union member names."""
+    body = {"messages": [{"role": "user", "content": "Hark"}], "max_tokens": 2, "stream": True}
+    with live_server.client() as http:
+        events = http.post("/v1/chat/completions", json=body).text.split("\n\n")
+        bad = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": 5}]}).json()
+        no_body_field = http.post("/v1/completions", json={"prompt": "x", "stream_options": {"include_usage": True}})
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events if e.startswith("data: {")]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    message = bad["error"]["message"]
+    assert message.startswith("messages[0].content: ") and ".str" not in message, message
+    assert bad["error"]["param"] == "messages"
+    assert not no_body_field.json()["error"]["message"].startswith("body")

@@ -105,7 +105,9 @@ def test_expert_load_endpoint_agrees_with_metrics_and_resets(live_server: LiveSe
         http.post("/v1/completions", json={"prompt": "Hark", "max_tokens": 6, "ignore_eos": True})
         load = http.get("/v1/experts/load").json()
         samples = scrape(http)
-        assert load["balancing_method"] == "simbal" and load["top_k"] == 4
+        assert load["balancing_method"] == "simbal" and load["top_k"] == load["experts_per_token"] == 4
+        assert load["pruning"] == {"prune_method": "", "prune_level": "0", "prune_plan": ""}
+        assert load["since_start"]["total_routed"] == load["since_start"]["total_routed_slots"]  # the old name
         for layer in load["since_start"]["layers"]:
             for expert, count in enumerate(layer["routed_tokens"]):
                 labels = {"layer": str(layer["layer"]), "expert": str(expert)}
@@ -114,14 +116,14 @@ def test_expert_load_endpoint_agrees_with_metrics_and_resets(live_server: LiveSe
             assert layer["max_over_mean"] == counts.max() / counts.mean()
             assert layer["idle_experts"] == int((counts == 0).sum())
         reset = http.post("/v1/experts/load/reset").json()
-        assert reset["since_reset"]["total_routed"] == 0
-        assert reset["since_start"]["total_routed"] == load["since_start"]["total_routed"]
+        assert reset["since_reset"]["total_routed_slots"] == 0
+        assert reset["since_start"]["total_routed_slots"] == load["since_start"]["total_routed_slots"]
         assert all(layer["max_over_mean"] is None for layer in reset["since_reset"]["layers"])
         usage = http.post("/v1/completions", json={"prompt": "Hark", "max_tokens": 3, "ignore_eos": True}).json()[
             "usage"
         ]
         later = http.get("/v1/experts/load").json()
-        assert later["since_reset"]["total_routed"] == (usage["total_tokens"] - 1) * 4 * 4  # top-4, 4 MoE layers
+        assert later["since_reset"]["total_routed_slots"] == (usage["total_tokens"] - 1) * 4 * 4  # top-4, 4 MoE layers
 
 
 def test_per_layer_mode_drops_per_expert_series(server_factory: Callable[..., Any]) -> None:
