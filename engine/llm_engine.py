@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -105,6 +106,18 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected 'auto' or one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size since it started (or since its last exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -223,10 +236,11 @@ class LLMEngine:
     @property
     def peak_memory_bytes(self) -> int:
         """The most memory the engine has held: torch's peak reservation on CUDA, the process's peak RSS on CPU
-        (what sizing a machine for a model and pruning level needs)."""
+        (what sizing a machine for a model and pruning level needs). On Linux the RSS peak is this process's own
+        (VmHWM): getrusage's also counts the parent's peak at the time this process was started."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_reserved(self.device)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+        return peak_rss_bytes()
 
     def _max_model_len(self, model_config: ModelConfig) -> int:
         limit = model_config.max_position_embeddings

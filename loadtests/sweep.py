@@ -47,15 +47,17 @@ def measure_setting(
     users: list[int],
     workload: Workload,
     options: ServerOptions,
-    windows: torch.Tensor,
+    windows: torch.Tensor | None,
     out: Path,
     progress: tqdm,
+    round_: int = 0,
 ) -> list[dict[str, Any]]:
-    """Serve one setting and measure it: a row per user count, all with the setting's perplexity."""
+    """Serve one setting and measure it: a row per user count, all with the setting's perplexity (scored when
+    windows are given: once per setting, in the first round)."""
     name = model_dir.resolve().name
     trained = ModelConfig.from_dir(model_dir).router_balancing
     balancing = trained.method if trained else "unknown"
-    run_dir = out / "runs" / f"{name}-{setting.name}"
+    run_dir = out / "runs" / f"{name}-{setting.name}" / f"round{round_ + 1}"
     run_dir.mkdir(parents=True, exist_ok=True)
     args = options.args(model_dir)
     if plan is not None:
@@ -72,13 +74,15 @@ def measure_setting(
             progress.set_description(f"{name} {setting.name} {count} users")
             result = run_locust(server.url, count, workload, run_dir, options.api_key, model_dir / "tokenizer.json")
             metrics = scrape(server.url)
-            rows.append(result_row(name, balancing, setting, result, metrics))
+            rows.append(result_row(name, balancing, setting, result, metrics, round_))
             progress.update()
             progress.write(
                 f"{name} {setting.name} u={count}: {result.requests_per_s:.2f} req/s, "
                 f"{result.output_tokens_per_s:.1f} tok/s, TTFT p50 {result.ttft_ms[50]:.0f} ms, "
                 f"ITL p50 {result.itl_ms[50]:.1f} ms, {result.failures} failed"
             )
+        if windows is None:
+            return rows
         progress.set_description(f"{name} {setting.name} perplexity")
         ppl = served_perplexity(server.url, name, windows, api_key=options.api_key)
     progress.write(f"{name} {setting.name}: perplexity {ppl.ppl:.3f} on {ppl.tokens} test tokens")
@@ -97,27 +101,34 @@ def sweep(
     ppl_tokens: int | None = None,
     spec: CalibrationSpec | None = None,
     cache_dir: Path = DEFAULT_CACHE_DIR,
+    rounds: int = 1,
 ) -> list[dict[str, Any]]:
-    """Every model x setting x user count; returns the rows and writes the tables and the plot to out."""
+    """Every model x setting x user count, in `rounds` interleaved rounds (A B C, A B C: a server start per
+    setting per round); returns the rows and writes the tables and the plot to out."""
     for model_dir in models:
         ModelConfig.from_dir(model_dir)  # a bad path fails here, before any run
     spec = spec or CalibrationSpec()
     options_record = {**asdict(options), "api_key": "set" if options.api_key else None}
-    record = jsonable(
-        {"users": users, "workload": asdict(workload), "server": options_record, "calibration": asdict(spec)}
-    )
+    record = jsonable({"users": users, "rounds": rounds, "workload": asdict(workload), "server": options_record,
+                       "calibration": asdict(spec)})  # fmt: skip
     rows: list[dict[str, Any]] = []
     files: list[Path] = []
-    with tqdm(total=len(models) * len(settings) * len(users), unit="run") as progress:
+    with tqdm(total=len(models) * rounds * len(settings) * len(users), unit="run") as progress:
         for model_dir in models:
             plans = make_plans(model_dir, settings, spec, options, out, cache_dir)
             max_len = ModelConfig.from_dir(model_dir).max_position_embeddings
             windows = split_windows(model_dir, "test", min(512, max_len - 1), ppl_tokens)  # a prompt must fit
-            for setting in settings:
-                rows += measure_setting(
-                    model_dir, setting, plans.get(setting), users, workload, options, windows, out, progress
-                )
-                files = write_tables(rows, record, out)  # after every setting: a late failure loses nothing
+            scored: dict[str, dict[str, Any]] = {}
+            for round_ in range(rounds):
+                for setting in settings:
+                    measured = measure_setting(
+                        model_dir, setting, plans.get(setting), users, workload, options,
+                        None if round_ else windows, out, progress, round_,
+                    )  # fmt: skip
+                    if round_ == 0:
+                        scored[setting.name] = {k: measured[0][k] for k in ("perplexity", "ppl_tokens")}
+                    rows += [row | scored[setting.name] for row in measured]
+                    files = write_tables(rows, record, out)  # after every setting: a late failure loses nothing
     files.append(throughput_plot(rows, out / "throughput_vs_perplexity.png"))
     print("wrote", ", ".join(str(f) for f in files))
     return rows
@@ -164,7 +175,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--live", action="store_true", help="one server per model, settings switched through the admin API in rounds"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="--live: interleaved rounds over the settings")
+    parser.add_argument(
+        "--rounds", type=int, help="interleaved rounds over the settings (A B C, A B C; default 3 with --live, else 1)"
+    )
     parser.add_argument("--ppl-windows", type=int, default=32, help="--live: test windows scored per setting")
     parser.add_argument("--duration", type=int, default=20, help="seconds of load per run")
     parser.add_argument("--max-requests", type=int, default=2000, help="requests per run at most")
@@ -200,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_grid(args.methods.split(","), args.levels, args.thresholds, args.substitutions)
         if any(s.keep_top is not None for s in settings) and not args.live:
             raise ValueError("substitution settings need --live (its similarity maps are loaded by the one server)")
+        args.rounds = args.rounds if args.rounds is not None else (3 if args.live else 1)
         if args.rounds < 1:
             raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
         workload = Workload(
@@ -214,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             live_sweep(args.models, settings, args.users, args.rounds, workload, options, args.out, args.ppl_windows,
                        spec, args.cache_dir)  # fmt: skip
         else:
-            sweep(args.models, settings, args.users, workload, options, args.out, args.ppl_tokens, spec, args.cache_dir)
+            sweep(args.models, settings, args.users, workload, options, args.out, args.ppl_tokens, spec, args.cache_dir,
+                  args.rounds)  # fmt: skip
     except (CheckpointError, ValueError, RuntimeError, FileNotFoundError, httpx.HTTPError) as exc:
         print(f"moe-loadtest: error: {exc}", file=sys.stderr)
         return 1

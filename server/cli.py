@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import multiprocessing
 import os
 import signal
 import socket
 import sys
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +35,9 @@ from server.http_protocol import HEADER_TIMEOUT_S, bounded_protocol
 from server.request_limits import RequestLimits, flag
 
 if TYPE_CHECKING:
+    from engine.routing import RoutingPolicy
+    from pruning.plan import PruningPlan
+    from pruning.serving import PruningSettings
     from server.app import ServerSettings
     from server.async_engine import AsyncEngine
 
@@ -247,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             args.similarity_maps,
             tuple(args.calibration_files),
         )
-        policies, plan = pruning.resolve(args.model, args.device, args.dtype)
+        policies, plan = resolved_in_child(pruning, args.model, args.device, args.dtype)
         config = EngineConfig(
             dtype=args.dtype,
             device=args.device,
@@ -321,6 +326,18 @@ def main(argv: list[str] | None = None) -> int:
         server.stop_for_dead_engine(engine.error or "")
     server.run(sockets=[listener])
     return 1 if server.engine_died or engine.failed else 0
+
+
+def resolved_in_child(
+    pruning: PruningSettings, model: Path, device: str, dtype: str
+) -> tuple[dict[int, RoutingPolicy], PruningPlan | None]:
+    """PruningSettings.resolve, in a child process when it loads a model (to calibrate, or to read similarity
+    maps): that copy of the model then leaves with the child, and the engine process, which inherits this
+    process's memory peak at start-up, reports what serving takes."""
+    if not (pruning.level or pruning.wants_similarity):
+        return pruning.resolve(model, device, dtype)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(pruning.resolve, model, device, dtype).result()
 
 
 def startup_summary(engine: AsyncEngine, settings: ServerSettings, args: argparse.Namespace) -> str:

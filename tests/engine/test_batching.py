@@ -163,3 +163,20 @@ def test_routing_change_drops_cached_prefixes(tiny_model: Path) -> None:
     llm.engine.add_request("busy", prompt, GREEDY)
     with pytest.raises(RuntimeError, match="no request is in flight"):
         llm.set_routing_policies({})
+
+
+def test_the_engines_memory_peak_is_its_own_not_its_parents() -> None:
+    """A process started by a parent holding 1 GiB inherits that peak in getrusage on Linux; peak_rss_bytes
+    (VmHWM) reports the child's own, so a server that calibrated before starting its engine is not blamed."""
+    import subprocess
+    import sys
+
+    held = bytearray(1 << 30)
+    held[:: 4096] = b"x" * len(held[:: 4096])  # touch every page
+    probe = "import resource; from engine.llm_engine import peak_rss_bytes; "
+    probe += "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    own, inherited = (int(v) for v in done.stdout.split())
+    assert inherited >= 1 << 30  # what the gauge used to report
+    assert own < 900 << 20  # torch imported, nothing else
+    del held

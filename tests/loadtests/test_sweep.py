@@ -55,9 +55,13 @@ def test_short_sweep_writes_rows_with_throughput_and_perplexity_and_a_plot(tiny_
     workload = Workload(prompt_tokens="8-32", output_tokens="4-8", duration_s=3, max_requests=60)
     rows = sweep(
         [tiny_model], settings, [2], workload, SERVER, tmp_path, ppl_tokens=1024,
-        spec=CalibrationSpec(max_tokens=2048, sample_tokens=256), cache_dir=tmp_path / "cache",
+        spec=CalibrationSpec(max_tokens=2048, sample_tokens=256), cache_dir=tmp_path / "cache", rounds=2,
     )  # fmt: skip
-    assert [(r["method"], r["level"], r["users"]) for r in rows] == [("none", 0.0, 2), ("frequency", 0.5, 2)]
+    assert [(r["round"], r["method"], r["level"]) for r in rows] == [
+        (0, "none", 0.0), (0, "frequency", 0.5), (1, "none", 0.0), (1, "frequency", 0.5),
+    ]  # fmt: skip
+    assert [r["perplexity"] for r in rows[2:]] == [r["perplexity"] for r in rows[:2]]  # scored in round 1
+    rows = rows[:2]
     for row in rows:
         assert row["requests"] > 0 and row["failures"] == 0
         assert row["requests_per_s"] > 0 and row["output_tokens_per_s"] > 0
@@ -67,8 +71,8 @@ def test_short_sweep_writes_rows_with_throughput_and_perplexity_and_a_plot(tiny_
     assert pruned["weight_mib"] < unpruned["weight_mib"]  # the plan's experts were released by the server
     assert pruned["perplexity"] != unpruned["perplexity"]
     with open(tmp_path / "results.csv") as f:
-        assert [row["method"] for row in csv.DictReader(f)] == ["none", "frequency"]
-    assert json.loads((tmp_path / "results.json").read_text())["rows"] == rows
+        assert [row["method"] for row in csv.DictReader(f)] == ["none", "frequency"] * 2
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][:2] == rows
     assert (tmp_path / "throughput_vs_perplexity.png").read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "plans" / f"{tiny_model.name}-frequency-0.5.json").is_file()
 
