@@ -476,8 +476,13 @@ class LLMEngine:
         distinct experts, after routing policies and substitution), since start or the last reset."""
         return self.model.expert_load.experts_read().numpy()
 
+    def tokens_routed(self) -> np.ndarray:
+        """[layers]: tokens each layer routed (counted as expert_load), since start or the last reset."""
+        return self.model.expert_load.tokens().numpy()
+
     def expert_load_async(self) -> PendingSnapshot:
-        """expert_load() and experts_read(), copied to the host without a device sync (for metrics)."""
+        """expert_load(), experts_read() and tokens_routed(), copied to the host without a device sync (for
+        metrics)."""
         return self.model.expert_load.snapshot_async()
 
     def reset_expert_load(self) -> None:

@@ -89,8 +89,8 @@ class ExpertLoad(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         # Columns: routed tokens per expert; one for dropped slots (sentinel id == num_experts); then forwards
-        # by the number of experts they read, 0..num_experts.
-        width = 2 * num_experts + 2
+        # by the number of experts they read, 0..num_experts; then the tokens counted.
+        width = 2 * num_experts + 3
         self.register_buffer("counts", torch.zeros(num_layers, width, dtype=torch.int64), persistent=False)
 
     def record(self, layer: int, expert_ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
@@ -104,6 +104,8 @@ class ExpertLoad(nn.Module):
         read = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device).index_fill(0, flat, 1)
         column = read[:num_experts].sum().view(1) + num_experts + 1
         self.counts[layer].index_add_(0, column, torch.ones_like(column))
+        tokens = weights.view(expert_ids.shape)[:, :1].sum().view(1)
+        self.counts[layer].index_add_(0, torch.full_like(tokens, 2 * num_experts + 2), tokens)
 
     def snapshot(self) -> torch.Tensor:
         """A copy, [layers, experts] int64 on the CPU (one host sync)."""
@@ -112,7 +114,12 @@ class ExpertLoad(nn.Module):
     def experts_read(self) -> torch.Tensor:
         """[layers, experts + 1] int64 on the CPU: column u counts the forwards that read u of the layer's
         experts (one host sync)."""
-        return self.counts[:, self.num_experts + 1 :].to("cpu", copy=True)
+        return self.counts[:, self.num_experts + 1 : -1].to("cpu", copy=True)
+
+    def tokens(self) -> torch.Tensor:
+        """[layers] int64 on the CPU: tokens counted through each layer (routed slots / tokens = experts used per
+        token, after thresholds, budgets and dropped slots)."""
+        return self.counts[:, -1].to("cpu", copy=True)
 
     def snapshot_async(self) -> PendingSnapshot:
         """Start copying the counts to the host without waiting for the device (pinned memory and an event on
@@ -151,7 +158,13 @@ class PendingSnapshot:
         """ExpertLoad.experts_read as of the copy; waits for it if it is not ready yet."""
         if self._event is not None:
             self._event.synchronize()
-        return self._host[:, self._num_experts + 1 :]
+        return self._host[:, self._num_experts + 1 : -1]
+
+    def tokens(self) -> torch.Tensor:
+        """ExpertLoad.tokens as of the copy; waits for it if it is not ready yet."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host[:, -1]
 
 
 def grouped_mm_supported(hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> bool:

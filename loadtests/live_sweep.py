@@ -11,6 +11,7 @@ only and depends on the batch, so prompt scoring would not see it.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
@@ -77,6 +78,8 @@ def live_sweep_model(
                         server.url, count, workload, run_dir, options.api_key, model_dir / "tokenizer.json"
                     )
                     rows.append(result_row(name, balancing, setting, result, scrape(server.url), round_))
+                    with open(run_dir / "rows.jsonl", "a") as saved:  # each run kept as it lands
+                        saved.write(json.dumps(rows[-1]) + "\n")
                     progress.update()
                     progress.write(
                         f"{name} round {round_ + 1} {setting.name} u={count}: {result.output_tokens_per_s:.1f} tok/s, "

@@ -84,7 +84,7 @@ def served_continuation_perplexity(
 
         def score(window: list[int]) -> float:
             body = {"model": model, "prompt": window[:prompt_len], "forced_tokens": window[prompt_len:],
-                    "logprobs": 0, "temperature": 0}  # fmt: skip
+                    "logprobs": 0, "temperature": 0, "ignore_eos": True}  # fmt: skip  # a window may hold an EOS
             response = client.post("/v1/completions", json=body)
             if response.status_code != 200:
                 raise RuntimeError(f"{url}/v1/completions answered {response.status_code}: {response.text[:300]}")

@@ -298,7 +298,7 @@ def _add_expert_routes(
     config = engine.model_config
     started_at = time.time()
 
-    def period(counts: np.ndarray, read: np.ndarray, since: float) -> LoadPeriod:
+    def period(counts: np.ndarray, read: np.ndarray, tokens: np.ndarray, since: float) -> LoadPeriod:
         layers = metrics.moe_layers
         balances = layer_balance(counts)
         forwards = read.sum(axis=1)
@@ -316,6 +316,7 @@ def _add_expert_routes(
                     else b.coefficient_of_variation,
                     idle_experts=None if np.isnan(b.idle_experts) else int(b.idle_experts),
                     experts_read_per_step=float(mean_read[layer]) if forwards[layer] else None,
+                    experts_per_token=float(counts[layer].sum() / tokens[layer]) if tokens[layer] else None,
                 )
             )
         slots = int(counts[layers].sum())
@@ -325,7 +326,7 @@ def _add_expert_routes(
     async def expert_load() -> ExpertLoadResponse:
         """Routed-token counts per MoE layer and expert since start and since the last reset, with balance."""
         await engine.refresh()
-        since_reset, read_since_reset, reset_at = monitor.since_reset()
+        since_reset, read_since_reset, tokens_since_reset, reset_at = monitor.since_reset()
         balancing = config.router_balancing
         return ExpertLoadResponse(
             model=settings.model_name,
@@ -334,8 +335,8 @@ def _add_expert_routes(
             top_k=config.top_k,
             experts_per_token=int(settings.pruning_labels.get("top_k_override") or config.top_k),
             pruning={key: pruning_now().get(key, unset) for key, unset in UNPRUNED.items()},
-            since_start=period(monitor.totals(), monitor.experts_read(), started_at),
-            since_reset=period(since_reset, read_since_reset, reset_at),
+            since_start=period(monitor.totals(), monitor.experts_read(), monitor.tokens(), started_at),
+            since_reset=period(since_reset, read_since_reset, tokens_since_reset, reset_at),
         )
 
     @app.post("/v1/experts/load/reset", response_model=ExpertLoadResponse, responses=AUTH_ERRORS)

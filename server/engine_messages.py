@@ -42,6 +42,7 @@ class EngineStats:
     peak_memory_bytes: int = 0  # see LLMEngine.peak_memory_bytes
     expert_counts: np.ndarray | None = None  # routed tokens per [layer, expert], when a read landed
     experts_read: np.ndarray | None = None  # with expert_counts: forwards per [layer, experts they read]
+    tokens_routed: np.ndarray | None = None  # with expert_counts: tokens per [layer]
 
 
 # ----- to the engine -----

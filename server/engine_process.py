@@ -55,7 +55,10 @@ logger = logging.getLogger(__name__)
 PROCESS_NAME = "moe-serve-engine"  # what ps shows (as "moe-serve-engin": the kernel keeps 15 bytes)
 
 
-def _stats(engine: LLMEngine, counts: tuple[np.ndarray, np.ndarray] | None, stepped: bool) -> EngineStats:
+Counts = tuple[np.ndarray, np.ndarray, np.ndarray]  # expert_load, experts_read, tokens_routed
+
+
+def _stats(engine: LLMEngine, counts: Counts | None, stepped: bool) -> EngineStats:
     scheduler = engine.scheduler
     return EngineStats(
         num_step_tokens=engine.last_step.num_tokens if stepped else 0,
@@ -67,12 +70,13 @@ def _stats(engine: LLMEngine, counts: tuple[np.ndarray, np.ndarray] | None, step
         peak_memory_bytes=engine.peak_memory_bytes,
         expert_counts=None if counts is None else counts[0],
         experts_read=None if counts is None else counts[1],
+        tokens_routed=None if counts is None else counts[2],
     )
 
 
-def _read_counts(engine: LLMEngine) -> tuple[np.ndarray, np.ndarray]:
+def _read_counts(engine: LLMEngine) -> Counts:
     """The expert counters now (one host sync: for idle moments)."""
-    return engine.expert_load(), engine.experts_read()
+    return engine.expert_load(), engine.experts_read(), engine.tokens_routed()
 
 
 class _ExitLoop(Exception):
@@ -163,12 +167,17 @@ class _EngineLoop:
             deltas = [self.deltas.encode(output) for output in self.engine.step()]
             self.conn.send(StepDone(deltas, _stats(self.engine, self._expert_counts(), True)))
 
-    def _expert_counts(self) -> tuple[np.ndarray, np.ndarray] | None:
+    def _expert_counts(self) -> Counts | None:
         """Counts from an asynchronous copy that has landed, if any; start the next every few steps."""
         self.steps += 1
         counts = None
         if self.pending is not None and self.pending.ready():
-            counts = self.pending.counts().numpy().copy(), self.pending.experts_read().numpy().copy()
+            pending = self.pending
+            counts = (
+                pending.counts().numpy().copy(),
+                pending.experts_read().numpy().copy(),
+                pending.tokens().numpy().copy(),
+            )
             self.pending = None
         if self.pending is None and self.steps % self.read_every_steps == 0:
             self.pending = self.engine.expert_load_async()

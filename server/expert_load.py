@@ -47,8 +47,9 @@ class ExpertLoadMonitor:
     def __init__(self, num_layers: int, num_experts: int, window_s: float = 60.0) -> None:
         self.window_s = window_s
         self.num_experts = num_experts
-        # Each snapshot: routed tokens per expert, then forwards by experts read (0..num_experts), per layer.
-        zeros = np.zeros((num_layers, 2 * num_experts + 1), dtype=np.int64)
+        # Each snapshot: routed tokens per expert, then forwards by experts read (0..num_experts), then the tokens
+        # the layer routed, per layer.
+        zeros = np.zeros((num_layers, 2 * num_experts + 2), dtype=np.int64)
         self._lock = threading.Lock()
         self._history: deque[tuple[float, np.ndarray]] = deque([(time.monotonic(), zeros)])
         self._baseline = zeros
@@ -67,10 +68,12 @@ class ExpertLoadMonitor:
 
     def _publish_stats(self, stats: EngineStats) -> None:
         if stats.expert_counts is not None:
+            layers = len(stats.expert_counts)
             read = stats.experts_read
             if read is None:
-                read = np.zeros((len(stats.expert_counts), self.num_experts + 1), dtype=np.int64)
-            self._publish(np.concatenate([stats.expert_counts, read], axis=1))
+                read = np.zeros((layers, self.num_experts + 1), dtype=np.int64)
+            tokens = stats.tokens_routed if stats.tokens_routed is not None else np.zeros(layers, dtype=np.int64)
+            self._publish(np.concatenate([stats.expert_counts, read, tokens[:, None]], axis=1))
 
     def _publish(self, counts: np.ndarray) -> None:
         now = time.monotonic()
@@ -90,7 +93,12 @@ class ExpertLoadMonitor:
     def experts_read(self) -> np.ndarray:
         """Forwards per [layer, experts read] since the server started: column u counts those reading u."""
         with self._lock:
-            return self._history[-1][1][:, self.num_experts :]
+            return self._history[-1][1][:, self.num_experts : -1]
+
+    def tokens(self) -> np.ndarray:
+        """Tokens each [layer] routed since the server started."""
+        with self._lock:
+            return self._history[-1][1][:, -1]
 
     def recent(self) -> tuple[np.ndarray, float]:
         """Counts routed within about the last window_s seconds, and the seconds that window spans."""
@@ -98,12 +106,13 @@ class ExpertLoadMonitor:
             (start, first), (end, last) = self._history[0], self._history[-1]
         return (last - first)[:, : self.num_experts], end - start
 
-    def since_reset(self) -> tuple[np.ndarray, np.ndarray, float]:
-        """Routed tokens per [layer, expert] and forwards per [layer, experts read] since the last reset (or
-        start), and the wall-clock time of that reset."""
+    def since_reset(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """Routed tokens per [layer, expert], forwards per [layer, experts read] and tokens per [layer] since the
+        last reset (or start), and the wall-clock time of that reset."""
         with self._lock:
             delta = self._history[-1][1] - self._baseline
-            return delta[:, : self.num_experts], delta[:, self.num_experts :], self._baseline_time
+            experts = self.num_experts
+            return delta[:, :experts], delta[:, experts:-1], delta[:, -1], self._baseline_time
 
     def reset(self) -> None:
         """Start a new since-reset period; the since-start totals (Prometheus counters) are untouched."""

@@ -304,9 +304,24 @@ class _ExpertCollector:
             "Routed (token, expert) pairs per MoE layer.",
             labels=["model_name", "layer"],
         )
+        tokens = monitor.tokens()
+        through = CounterMetricFamily(
+            f"{PREFIX}_layer_tokens",
+            "Tokens through each MoE layer; rate(layer_routed_tokens) / rate(layer_tokens) is experts per token.",
+            labels=["model_name", "layer"],
+        )
+        per_token = GaugeMetricFamily(
+            f"{PREFIX}_experts_per_token",
+            "Mean experts a token used per MoE layer since start, after thresholds, budgets, substitution and dropped "
+            "slots (NaN before the first token).",
+            labels=["model_name", "layer"],
+        )
         for layer in layers:
             routed.add_metric([name, str(layer)], float(totals[layer].sum()))
-        yield routed
+            through.add_metric([name, str(layer)], float(tokens[layer]))
+            used = float(totals[layer].sum() / tokens[layer]) if tokens[layer] else float("nan")
+            per_token.add_metric([name, str(layer)], used)
+        yield from (routed, through, per_token)
         if m.per_expert_series:
             family = CounterMetricFamily(
                 f"{PREFIX}_expert_routed_tokens",

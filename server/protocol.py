@@ -406,6 +406,10 @@ class LayerLoad(BaseModel):
         description="Mean distinct experts a forward step read in this layer (the union of its tokens' experts, "
         "what batch-aware substitution lowers); null before the first step."
     )
+    experts_per_token: float | None = Field(
+        description="Mean experts a token actually used in this layer, after thresholds, per-token budgets, "
+        "substitution's merged slots and dropped slots; null before the first token."
+    )
 
 
 class LoadPeriod(BaseModel):

@@ -30,6 +30,7 @@ def test_continuation_perplexity_through_the_server_equals_the_offline_forward(t
     windows = split_windows(tiny_model, "test", 63, 63 * 4)
     prompt_len = 40
     model = load_model(tiny_model, torch.float32, torch.device("cpu")).eval()
+    windows[0, prompt_len + 3] = model.config.eos_token_ids[0]  # an end of document inside a window is scored too
     rows, seq_len = windows.shape[0], windows.shape[1] - 1
     with torch.no_grad():
         positions = torch.arange(seq_len).repeat(rows)

@@ -108,6 +108,9 @@ def test_expert_load_endpoint_agrees_with_metrics_and_resets(live_server: LiveSe
         assert load["balancing_method"] == "simbal" and load["top_k"] == load["experts_per_token"] == 4
         assert load["pruning"] == {"prune_method": "", "prune_level": "0", "prune_plan": ""}
         assert load["since_start"]["total_routed"] == load["since_start"]["total_routed_slots"]  # the old name
+        assert all(layer["experts_per_token"] == 4.0 for layer in load["since_start"]["layers"])  # none dropped
+        used = [value for (metric, _), value in samples.items() if metric == "moe_serve_experts_per_token"]
+        assert used and set(used) == {4.0}
         for layer in load["since_start"]["layers"]:
             for expert, count in enumerate(layer["routed_tokens"]):
                 labels = {"layer": str(layer["layer"]), "expert": str(expert)}
@@ -141,18 +144,20 @@ def test_engine_reads_expert_counts_every_few_steps_and_the_monitor_windows_them
     num_experts = engine.model.config.num_experts
     engine.model.expert_load.counts[0, 1] = 7
     engine.model.expert_load.counts[0, num_experts + 1 + 3] = 5  # five forwards that read three experts
+    engine.model.expert_load.counts[0, -1] = 2  # two tokens
     reads = [loop._expert_counts() for _ in range(5)]
     assert all(r is None for r in reads[:4])  # the copy starts at the fourth step ...
     landed = reads[4]
     assert landed is not None  # ... and lands by the next
-    counts, read = landed
+    counts, read, tokens = landed
     assert counts.shape == (engine.model.config.num_layers, num_experts) and counts[0, 1] == 7 and read[0, 3] == 5
+    assert read.shape[1] == num_experts + 1 and tokens[0] == 2
     config = engine.model.config
     monitor = ExpertLoadMonitor(config.num_layers, config.num_experts)
     monitor.on_step(EngineStats(1, 1, 0, 1, 0.1, 0), [])
     assert monitor.totals().sum() == 0
-    monitor.on_step(EngineStats(1, 1, 0, 1, 0.1, 0, expert_counts=counts, experts_read=read), [])
-    assert monitor.totals()[0, 1] == 7 and monitor.experts_read()[0, 3] == 5
+    monitor.on_step(EngineStats(1, 1, 0, 1, 0.1, 0, expert_counts=counts, experts_read=read, tokens_routed=tokens), [])
+    assert monitor.totals()[0, 1] == 7 and monitor.experts_read()[0, 3] == 5 and monitor.tokens()[0] == 2
     recent, span = monitor.recent()
     assert recent[0, 1] == 7 and span >= 0
 

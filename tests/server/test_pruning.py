@@ -63,7 +63,11 @@ def test_threshold_and_top_k_at_startup(tiny_model: Path) -> None:
     with launched(args) as server:
         response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
         metrics = samples(server.url)
+        load = httpx.get(f"{server.url}/v1/experts/load").json()
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 8
+    assert load["experts_per_token"] == 1 and load["top_k"] == 2
+    used = [layer["experts_per_token"] for layer in load["since_start"]["layers"]]
+    assert all(0 < value < 1 for value in used)  # one expert per token at most, and the threshold drops some
     (info,) = metrics["moe_serve_model_info"]
     assert info[0]["route_threshold"] == "0.3" and info[0]["top_k_override"] == "1"
     usage = response.json()["usage"]
