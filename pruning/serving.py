@@ -41,6 +41,7 @@ class PruningSettings:
     # Calibrate plans and similarity maps on these UTF-8 files instead of the corpus's validation split: text
     # like the served traffic (pes adapts to its calibration text more than the baselines; docs/pruning.md).
     calibration_files: tuple[Path, ...] = ()
+    calibration_tokens: int = CalibrationSpec.max_tokens  # the calibration text's token budget
 
     def __post_init__(self) -> None:
         if self.plan_file is not None and self.level:
@@ -48,6 +49,8 @@ class PruningSettings:
         missing = [str(f) for f in self.calibration_files if not Path(f).is_file()]
         if missing:
             raise PlanError(f"calibration files not found: {', '.join(missing)}")
+        if self.calibration_tokens < 1:
+            raise PlanError(f"the calibration token budget must be positive, got {self.calibration_tokens}")
         if not 0.0 <= self.level < 1.0:
             raise PlanError(f"the pruning level must be in [0, 1), got {self.level}")
         if self.top_k is not None and self.top_k < 1:
@@ -104,7 +107,7 @@ class PruningSettings:
 
     def calibration(self) -> CalibrationSpec:
         """What plans and similarity maps calibrate on."""
-        return CalibrationSpec(files=tuple(self.calibration_files))
+        return CalibrationSpec(files=tuple(self.calibration_files), max_tokens=self.calibration_tokens)
 
     def check(self, config: ModelConfig) -> None:
         """PlanError naming what this model cannot serve, before any calibration or loading."""

@@ -162,6 +162,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "validation split)",
     )
     pruning.add_argument(
+        "--calibration-tokens", type=positive_int, default=262144, help="token budget of the calibration text"
+    )
+    pruning.add_argument(
         "--route-threshold", type=float, default=0.0, help="drop routed experts below this probability"
     )
     pruning.add_argument(
@@ -251,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             args.substitution_drop_unmatched,
             args.similarity_maps,
             tuple(args.calibration_files),
+            args.calibration_tokens,
         )
         policies, plan = resolved_in_child(pruning, args.model, args.device, args.dtype)
         config = EngineConfig(

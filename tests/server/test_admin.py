@@ -85,7 +85,9 @@ def test_pruning_switches_live_under_a_stream_and_serves_the_plan(tiny_model: Pa
     body = {"prompt": "Prune me while I stream", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
     long_stream = {**body, "max_tokens": 400, "stream": True}
     with (
-        launched([*SERVE_ARGS, "--model", str(tiny_model), "--enable-admin-api"], env=env) as server,
+        launched(
+            [*SERVE_ARGS, "--model", str(tiny_model), "--enable-admin-api", "--calibration-tokens", "8192"], env=env
+        ) as server,
         httpx.Client(base_url=server.url, timeout=120) as client,
     ):
         first_chunk, streamed = threading.Event(), []

@@ -32,7 +32,8 @@ def samples(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 def test_pruning_level_at_startup_serves_the_plan_and_reports_it(tiny_model: Path, tmp_path: Path) -> None:
     env = {**os.environ, "MOE_SERVE_CACHE": str(tmp_path / "cache")}
-    args = [*SERVE_ARGS, "--model", str(tiny_model), "--prune-level", "0.25", "--prune-method", "frequency"]
+    args = [*SERVE_ARGS, "--model", str(tiny_model), "--prune-level", "0.25", "--prune-method", "frequency",
+            "--calibration-tokens", "8192"]  # fmt: skip
     body = {"prompt": "The experts that remain", "max_tokens": 16, "temperature": 0, "ignore_eos": True, "logprobs": 1}
     with launched(args, env=env) as server:
         served = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
