@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CORPUS_DIR = REPO_ROOT / "data" / "corpus"
+from engine.paths import SOURCE_ROOT, bundled
+
+REPO_ROOT = SOURCE_ROOT
+DEFAULT_CORPUS_DIR = bundled("data/corpus")
 SPLITS = ("train", "validation", "test")
 
 

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.paths import bundled
+
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 # The bundled SimBal-trained model (trained by `moe-train`, see its model card): what commands serve by default.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "tiny-simbal"
+DEFAULT_MODEL_DIR = bundled("models/tiny-simbal")
 
 
 class CheckpointError(ValueError):

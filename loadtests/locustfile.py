@@ -32,14 +32,14 @@ from locust import User, constant, events, task
 from locust.env import Environment
 from locust.exception import StopUser
 
-from corpus.splits import REPO_ROOT
+from engine.config import DEFAULT_MODEL_DIR
 from loadtests.stream import StreamError, read_stream
 from loadtests.workload import LengthDistribution, PromptPool
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 # The bundled models share one tokenizer; imported by path, so no locust process loads torch.
-BUNDLED_TOKENIZER = REPO_ROOT / "models" / "tiny-simbal" / "tokenizer.json"
+BUNDLED_TOKENIZER = DEFAULT_MODEL_DIR / "tokenizer.json"
 
 
 @events.init_command_line_parser.add_listener
