@@ -56,6 +56,7 @@ def apply_plan(model_dir: Path, plan: PruningPlan, out: Path) -> Path:
         "source_sha256": plan.model_sha256,
         "method": plan.method,
         "level": plan.level,
+        "source_num_experts": plan.num_experts,
         "kept_experts": {str(layer): plan.kept.get(layer, list(range(plan.num_experts))) for layer in moe_layers},
     }
     pruned = _pruned_model(model, ModelConfig.from_dict(raw), plan)

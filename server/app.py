@@ -14,7 +14,7 @@ import email.message
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,7 +28,7 @@ from engine.outputs import RequestOutput
 from engine.token_routing import TokenRouting
 from pruning.serving import LivePruning
 from server.admin import RoutingControl, add_admin_routes
-from server.async_engine import AsyncEngine
+from server.async_engine import AsyncEngine, EngineObserver
 from server.chat import ChatService
 from server.completions import CompletionService, usage_of
 from server.errors import APIError, ending_with_error_event, install_error_handlers
@@ -51,6 +51,7 @@ from server.protocol import (
     ModelList,
 )
 from server.request_limits import RequestLimits
+from server.source_experts import SourceExperts, SourceIdObserver
 from server.streams import EventStreamResponse, Stream, cancel_on_disconnect, close_all
 
 
@@ -115,6 +116,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     """The app for one started engine: starts the request workers (a chat template that cannot render refuses
     here, with ChatTemplateError); the app's lifespan stops both at the end."""
     config = engine.model_config
+    source = SourceExperts.of(settings.model_path, config)  # a checkpoint `moe-prune apply` wrote
+    served = source.served_config(config) if source else config  # expert load under the source model's ids
+    if source is not None and not settings.pruning_labels.get("prune_method"):
+        settings = replace(settings, pruning_labels={**settings.pruning_labels, **source.labels()})
     bounds = ModelBounds(
         settings.model_name,
         config.vocab_size,
@@ -128,10 +133,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     preprocessor = Preprocessor(
         settings.model_path, settings.limits, bounds, settings.request_workers, max_pending=engine.capacity
     )
-    monitor = ExpertLoadMonitor(config.num_layers, config.num_experts, settings.expert_window_s)
+    monitor = ExpertLoadMonitor(served.num_layers, served.num_experts, settings.expert_window_s)
     metrics = ServerMetrics(
         settings.model_name,
-        config,
+        served,
         engine.info.max_model_len,
         monitor,
         settings.per_expert_series,
@@ -140,7 +145,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         engine.info.released_expert_bytes,
         startup=lambda: (engine.compile_seconds, engine.warmup_seconds),
     )
-    engine.observers += [metrics, monitor]
+    observers: list[EngineObserver] = [metrics, monitor]
+    engine.observers += [SourceIdObserver(source, observers)] if source else observers
 
     def stop(grace: float) -> None:
         preprocessor.shutdown()
@@ -177,7 +183,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     preprocessor.default_routing = lambda: control.routing
     _add_health_routes(app, engine, metrics)
     _add_generation_routes(app, engine, settings, preprocessor)
-    _add_expert_routes(app, engine, settings, metrics, monitor, lambda: control.plan_labels)
+    _add_expert_routes(app, engine, settings, metrics, monitor, lambda: control.plan_labels, served.num_experts)
     if settings.enable_admin_api:
         add_admin_routes(app, control)
     return app
@@ -294,6 +300,7 @@ def _add_expert_routes(
     metrics: ServerMetrics,
     monitor: ExpertLoadMonitor,
     pruning_now: Callable[[], dict[str, str]],
+    num_experts: int,
 ) -> None:
     config = engine.model_config
     started_at = time.time()
@@ -331,7 +338,7 @@ def _add_expert_routes(
         return ExpertLoadResponse(
             model=settings.model_name,
             balancing_method=balancing.method if balancing else "unknown",
-            num_experts=config.num_experts,
+            num_experts=num_experts,
             top_k=config.top_k,
             experts_per_token=int(settings.pruning_labels.get("top_k_override") or config.top_k),
             pruning={key: pruning_now().get(key, unset) for key, unset in UNPRUNED.items()},

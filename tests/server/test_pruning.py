@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine import LLM, SamplingParams, TokenRouting
@@ -162,3 +163,31 @@ def test_request_routing_is_refused_where_the_server_cannot_or_will_not(tiny_mod
     with launched([*SERVE_ARGS, "--model", str(tiny_model), "--no-allow-request-routing"]) as server:
         refused = httpx.post(f"{server.url}/v1/completions", json={**body, "moe": {"route_threshold": 0.2}})
     assert refused.status_code == 400 and "--allow-request-routing" in refused.json()["error"]["message"]
+
+
+def test_an_applied_plan_checkpoint_reports_source_expert_ids_and_its_pruning(tiny_model: Path, tmp_path: Path) -> None:
+    """A checkpoint `moe-prune apply` wrote holds the kept experts renumbered; the server maps its load back to
+    the source ids (removed experts read 0) and reports the plan's method and level."""
+    from engine.checkpoint import load_model
+    from pruning.apply import apply_plan
+    from pruning.cache import CalibrationSpec, cached_plan
+
+    model = load_model(tiny_model, torch.float32, torch.device("cpu")).eval()
+    spec = CalibrationSpec(max_tokens=4096, sample_tokens=256)
+    plan = cached_plan(tiny_model, model, "frequency", 0.25, spec=spec, cache_dir=tmp_path / "cache", progress=False)
+    applied = apply_plan(tiny_model, plan, tmp_path / "applied")
+    body = {"prompt": "Renumbered experts", "max_tokens": 8, "ignore_eos": True}
+    with launched([*SERVE_ARGS, "--model", str(applied)]) as server:
+        assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code == 200
+        load = httpx.get(f"{server.url}/v1/experts/load").json()
+        metrics = samples(server.url)
+    assert load["num_experts"] == plan.num_experts
+    for layer in load["since_start"]["layers"]:
+        kept = plan.kept[layer["layer"]]
+        assert len(layer["routed_tokens"]) == plan.num_experts and sum(layer["routed_tokens"]) > 0
+        assert all(count == 0 for e, count in enumerate(layer["routed_tokens"]) if e not in kept)
+    (info,) = metrics["moe_serve_model_info"]
+    assert info[0]["prune_method"] == "frequency" and info[0]["prune_level"] == "0.25"
+    assert info[0]["prune_plan"] == str(applied / "pruning_plan.json")
+    routed = {(s["layer"], s["expert"]) for s, _ in metrics["moe_serve_expert_routed_tokens_total"]}
+    assert len(routed) == len(plan.kept) * plan.num_experts  # a series per source expert
