@@ -63,6 +63,21 @@ def cached_calibration(
     return calibration
 
 
+def plan_file(
+    model_dir: Path,
+    method: str,
+    level: float,
+    budget: str = "uniform",
+    handling: str = "repick",
+    seed: int = 0,
+    spec: CalibrationSpec = CalibrationSpec(),
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+) -> Path:
+    """Where cached_plan keeps the plan for these settings (its name is the cache key)."""
+    key = _key(weights_sha256(model_dir), method, level, budget, handling, seed, asdict(spec))
+    return cache_dir / "plans" / f"{key}.json"
+
+
 def cached_plan(
     model_dir: Path,
     model: MoEForCausalLM,
@@ -76,11 +91,7 @@ def cached_plan(
     progress: bool = True,
 ) -> PruningPlan:
     """The plan for these settings: read from the cache, or made (calibrating as needed) and written there."""
-    file = (
-        cache_dir
-        / "plans"
-        / f"{_key(weights_sha256(model_dir), method, level, budget, handling, seed, asdict(spec))}.json"
-    )
+    file = plan_file(model_dir, method, level, budget, handling, seed, spec, cache_dir)
     if file.is_file():
         logger.info("pruning plan read from %s", file)
         return PruningPlan.load(file)

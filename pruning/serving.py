@@ -14,7 +14,7 @@ from engine.config import ModelConfig
 from engine.llm_engine import resolve_device, resolve_dtype
 from engine.routing import RoutingPolicy
 from engine.token_routing import TokenRouting
-from pruning.cache import DEFAULT_CACHE_DIR, CalibrationSpec, cached_calibration, cached_plan
+from pruning.cache import DEFAULT_CACHE_DIR, CalibrationSpec, cached_calibration, cached_plan, plan_file
 from pruning.choices import METHODS
 from pruning.methods import experts_to_remove
 from pruning.plan import PlanError, PruningPlan
@@ -108,6 +108,16 @@ class PruningSettings:
     def calibration(self) -> CalibrationSpec:
         """What plans and similarity maps calibrate on."""
         return CalibrationSpec(files=tuple(self.calibration_files), max_tokens=self.calibration_tokens)
+
+    def plan_source(self, model_dir: Path, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path | None:
+        """The file the plan is read from: the plan file, or its place in the cache (cache_plan's)."""
+        if self.plan_file is not None:
+            return self.plan_file
+        if not self.level:
+            return None
+        return plan_file(
+            model_dir, self.method, self.level, self.budget, self.handling, spec=self.calibration(), cache_dir=cache_dir
+        )
 
     def check(self, config: ModelConfig) -> None:
         """PlanError naming what this model cannot serve, before any calibration or loading."""

@@ -257,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
             args.calibration_tokens,
         )
         policies, plan = resolved_in_child(pruning, args.model, args.device, args.dtype)
+        if plan is not None:
+            source = pruning.plan_source(args.model)
+            removed = {layer: sorted(set(range(plan.num_experts)) - set(kept)) for layer, kept in plan.kept.items()}
+            logging.getLogger("moe_serve").info(
+                "pruning plan %s at %g (%s, %s) from %s (cache key %s); removed experts by layer: %s",
+                plan.method, plan.level, plan.budget, plan.handling, source, source.stem if source else "-", removed,
+            )  # fmt: skip
         config = EngineConfig(
             dtype=args.dtype,
             device=args.device,

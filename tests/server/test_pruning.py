@@ -36,10 +36,12 @@ def test_pruning_level_at_startup_serves_the_plan_and_reports_it(tiny_model: Pat
     args = [*SERVE_ARGS, "--model", str(tiny_model), "--prune-level", "0.25", "--prune-method", "frequency",
             "--calibration-tokens", "8192"]  # fmt: skip
     body = {"prompt": "The experts that remain", "max_tokens": 16, "temperature": 0, "ignore_eos": True, "logprobs": 1}
-    with launched(args, env=env) as server:
+    with open(tmp_path / "server.log", "w") as log, launched(args, env=env, stderr=log) as server:
         served = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
         metrics = samples(server.url)
     (plan_file,) = (tmp_path / "cache" / "plans").glob("*.json")  # the plan the server made, cached
+    logged = (tmp_path / "server.log").read_text()  # the plan's file, cache key and removed experts, at start
+    assert f"pruning plan frequency at 0.25 (uniform, repick) from {plan_file} (cache key {plan_file.stem})" in logged
     plan = PruningPlan.load(plan_file)
     assert plan.method == "frequency" and plan.level == 0.25
     offline = LLM(tiny_model, dtype="float32", routing_policies=plan.routing_policies())
