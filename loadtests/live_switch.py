@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         users = [threading.Thread(target=user) for _ in range(args.users)]
         for thread in users:
             thread.start()
-        seconds = []
+        seconds: list[tuple[float, bool]] = []  # (round trip, whether it switched pruning)
         with httpx.Client(base_url=server.url, timeout=60) as admin:
             while counts["requests"] < args.users:  # every user past its first request
                 time.sleep(0.1)
@@ -70,17 +70,19 @@ def main(argv: list[str] | None = None) -> None:
                 start = time.perf_counter()
                 response = admin.post("/v1/routing", json=settings[i % len(settings)])
                 if i >= 0:
-                    seconds.append(time.perf_counter() - start)
+                    seconds.append((time.perf_counter() - start, "prune_level" in settings[i % len(settings)]))
                 if response.status_code != 200:
                     raise RuntimeError(f"switch {i} refused: {response.text}")
                 time.sleep(0.25)
         stop.set()
         for thread in users:
             thread.join()
-    print(
-        f"{args.switches} switches under {args.users} streaming users: median {statistics.median(seconds) * 1e3:.1f} ms, "
-        f"largest {max(seconds) * 1e3:.1f} ms; {counts['requests']} requests, {counts['failures']} failed"
-    )
+    for kind, prunes in (("routing budget", False), ("pruning", True)):
+        times = [s for s, pruning in seconds if pruning == prunes]
+        if times:
+            print(f"{len(times)} {kind} switches under {args.users} streaming users: median "
+                  f"{statistics.median(times) * 1e3:.1f} ms, largest {max(times) * 1e3:.1f} ms")  # fmt: skip
+    print(f"{counts['requests']} requests during the switches, {counts['failures']} failed")
 
 
 if __name__ == "__main__":

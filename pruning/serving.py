@@ -147,6 +147,12 @@ class PruningSettings:
             return plan
         if not self.level:
             return None
+        spec = spec or self.calibration()
+        cached = plan_file(
+            model_dir, self.method, self.level, self.budget, self.handling, spec=spec, cache_dir=cache_dir
+        )
+        if cached.is_file():  # without loading the model: a live switch to a prepared plan takes milliseconds
+            return PruningPlan.load(cached)
         where = resolve_device(device)
         with torch.no_grad():
             model = load_model(model_dir, resolve_dtype(dtype, where), where).eval()
@@ -157,7 +163,7 @@ class PruningSettings:
                 self.level,
                 self.budget,
                 self.handling,
-                spec=spec or self.calibration(),
+                spec=spec,
                 cache_dir=cache_dir,
             )
 
