@@ -31,6 +31,8 @@ from tests.docker.deploy_files import (
     variable_query,
 )
 
+pytestmark = pytest.mark.slow  # real Prometheus and the dashboards
+
 SERVED_NAME = "tiny-moe"
 SCRAPE_INTERVAL = "1s"
 # Grafana's built-in intervals, as Grafana would expand them for a short dashboard range over this scrape interval.

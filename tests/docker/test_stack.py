@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import pytest
 from packaging.requirements import Requirement
 
 from corpus.splits import DEFAULT_CORPUS_DIR
@@ -36,6 +37,8 @@ from tests.docker.deploy_files import (
     require_binary,
     walk_panels,
 )
+
+pytestmark = pytest.mark.slow  # deployment files, compose and promtool
 
 APP = PurePosixPath("/app")
 

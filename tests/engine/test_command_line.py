@@ -27,6 +27,7 @@ def run(module: str, *args: str, env: dict[str, str] | None = None) -> subproces
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", COMMANDS)
 def test_every_command_answers_version_and_shows_defaults(name: str) -> None:
     done = run(COMMANDS[name], "--version")

@@ -17,6 +17,8 @@ from engine.outputs import RequestOutput
 from engine.token_routing import TokenRouting
 from tests.conftest import ARCHS
 
+pytestmark = pytest.mark.slow  # compiles every architecture
+
 TOLERANCE = 1e-5
 
 

@@ -34,7 +34,9 @@ def plans(engine: LLMEngine) -> dict[str, dict[int, RoutingPolicy]]:
     }
 
 
-@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "compiled"])
+@pytest.mark.parametrize(
+    "enforce_eager", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["eager", "compiled"]
+)
 def test_a_live_plan_routes_as_the_same_plan_installed_at_start(tiny_model: Path, enforce_eager: bool) -> None:
     live = LLMEngine(tiny_model, EngineConfig(enforce_eager=enforce_eager, live_pruning=True, **BASE))  # type: ignore[arg-type]
     live.warm_up()

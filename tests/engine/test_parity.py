@@ -21,7 +21,15 @@ def prompts() -> list[list[int]]:
     return [torch.randint(0, 256, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
 
 
-@pytest.fixture(scope="module", params=[(arch, mode) for arch in ARCHS for mode in ("eager", "compiled")], ids=str)
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param((arch, mode), marks=[pytest.mark.slow] if mode == "compiled" else [])
+        for arch in ARCHS
+        for mode in ("eager", "compiled")
+    ],
+    ids=str,
+)
 def arch_pair(request: pytest.FixtureRequest, hf_checkpoint: Callable[[str], Path]):
     from transformers import AutoModelForCausalLM
 

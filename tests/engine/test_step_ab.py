@@ -9,6 +9,8 @@ import pytest
 
 from engine.step_ab import main
 
+pytestmark = pytest.mark.slow  # compiled engines in fresh processes
+
 
 def test_a_checkout_against_itself_prints_a_ratio_per_batch(
     tiny_model: Path, capsys: pytest.CaptureFixture[str]

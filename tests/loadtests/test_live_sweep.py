@@ -23,6 +23,8 @@ from pruning.cache import CalibrationSpec
 from pruning.data import split_windows
 from server.launch import launched
 
+pytestmark = pytest.mark.slow  # servers under locust load
+
 SERVER = ServerOptions(threads=1, max_num_seqs=8, ready_timeout_s=120)
 
 

@@ -22,6 +22,8 @@ from pruning.data import split_windows
 from pruning.perplexity import perplexity
 from server.launch import launched
 
+pytestmark = pytest.mark.slow  # servers under locust load
+
 SERVER = ServerOptions(threads=1, max_num_seqs=8, ready_timeout_s=120)
 
 

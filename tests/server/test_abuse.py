@@ -17,6 +17,8 @@ import pytest
 from tests.server.conftest import LiveServer
 from tests.server.test_errors import assert_error
 
+pytestmark = pytest.mark.slow  # abusive clients against live servers
+
 MAX_GAP_S = 1.0  # the largest pause another user's stream may see while an abusive request is handled
 
 

@@ -8,12 +8,15 @@ import threading
 from pathlib import Path
 
 import httpx
+import pytest
 
 from engine import LLM, SamplingParams, TokenRouting
 from pruning.plan import PruningPlan
 from pruning.serving import PruningSettings
 from server.launch import launched
 from tests.server.test_pruning import SERVE_ARGS, samples
+
+pytestmark = pytest.mark.slow  # live servers switched under streams
 
 
 def test_the_admin_api_is_off_unless_enabled(tiny_model: Path) -> None:

@@ -17,6 +17,8 @@ import pytest
 
 from server.launch import free_port, launched
 
+pytestmark = pytest.mark.slow  # moe-serve processes, signals and timeouts
+
 SERVE_ARGS = ("--threads", "1", "--max-num-seqs", "8")
 
 

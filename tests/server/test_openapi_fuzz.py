@@ -14,7 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from server.launch import launched
+
+pytestmark = pytest.mark.slow  # schemathesis against a live server
 
 SERVER = ["--threads", "1", "--max-model-len", "64", "--max-num-seqs", "16", "--max-queue", "16"]
 

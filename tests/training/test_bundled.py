@@ -18,6 +18,8 @@ from engine.attention import DenseCausal
 from engine.checkpoint import load_model
 from training.evaluate import evaluate
 
+pytestmark = pytest.mark.slow  # the bundled models over the whole test split
+
 BUNDLED = {"tiny-simbal": "simbal", "tiny-lbl": "lbl"}
 
 

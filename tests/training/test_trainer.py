@@ -72,6 +72,7 @@ def _train_cli(out: Path, corpus: Path, tokenizer: Path, steps: int) -> list[str
     return args + ["--threads", "1"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(
     small_corpus: Path, small_tokenizer: Path, tmp_path: Path
 ) -> None:
