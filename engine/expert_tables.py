@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.routing import LiveExperts, RoutingPolicy
+from engine.routing import RoutingPolicy
 
 
 class ExpertTables:
@@ -37,13 +37,8 @@ class ExpertTables:
         kept = torch.ones_like(self.kept, device="cpu")
         serve = torch.arange(self.num_experts + 1).repeat(self.kept.shape[0], 1)
         for layer, policy in policies.items():
-            if (policy.top_k, policy.min_prob, policy.skip_top, policy.similarity, policy.drop_unmatched) != (
-                None,
-                0.0,
-                0,
-                None,
-                False,
-            ):
+            masks_only = policy.top_k is None and policy.min_prob == 0.0 and policy.skip_top == 0
+            if not masks_only or policy.similarity is not None or policy.drop_unmatched:
                 raise ValueError(
                     f"layer {layer}: live pruning switches kept_experts and redirect only "
                     "(thresholds, top-k and substitution are per-token routing)"
@@ -62,13 +57,3 @@ class ExpertTables:
         """Copy tables from tables_for into place (between steps: the next step routes by them)."""
         self.kept.copy_(tables[0])
         self.serve.copy_(tables[1])
-
-    def layer(self, layer: int) -> LiveExperts:
-        return LiveExperts(self.kept[layer], self.serve[layer])
-
-    def kept_counts(self) -> dict[int, int]:
-        """Experts each MoE layer can still hand a token to."""
-        reachable = torch.zeros_like(self.kept)
-        for layer in self.moe_layers:
-            reachable[layer, self.serve[layer, : self.num_experts][self.kept[layer]]] = True
-        return {layer: int(reachable[layer].sum()) for layer in self.moe_layers}
