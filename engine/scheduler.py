@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
-from engine.outputs import TokenLogprobs
+from engine.outputs import FinishReason, TokenLogprobs
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -66,7 +66,7 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Mark seq finished with reason and free its blocks, wherever it is queued."""
         if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)

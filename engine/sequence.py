@@ -6,7 +6,7 @@ from enum import Enum
 
 import torch
 
-from engine.outputs import TokenLogprobs
+from engine.outputs import FinishReason, TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.stop_strings import StopStrings
 from engine.token_routing import TokenRouting
@@ -55,7 +55,7 @@ class Sequence:
         self.routing_rows = (routing.row(generated=False), routing.row(generated=True))  # a token's route controls
         self.num_registered_blocks = 0  # leading blocks of block_table already offered for prefix reuse
         self.status = SequenceStatus.WAITING
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None
         self.detokenizer = detokenizer
         self.output_text = ""

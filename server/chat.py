@@ -72,7 +72,7 @@ class ChatService:
                 index=c.index,
                 message=AssistantMessage(content=c.text),
                 logprobs=chat_logprobs(c, 0, request.top_logprobs or 0) if request.logprobs else None,
-                finish_reason=c.finish_reason,  # type: ignore[arg-type]
+                finish_reason=c.finish_reason,
                 stop_reason=c.stop_reason,
             )
             for c in output.outputs
@@ -121,7 +121,7 @@ class ChatService:
                     if c.finish_reason is not None:
                         done.add(c.index)
                         reason = c.finish_reason
-                        yield chunk(ChatChunkChoice(index=c.index, delta=DeltaMessage(), finish_reason=reason))  # type: ignore[arg-type]
+                        yield chunk(ChatChunkChoice(index=c.index, delta=DeltaMessage(), finish_reason=reason))
                 if output.finished:
                     break
                 output = await anext(streams[0])

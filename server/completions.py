@@ -134,7 +134,7 @@ class CompletionService:
                         index=p * request.n + completion.index,
                         text=echo_text + completion.text,
                         logprobs=logprobs,
-                        finish_reason=completion.finish_reason,  # type: ignore[arg-type]
+                        finish_reason=completion.finish_reason,
                         stop_reason=completion.stop_reason,
                     )
                 )
@@ -169,7 +169,7 @@ class CompletionService:
                             index=index,
                             text=text,
                             logprobs=logprobs,
-                            finish_reason=completion.finish_reason,  # type: ignore[arg-type]
+                            finish_reason=completion.finish_reason,
                             stop_reason=completion.stop_reason,
                         )
                         chunk = CompletionResponse(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
+from engine.outputs import CompletionOutput, FinishReason, RequestMetrics, RequestOutput, TokenLogprobs
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class CompletionDelta:
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs] | None
     cumulative_logprob: float | None
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     stop_reason: int | str | None
 
 
