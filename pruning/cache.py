@@ -10,11 +10,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from engine.model import MoEForCausalLM
 from pruning.calibration import Calibration, calibrate
-from pruning.choices import CALIBRATION_RANDOM_SHARE
 from pruning.data import file_windows, split_windows, windows_digest
 from pruning.plan import PruningPlan, make_plan, weights_sha256
 
@@ -25,32 +22,14 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("MOE_SERVE_CACHE", Path.home() / ".cache
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """What to calibrate on: a corpus split or the user's files, a token budget in windows of seq_len, how many
-    tokens per layer get every expert applied, and the share of extra windows of uniformly random token ids
-    (inputs the text lacks: they keep pes from fitting its calibration text alone; docs/pruning.md)."""
+    """What to calibrate on: a corpus split or the user's files, a token budget in windows of seq_len, and how
+    many tokens per layer get every expert applied."""
 
     split: str = "validation"
     files: tuple[Path, ...] = field(default_factory=tuple)
     max_tokens: int = 262144
     seq_len: int = 512
     sample_tokens: int = 16384
-    random_share: float = CALIBRATION_RANDOM_SHARE
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.random_share < 1.0:
-            raise ValueError(f"the calibration's random share must be in [0, 1), got {self.random_share}")
-
-    def key(self) -> dict[str, object]:
-        """The spec as a cache key (random_share only when used, so older keys stay valid)."""
-        return {k: v for k, v in asdict(self).items() if k != "random_share" or v}
-
-    def with_random_windows(self, windows: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """windows plus random_share of random-token windows of the same length (seeded: the same every time)."""
-        if not self.random_share:
-            return windows
-        count = round(len(windows) * self.random_share / (1.0 - self.random_share))
-        generator = torch.Generator().manual_seed(0)
-        return torch.cat([windows, torch.randint(0, vocab_size, (count, windows.shape[1]), generator=generator)])
 
 
 def _key(*parts: object) -> str:
@@ -70,7 +49,6 @@ def cached_calibration(
         windows = file_windows(model_dir, list(spec.files), seq_len, spec.max_tokens)
     else:
         windows = split_windows(model_dir, spec.split, seq_len, spec.max_tokens)
-    windows = spec.with_random_windows(windows, model.config.vocab_size)
     file = (
         cache_dir
         / "calibration"
@@ -96,7 +74,7 @@ def plan_file(
     cache_dir: Path = DEFAULT_CACHE_DIR,
 ) -> Path:
     """Where cached_plan keeps the plan for these settings (its name is the cache key)."""
-    key = _key(weights_sha256(model_dir), method, level, budget, handling, seed, spec.key())
+    key = _key(weights_sha256(model_dir), method, level, budget, handling, seed, asdict(spec))
     return cache_dir / "plans" / f"{key}.json"
 
 

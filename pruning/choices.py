@@ -5,5 +5,3 @@ BASELINES = ("frequency", "reap", "random")
 METHODS = ("pes", *BASELINES)
 BUDGETS = ("uniform", "adaptive")
 HANDLINGS = ("repick", "redirect")
-# The share of calibration windows made of random token ids by default (pruning.cache.CalibrationSpec).
-CALIBRATION_RANDOM_SHARE = 0.0

@@ -53,7 +53,6 @@ def _spec(args: argparse.Namespace) -> CalibrationSpec:
         max_tokens=args.calibration_tokens,
         seq_len=args.seq_len,
         sample_tokens=args.sample_tokens,
-        random_share=args.calibration_random_share,
     )
 
 
@@ -179,12 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-files", type=Path, nargs="+", help="UTF-8 text files (default: the corpus's validation split)"
     )
     common.add_argument("--calibration-tokens", type=int, default=262144, help="token budget of calibration text")
-    common.add_argument(
-        "--calibration-random-share",
-        type=float,
-        default=CalibrationSpec.random_share,
-        help="share of extra calibration windows of random token ids (pes travels better off the text's distribution)",
-    )
     common.add_argument(
         "--sample-tokens",
         type=int,

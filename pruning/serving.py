@@ -42,7 +42,6 @@ class PruningSettings:
     # like the served traffic (pes adapts to its calibration text more than the baselines; docs/pruning.md).
     calibration_files: tuple[Path, ...] = ()
     calibration_tokens: int = CalibrationSpec.max_tokens  # the calibration text's token budget
-    calibration_random_share: float = CalibrationSpec.random_share  # extra random-token windows (CalibrationSpec)
 
     def __post_init__(self) -> None:
         if self.plan_file is not None and self.level:
@@ -50,8 +49,6 @@ class PruningSettings:
         missing = [str(f) for f in self.calibration_files if not Path(f).is_file()]
         if missing:
             raise PlanError(f"calibration files not found: {', '.join(missing)}")
-        if not 0.0 <= self.calibration_random_share < 1.0:
-            raise PlanError(f"the calibration's random share must be in [0, 1), got {self.calibration_random_share}")
         if self.calibration_tokens < 1:
             raise PlanError(f"the calibration token budget must be positive, got {self.calibration_tokens}")
         if not 0.0 <= self.level < 1.0:
@@ -110,11 +107,7 @@ class PruningSettings:
 
     def calibration(self) -> CalibrationSpec:
         """What plans and similarity maps calibrate on."""
-        return CalibrationSpec(
-            files=tuple(self.calibration_files),
-            max_tokens=self.calibration_tokens,
-            random_share=self.calibration_random_share,
-        )
+        return CalibrationSpec(files=tuple(self.calibration_files), max_tokens=self.calibration_tokens)
 
     def plan_source(self, model_dir: Path, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path | None:
         """The file the plan is read from: the plan file, or its place in the cache (cache_plan's)."""

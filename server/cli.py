@@ -77,7 +77,7 @@ class DrainingServer(uvicorn.Server):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from engine.choices import BACKENDS
-    from pruning.choices import BUDGETS, CALIBRATION_RANDOM_SHARE, HANDLINGS, METHODS
+    from pruning.choices import BUDGETS, HANDLINGS, METHODS
 
     parser = command_parser("moe-serve", __doc__.split("\n\n")[0])
     parser.add_argument(
@@ -163,12 +163,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     pruning.add_argument(
         "--calibration-tokens", type=positive_int, default=262144, help="token budget of the calibration text"
-    )
-    pruning.add_argument(
-        "--calibration-random-share",
-        type=float,
-        default=CALIBRATION_RANDOM_SHARE,
-        help="share of extra calibration windows of random token ids (pes travels better off the text's distribution)",
     )
     pruning.add_argument(
         "--route-threshold", type=float, default=0.0, help="drop routed experts below this probability"
@@ -261,7 +255,6 @@ def main(argv: list[str] | None = None) -> int:
             args.similarity_maps,
             tuple(args.calibration_files),
             args.calibration_tokens,
-            args.calibration_random_share,
         )
         policies, plan = resolved_in_child(pruning, args.model, args.device, args.dtype)
         if plan is not None:

@@ -51,18 +51,3 @@ def test_experts_computing_the_same_function_are_found(tiny_model: Path) -> None
 def test_bad_windows_are_refused(tiny_model: Path) -> None:
     with pytest.raises(ValueError, match="token windows"):
         calibrate(tiny(tiny_model), torch.zeros(0, 16, dtype=torch.long))
-
-
-def test_random_windows_are_a_seeded_share_and_only_change_keys_when_used() -> None:
-    from pruning.cache import CalibrationSpec
-
-    windows = torch.arange(30 * 9).view(30, 9) % 50
-    mixed = CalibrationSpec(random_share=0.25).with_random_windows(windows, vocab_size=50)
-    assert mixed.shape == (40, 9) and torch.equal(mixed[:30], windows)  # a quarter of the windows are random
-    assert torch.equal(mixed, CalibrationSpec(random_share=0.25).with_random_windows(windows, vocab_size=50))
-    assert int(mixed.max()) < 50
-    assert CalibrationSpec().with_random_windows(windows, 50) is windows
-    assert "random_share" not in CalibrationSpec(random_share=0.0).key()  # plans cached before keep their keys
-    assert CalibrationSpec(random_share=0.25).key()["random_share"] == 0.25
-    with pytest.raises(ValueError, match="random share must be in"):
-        CalibrationSpec(random_share=1.0)
