@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from engine.config import ModelConfig
 from loadtests.locust_run import Workload, run_locust
 from loadtests.perplexity import served_continuation_perplexity
 from loadtests.report import throughput_plot, write_tables
-from loadtests.settings import ServerOptions, Setting, jsonable, make_plans, result_row, scrape, warm_up
+from loadtests.settings import ServerOptions, Setting, make_plans, result_row, scrape, sweep_record, warm_up
 from pruning.cache import DEFAULT_CACHE_DIR, CalibrationSpec
 from pruning.data import split_windows
 from server.launch import launched
@@ -117,9 +116,7 @@ def live_sweep(
     for model_dir in models:
         ModelConfig.from_dir(model_dir)
     spec = spec or CalibrationSpec()
-    options_record = {**asdict(options), "api_key": "set" if options.api_key else None}
-    record = jsonable({"users": users, "rounds": rounds, "live": True, "workload": asdict(workload),
-                        "server": options_record, "calibration": asdict(spec), "ppl_windows": ppl_windows})  # fmt: skip
+    record = sweep_record(users, rounds, workload, options, spec, live=True, ppl_windows=ppl_windows)
     rows: list[dict[str, Any]] = []
     files: list[Path] = []
     with tqdm(total=len(models) * rounds * len(settings) * len(users), unit="run") as progress:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.checkpoint import load_model
 from engine.llm_engine import resolve_device, resolve_dtype
-from loadtests.locust_run import LoadResult
+from loadtests.locust_run import LoadResult, Workload
 from pruning.cache import CalibrationSpec, cached_plan
 from pruning.choices import METHODS
 
@@ -177,6 +177,15 @@ def _metric(metrics: dict[str, float], name: str) -> float:
     if name not in metrics:
         raise RuntimeError(f"the server's /metrics has no {name}")
     return metrics[name]
+
+
+def sweep_record(
+    users: list[int], rounds: int, workload: Workload, options: ServerOptions, spec: CalibrationSpec, **extra: Any
+) -> dict[str, Any]:
+    """What a sweep ran with (results.json's "settings"); the API key only as whether one was set."""
+    server = {**asdict(options), "api_key": "set" if options.api_key else None}
+    return jsonable({"users": users, "rounds": rounds, **extra, "workload": asdict(workload), "server": server,
+                     "calibration": asdict(spec)})  # fmt: skip
 
 
 def jsonable(value: Any) -> Any:

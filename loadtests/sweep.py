@@ -17,7 +17,6 @@ import logging
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,16 @@ from loadtests.live_sweep import live_sweep
 from loadtests.locust_run import Workload, run_locust
 from loadtests.perplexity import served_perplexity
 from loadtests.report import throughput_plot, write_tables
-from loadtests.settings import ServerOptions, Setting, jsonable, make_plans, result_row, scrape, settings_grid, warm_up
+from loadtests.settings import (
+    ServerOptions,
+    Setting,
+    make_plans,
+    result_row,
+    scrape,
+    settings_grid,
+    sweep_record,
+    warm_up,
+)
 from loadtests.workload import SPEC_FORMS
 from pruning.cache import DEFAULT_CACHE_DIR, CalibrationSpec
 from pruning.data import split_windows
@@ -108,9 +116,7 @@ def sweep(
     for model_dir in models:
         ModelConfig.from_dir(model_dir)  # a bad path fails here, before any run
     spec = spec or CalibrationSpec()
-    options_record = {**asdict(options), "api_key": "set" if options.api_key else None}
-    record = jsonable({"users": users, "rounds": rounds, "workload": asdict(workload), "server": options_record,
-                       "calibration": asdict(spec)})  # fmt: skip
+    record = sweep_record(users, rounds, workload, options, spec)
     rows: list[dict[str, Any]] = []
     files: list[Path] = []
     with tqdm(total=len(models) * rounds * len(settings) * len(users), unit="run") as progress:

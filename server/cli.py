@@ -256,9 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             tuple(args.calibration_files),
             args.calibration_tokens,
         )
-        policies, plan = resolved_in_child(pruning, args.model, args.device, args.dtype)
+        policies, plan, source = resolved_in_child(pruning, args.model, args.device, args.dtype)
         if plan is not None:
-            source = pruning.plan_source(args.model)
             removed = {layer: sorted(set(range(plan.num_experts)) - set(kept)) for layer, kept in plan.kept.items()}
             logging.getLogger("moe_serve").info(
                 "pruning plan %s at %g (%s, %s) from %s (cache key %s); removed experts by layer: %s",
@@ -341,14 +340,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def resolved_in_child(
     pruning: PruningSettings, model: Path, device: str, dtype: str
-) -> tuple[dict[int, RoutingPolicy], PruningPlan | None]:
-    """PruningSettings.resolve, in a child process when it loads a model (to calibrate, or to read similarity
-    maps): that copy of the model then leaves with the child, and the engine process, which inherits this
-    process's memory peak at start-up, reports what serving takes."""
+) -> tuple[dict[int, RoutingPolicy], PruningPlan | None, Path | None]:
+    """resolved(), in a child process when it loads a model (to calibrate, or to read similarity maps): that
+    copy of the model then leaves with the child, and the engine process, which inherits this process's memory
+    peak at start-up, reports what serving takes."""
     if not (pruning.level or pruning.wants_similarity):
-        return pruning.resolve(model, device, dtype)
+        return resolved(pruning, model, device, dtype)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(pruning.resolve, model, device, dtype).result()
+        return pool.submit(resolved, pruning, model, device, dtype).result()
+
+
+def resolved(
+    pruning: PruningSettings, model: Path, device: str, dtype: str
+) -> tuple[dict[int, RoutingPolicy], PruningPlan | None, Path | None]:
+    """PruningSettings.resolve and the plan's file, in one process (the weights are hashed once)."""
+    policies, plan = pruning.resolve(model, device, dtype)
+    return policies, plan, pruning.plan_source(model) if plan is not None else None
 
 
 def startup_summary(engine: AsyncEngine, settings: ServerSettings, args: argparse.Namespace) -> str:

@@ -19,6 +19,24 @@ from tests.server.test_pruning import SERVE_ARGS, samples
 pytestmark = pytest.mark.slow  # live servers switched under streams
 
 
+def stream_in_background(client: httpx.Client, body: dict[str, object]) -> tuple[threading.Thread, list[str]]:
+    """Start a streamed completion on a thread; return once its first chunk arrived (the thread, and the lines
+    it collects)."""
+    first_chunk, streamed = threading.Event(), []
+
+    def stream() -> None:
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            for line in response.iter_lines():
+                if line:
+                    streamed.append(line)
+                    first_chunk.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first_chunk.wait(60)
+    return reader, streamed
+
+
 def test_the_admin_api_is_off_unless_enabled(tiny_model: Path) -> None:
     with launched([*SERVE_ARGS, "--model", str(tiny_model)]) as server:
         assert httpx.get(f"{server.url}/v1/routing").status_code == 404
@@ -38,18 +56,7 @@ def test_a_live_switch_applies_from_the_next_step_and_fails_no_stream(tiny_model
             "generation": 0, "route_threshold": 0.0, "experts_per_token": None, "substitution": None,
             "prune_level": 0.0, "prune_method": None, "prune_plan": None,
         }  # fmt: skip
-        first_chunk, streamed = threading.Event(), []
-
-        def stream() -> None:
-            with client.stream("POST", "/v1/completions", json=long_stream) as response:
-                for line in response.iter_lines():
-                    if line:
-                        streamed.append(line)
-                        first_chunk.set()
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert first_chunk.wait(60)
+        reader, streamed = stream_in_background(client, long_stream)
         switched = client.post("/v1/routing", json=switch)
         reader.join(60)
         after = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
@@ -93,18 +100,7 @@ def test_pruning_switches_live_under_a_stream_and_serves_the_plan(tiny_model: Pa
         ) as server,
         httpx.Client(base_url=server.url, timeout=120) as client,
     ):
-        first_chunk, streamed = threading.Event(), []
-
-        def stream() -> None:
-            with client.stream("POST", "/v1/completions", json=long_stream) as response:
-                for line in response.iter_lines():
-                    if line:
-                        streamed.append(line)
-                        first_chunk.set()
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert first_chunk.wait(60)
+        reader, streamed = stream_in_background(client, long_stream)
         unpruned = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
         level = client.post("/v1/routing", json={"prune_level": 0.25, "prune_method": "frequency"})
         at_level = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
