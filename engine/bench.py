@@ -23,8 +23,8 @@ import torch
 from engine import breakdown
 from engine.choices import BACKENDS
 from engine.decoding import start_decoding
+from engine.device import DTYPES, resolve_device
 from engine.llm import LLM
-from engine.llm_engine import DTYPES, resolve_device
 from engine.model import MoEForCausalLM
 from engine.moe import dispatch
 from engine.random_checkpoint import add_shape_arguments, shape_from_args, write_random_checkpoint

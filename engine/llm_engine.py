@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -18,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.attention import DenseCausal
 from engine.block_manager import BlockManager
 from engine.checkpoint import load_model
 from engine.config import CheckpointError, ModelConfig
+from engine.device import peak_rss_bytes, resolve_device, resolve_dtype
 from engine.limits import check_request
-from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from engine.model_runner import ModelRunner, cuda_kv_cache_budget, kv_cache_blocks
 from engine.moe import PendingSnapshot, select_backend
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.routing import RoutingPolicy
@@ -35,15 +33,6 @@ from engine.token_routing import TokenRouting
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
 
 
 @dataclass
@@ -85,48 +74,6 @@ class EngineConfig:
         for ok, name, message in checks:
             if not ok:
                 raise ValueError(f"EngineConfig.{name} {message}, got {getattr(self, name)!r}")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """ "auto" is what measured fastest per device: bf16 on CUDA (fp16 without bf16), and on CPU bf16 where it
-    has native bf16 dot products (AVX512_BF16 or AMX: half the bytes a decode step reads; docs/performance.md),
-    fp32 elsewhere (emulated bf16 GEMMs are slower than fp32)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected 'auto' or one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size since it started (or since its last exec)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 dot products in hardware (Linux: its /proc/cpuinfo flags)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 @dataclass
@@ -253,27 +200,13 @@ class LLMEngine:
         return self.config.max_model_len
 
     def _num_kv_blocks(self) -> int:
-        per_block = kv_cache_bytes_per_block(self.model, self.config.block_size, self.dtype)
-        budget = self._cuda_kv_budget() if self.device.type == "cuda" else self.config.kv_cache_memory_bytes
-        # Never more than every sequence at full length could use.
-        most = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size)
-        return max(0, min(budget // per_block, most))
-
-    @torch.inference_mode()
-    def _cuda_kv_budget(self) -> int:
-        """vLLM's rule: gpu_memory_utilization of total memory, less memory outside torch and the peak of a
-        forward pass over a full token budget (weights plus activations, logits and logprobs of every row)."""
-        tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        positions = torch.arange(tokens, device=self.device)
-        hidden = self.model(torch.zeros_like(positions), positions, DenseCausal(1, tokens))
-        torch.log_softmax(self.model.compute_logits(hidden), dim=-1)
-        torch.cuda.synchronize(self.device)
-        self.model.expert_load.reset()
-        peak = torch.cuda.max_memory_allocated(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        outside_torch = total - free - torch.cuda.memory_reserved(self.device)
-        return int(total * self.config.gpu_memory_utilization) - outside_torch - peak
+        config = self.config
+        if self.device.type == "cuda":
+            step_tokens = min(config.max_num_batched_tokens, self.max_model_len)
+            budget = cuda_kv_cache_budget(self.model, step_tokens, config.gpu_memory_utilization)
+        else:
+            budget = config.kv_cache_memory_bytes
+        return kv_cache_blocks(self.model, config.block_size, budget, config.max_num_seqs, self.max_model_len)
 
     # ----- requests -----
 

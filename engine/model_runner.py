@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.attention import PagedStep, PrefillChunk, paged_step
+from engine.attention import DenseCausal, PagedStep, PrefillChunk, paged_step
 from engine.compiled import CompiledForward
 from engine.model import MoEForCausalLM
 from engine.sampler import sample, token_logprobs
@@ -27,6 +27,32 @@ def kv_cache_bytes_per_block(model: MoEForCausalLM, block_size: int, dtype: torc
     config = model.config
     element = torch.tensor([], dtype=dtype).element_size()
     return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
+
+
+def kv_cache_blocks(
+    model: MoEForCausalLM, block_size: int, budget_bytes: int, max_num_seqs: int, max_model_len: int
+) -> int:
+    """How many KV blocks a budget of bytes holds, never more than every sequence at full length could use."""
+    per_block = kv_cache_bytes_per_block(model, block_size, model.lm_head.weight.dtype)
+    most = max_num_seqs * -(-max_model_len // block_size)
+    return max(0, min(budget_bytes // per_block, most))
+
+
+@torch.inference_mode()
+def cuda_kv_cache_budget(model: MoEForCausalLM, max_step_tokens: int, gpu_memory_utilization: float) -> int:
+    """vLLM's rule: gpu_memory_utilization of total memory, less memory outside torch and the peak of a
+    forward pass over a full token budget (weights plus activations, logits and logprobs of every row)."""
+    device = model.lm_head.weight.device
+    torch.cuda.reset_peak_memory_stats(device)
+    positions = torch.arange(max_step_tokens, device=device)
+    hidden = model(torch.zeros_like(positions), positions, DenseCausal(1, max_step_tokens))
+    torch.log_softmax(model.compute_logits(hidden), dim=-1)
+    torch.cuda.synchronize(device)
+    model.expert_load.reset()
+    peak = torch.cuda.max_memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    outside_torch = total - free - torch.cuda.memory_reserved(device)
+    return int(total * gpu_memory_utilization) - outside_torch - peak
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.checkpoint import load_model
-from engine.llm_engine import resolve_device, resolve_dtype
+from engine.device import resolve_device, resolve_dtype
 from loadtests.locust_run import LoadResult, Workload
 from pruning.cache import CalibrationSpec, cached_plan
 from pruning.choices import METHODS

@@ -26,8 +26,8 @@ import torch
 
 from engine.bench import decode_step, floor_row, make_prompts, memory_bandwidth, progress
 from engine.checkpoint import load_model
+from engine.device import resolve_device
 from engine.llm import LLM
-from engine.llm_engine import resolve_device
 
 
 def _resident_bytes() -> int:

@@ -22,7 +22,7 @@ from corpus.splits import CorpusError
 from engine.checkpoint import load_model
 from engine.command_line import HelpFormatter, command_parser
 from engine.config import DEFAULT_MODEL_DIR, CheckpointError
-from engine.llm_engine import resolve_device, resolve_dtype
+from engine.device import resolve_device, resolve_dtype
 from engine.model import MoEForCausalLM
 from pruning import report
 from pruning.apply import apply_plan

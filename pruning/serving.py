@@ -11,7 +11,7 @@ import torch
 
 from engine.checkpoint import load_model
 from engine.config import ModelConfig
-from engine.llm_engine import resolve_device, resolve_dtype
+from engine.device import resolve_device, resolve_dtype
 from engine.routing import RoutingPolicy
 from engine.token_routing import TokenRouting
 from pruning.cache import DEFAULT_CACHE_DIR, CalibrationSpec, cached_calibration, cached_plan, plan_file

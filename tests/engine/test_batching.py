@@ -173,7 +173,7 @@ def test_the_engines_memory_peak_is_its_own_not_its_parents() -> None:
 
     held = bytearray(1 << 30)
     held[::4096] = b"x" * len(held[::4096])  # touch every page
-    probe = "import resource; from engine.llm_engine import peak_rss_bytes; "
+    probe = "import resource; from engine.device import peak_rss_bytes; "
     probe += "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     own, inherited = (int(v) for v in done.stdout.split())
