@@ -28,7 +28,9 @@ class BlockManager:
         self._hash_of: list[bytes | None] = [None] * num_blocks
         self._block_of: dict[bytes, int] = {}  # prefix digest -> block holding those tokens
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest freed first
-        self.prefix_hit_tokens = 0
+        # Running totals, in tokens, of prompts looked up in the prefix cache at admission and of what was found.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -91,7 +93,9 @@ class BlockManager:
         seq.block_table = list(cached)
         seq.num_registered_blocks = len(cached)
         hit = len(cached) * self.block_size
-        self.prefix_hit_tokens += hit
+        if self.enable_prefix_caching:
+            self.prefix_cache_queries += seq.num_tokens
+            self.prefix_cache_hits += hit
         self._grow(seq, hit + num_new_tokens)
         return hit
 

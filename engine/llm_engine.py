@@ -20,6 +20,7 @@ from engine.block_manager import BlockManager
 from engine.checkpoint import load_model
 from engine.config import CheckpointError, ModelConfig
 from engine.device import peak_rss_bytes, resolve_device, resolve_dtype
+from engine.engine_stats import EngineStats
 from engine.limits import check_request
 from engine.model_runner import ModelRunner, cuda_kv_cache_budget, kv_cache_blocks
 from engine.moe import PendingSnapshot, select_backend
@@ -33,6 +34,10 @@ from engine.token_routing import TokenRouting
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
+
+# What the expert counters hold: routed tokens per [layer, expert], forwards per [layer, experts read], tokens per
+# [layer] (LLMEngine.expert_load, experts_read, tokens_routed).
+ExpertCounts = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 @dataclass
@@ -392,6 +397,25 @@ class LLMEngine:
             outputs=completions,
             finished=finished,
             metrics=replace(metrics),
+        )
+
+    def stats(self, stepped: bool = True, expert_counts: ExpertCounts | None = None) -> EngineStats:
+        """The engine's state now; `stepped` when a step just ran, expert_counts when a counter read landed."""
+        scheduler, blocks = self.scheduler, self.block_manager
+        load, read, routed = expert_counts or (None, None, None)
+        return EngineStats(
+            num_step_tokens=self.last_step.num_tokens if stepped else 0,
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            num_requests=len(self.requests),
+            kv_cache_usage=blocks.usage,
+            num_preemptions=scheduler.num_preemptions,
+            peak_memory_bytes=self.peak_memory_bytes,
+            prefix_cache_queries=blocks.prefix_cache_queries,
+            prefix_cache_hits=blocks.prefix_cache_hits,
+            expert_counts=load,
+            experts_read=read,
+            tokens_routed=routed,
         )
 
     # ----- expert routing -----

@@ -194,7 +194,7 @@ class AsyncEngine:
         self.ready = threading.Event()
         self.error: str | None = None
         self.failed = False  # the engine died without being told to stop
-        self.stats = EngineStats(0, 0, 0, 0, 0.0, 0)
+        self.stats = EngineStats()
         self._lock = threading.Lock()  # guards the maps and counters below (never held during pipe I/O)
         # Observers see a request's outputs and its abort in order, never an output after its abort.
         self._observe_lock = threading.RLock()

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
+from engine.engine_stats import EngineStats
 from engine.routing import RoutingPolicy
 from engine.sampling_params import SamplingParams
 from engine.token_routing import TokenRouting
@@ -27,22 +26,6 @@ class EngineInfo:
     pid: int
     weight_bytes: int  # parameters resident on the device
     released_expert_bytes: int  # expert weights freed because no routing policy reaches them
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """The engine's state after a step (or when idle): what gauges and the expert-load monitor read."""
-
-    num_step_tokens: int  # tokens run through the model in the step (0 when idle)
-    num_running: int  # sequences
-    num_waiting: int
-    num_requests: int  # requests the engine holds
-    kv_cache_usage: float
-    num_preemptions: int
-    peak_memory_bytes: int = 0  # see LLMEngine.peak_memory_bytes
-    expert_counts: np.ndarray | None = None  # routed tokens per [layer, expert], when a read landed
-    experts_read: np.ndarray | None = None  # with expert_counts: forwards per [layer, experts they read]
-    tokens_routed: np.ndarray | None = None  # with expert_counts: tokens per [layer]
 
 
 # ----- to the engine -----

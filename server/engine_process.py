@@ -20,10 +20,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from engine.llm_engine import EngineConfig, LLMEngine
+from engine.llm_engine import EngineConfig, ExpertCounts, LLMEngine
 from engine.moe import PendingSnapshot
 from engine.sampling_params import InvalidRequestError
 from server.child_process import become_child
@@ -35,7 +34,6 @@ from server.engine_messages import (
     AddRequest,
     Dead,
     EngineInfo,
-    EngineStats,
     Exit,
     Heartbeat,
     Idle,
@@ -55,26 +53,7 @@ logger = logging.getLogger(__name__)
 PROCESS_NAME = "moe-serve-engine"  # what ps shows (as "moe-serve-engin": the kernel keeps 15 bytes)
 
 
-Counts = tuple[np.ndarray, np.ndarray, np.ndarray]  # expert_load, experts_read, tokens_routed
-
-
-def _stats(engine: LLMEngine, counts: Counts | None, stepped: bool) -> EngineStats:
-    scheduler = engine.scheduler
-    return EngineStats(
-        num_step_tokens=engine.last_step.num_tokens if stepped else 0,
-        num_running=len(scheduler.running),
-        num_waiting=len(scheduler.waiting),
-        num_requests=len(engine.requests),
-        kv_cache_usage=engine.block_manager.usage,
-        num_preemptions=scheduler.num_preemptions,
-        peak_memory_bytes=engine.peak_memory_bytes,
-        expert_counts=None if counts is None else counts[0],
-        experts_read=None if counts is None else counts[1],
-        tokens_routed=None if counts is None else counts[2],
-    )
-
-
-def _read_counts(engine: LLMEngine) -> Counts:
+def _read_counts(engine: LLMEngine) -> ExpertCounts:
     """The expert counters now (one host sync: for idle moments)."""
     return engine.expert_load(), engine.experts_read(), engine.tokens_routed()
 
@@ -126,7 +105,7 @@ class _EngineLoop:
 
     def _refresh(self, message: Refresh) -> None:
         idle = not self.engine.has_unfinished_requests()
-        stats = _stats(self.engine, _read_counts(self.engine), False) if idle else None
+        stats = self.engine.stats(False, _read_counts(self.engine)) if idle else None
         self.conn.send(Refreshed(message.query, stats))
 
     def _set_routing(self, message: SetRouting) -> None:
@@ -152,7 +131,7 @@ class _EngineLoop:
             if not self.engine.has_unfinished_requests():
                 if not idle_reported:
                     self.pending = None
-                    self.conn.send(Idle(_stats(self.engine, _read_counts(self.engine), False)))
+                    self.conn.send(Idle(self.engine.stats(False, _read_counts(self.engine))))
                     idle_reported = True
                 if self.conn.poll(HEARTBEAT_INTERVAL_S):
                     self.handle(self.conn.recv())
@@ -165,9 +144,9 @@ class _EngineLoop:
                 continue
             idle_reported = False
             deltas = [self.deltas.encode(output) for output in self.engine.step()]
-            self.conn.send(StepDone(deltas, _stats(self.engine, self._expert_counts(), True)))
+            self.conn.send(StepDone(deltas, self.engine.stats(True, self._expert_counts())))
 
-    def _expert_counts(self) -> Counts | None:
+    def _expert_counts(self) -> ExpertCounts | None:
         """Counts from an asynchronous copy that has landed, if any; start the next every few steps."""
         self.steps += 1
         counts = None

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.engine_stats import EngineStats
 from engine.outputs import RequestOutput
-from server.engine_messages import EngineStats
 
 
 @dataclass(frozen=True)

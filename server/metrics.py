@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from prometheus_client import (
@@ -28,9 +28,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from engine.config import ModelConfig
+from engine.engine_stats import EngineStats
 from engine.outputs import RequestOutput
 from engine.token_routing import TokenRouting
-from server.engine_messages import EngineStats
 from server.expert_load import ExpertLoadMonitor, layer_balance
 
 # The `_created` companion series double the exposition and no dashboard reads them (process-wide setting).
@@ -112,9 +112,13 @@ class ServerMetrics:
         def histogram(name: str, doc: str, buckets: list[float] | list[int]) -> Histogram:
             return Histogram(f"{PREFIX}_{name}", doc, labels, buckets=buckets, registry=registry).labels(model_name)
 
-        self.running = gauge("num_requests_running", "Sequences in the running batch (a request with n has n).")
-        self.waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
-        self.kv_usage = gauge("kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0 to 1).")
+        # The engine's own series, from the metric table in its stats (engine/engine_stats.py).
+        exported = [(f.name, spec) for f in fields(EngineStats) if (spec := f.metadata.get("metric")) is not None]
+        self._engine_gauges = [(name, gauge(spec.name, spec.help)) for name, spec in exported if spec.kind == "gauge"]
+        self._engine_counters = [
+            (name, counter(spec.name, spec.help)) for name, spec in exported if spec.kind == "counter"
+        ]
+        self._totals_seen: dict[str, int] = {}
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that produced output.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self.finished = Counter(
@@ -123,7 +127,6 @@ class ServerMetrics:
             [*labels, "finished_reason"],
             registry=registry,
         )
-        self.preemptions = counter("num_preemptions", "Sequences preempted (KV blocks freed, recomputed later).")
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token.", TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between a request's tokens.", TOKEN_LATENCY_BUCKETS)
         self.tpot = histogram(
@@ -169,10 +172,6 @@ class ServerMetrics:
         gauge(
             "released_expert_weight_bytes", "Bytes of expert weights freed at load because pruning removed them."
         ).set(released_expert_bytes)
-        self.peak_memory = gauge(
-            "engine_peak_memory_bytes",
-            "Peak memory of the engine process: torch's peak reservation on CUDA, peak resident set size on CPU.",
-        )
         if startup is not None:
             gauge("engine_compile_seconds", "Seconds the engine spent compiling its forward at start-up.").set_function(
                 lambda: startup()[0]
@@ -183,7 +182,6 @@ class ServerMetrics:
         registry.register(_ExpertCollector(self))
 
         self._requests: dict[str, _RequestState] = {}
-        self._preemptions_seen = 0
         self._recent_tokens: deque[tuple[float, int]] = deque()
         self._recent_lock = threading.Lock()
         self.throughput.set_function(self._recent_tokens_per_second)
@@ -245,13 +243,13 @@ class ServerMetrics:
         self._update_engine_gauges(stats)
 
     def _update_engine_gauges(self, stats: EngineStats) -> None:
-        self.running.set(stats.num_running)
-        self.waiting.set(stats.num_waiting)
-        self.kv_usage.set(stats.kv_cache_usage)
-        self.peak_memory.set(stats.peak_memory_bytes)
-        if stats.num_preemptions > self._preemptions_seen:
-            self.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
-            self._preemptions_seen = stats.num_preemptions
+        for field_name, gauge in self._engine_gauges:
+            gauge.set(getattr(stats, field_name))
+        for field_name, counter in self._engine_counters:
+            total, seen = getattr(stats, field_name), self._totals_seen.get(field_name, 0)
+            if total > seen:
+                counter.inc(total - seen)
+                self._totals_seen[field_name] = total
 
     def _recent_tokens_per_second(self) -> float:
         cutoff = time.monotonic() - THROUGHPUT_WINDOW_S

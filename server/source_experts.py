@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import ModelConfig
+from engine.engine_stats import EngineStats
 from engine.outputs import RequestOutput
 from server.async_engine import EngineObserver
-from server.engine_messages import EngineStats
 
 
 @dataclass(frozen=True)

@@ -124,11 +124,11 @@ def test_prefix_caching_reuses_blocks_and_changes_no_tokens(tiny_model: Path, al
     expected = [o.outputs[0].token_ids for o in reference.generate(batch, GREEDY, use_tqdm=False)]
     engine.add_request("first", batch[0], GREEDY)
     first = run_until_done(engine)
-    assert engine.block_manager.prefix_hit_tokens == 0
+    assert engine.block_manager.prefix_cache_hits == 0
     for i, prompt in enumerate(batch[1:], start=1):
         engine.add_request(str(i), prompt, GREEDY)
     later = run_until_done(engine)
-    assert engine.block_manager.prefix_hit_tokens == 3 * 40  # 10 shared blocks of 4 tokens, three times
+    assert engine.block_manager.prefix_cache_hits == 3 * 40  # 10 shared blocks of 4 tokens, three times
     assert [first["first"], *(later[str(i)] for i in range(1, 4))] == expected
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
@@ -147,7 +147,7 @@ def test_prefix_caching_under_preemption(tiny_model: Path) -> None:
     for i, prompt in enumerate(batch):
         engine.add_request(str(i), prompt, GREEDY)
     finished = run_until_done(engine)
-    assert engine.scheduler.num_preemptions > 0 and engine.block_manager.prefix_hit_tokens > 0
+    assert engine.scheduler.num_preemptions > 0 and engine.block_manager.prefix_cache_hits > 0
     assert [finished[str(i)] for i in range(len(batch))] == expected
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
@@ -157,9 +157,9 @@ def test_routing_change_drops_cached_prefixes(tiny_model: Path) -> None:
     prompt = prompts(1, seed=11)[0][:30]
     llm.generate([prompt], GREEDY, use_tqdm=False)
     llm.set_routing_policies({0: RoutingPolicy(top_k=1)})
-    hits = llm.engine.block_manager.prefix_hit_tokens
+    hits = llm.engine.block_manager.prefix_cache_hits
     llm.generate([prompt], GREEDY, use_tqdm=False)
-    assert llm.engine.block_manager.prefix_hit_tokens == hits  # recomputed under the new routing
+    assert llm.engine.block_manager.prefix_cache_hits == hits  # recomputed under the new routing
     llm.engine.add_request("busy", prompt, GREEDY)
     with pytest.raises(RuntimeError, match="no request is in flight"):
         llm.set_routing_policies({})

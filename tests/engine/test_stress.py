@@ -53,7 +53,7 @@ def test_random_adds_aborts_and_steps(tiny_model: Path) -> None:
             if output.finished:
                 finished[output.request_id] = [c.token_ids for c in output.outputs]
 
-    assert engine.scheduler.num_preemptions > 0 and engine.block_manager.prefix_hit_tokens > 0 and aborted
+    assert engine.scheduler.num_preemptions > 0 and engine.block_manager.prefix_cache_hits > 0 and aborted
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks and not engine.requests
     assert set(finished) | aborted == set(requests)
     for request_id, completions in finished.items():

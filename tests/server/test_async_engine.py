@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from engine import LLM, CheckpointError, InvalidRequestError, SamplingParams
+from engine.engine_stats import EngineStats
 from engine.llm_engine import EngineConfig
 from engine.outputs import RequestOutput
 from server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
-from server.engine_messages import EngineStats
 from tests.conftest import copy_checkpoint
 
 PROMPTS = [f"Prompt number {i} says" for i in range(24)]

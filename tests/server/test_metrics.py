@@ -12,8 +12,9 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.llm_engine import LLMEngine
-from server.engine_process import EngineStats, _EngineLoop
+from engine.engine_stats import EngineStats
+from engine.llm_engine import EngineConfig, LLMEngine
+from server.engine_process import _EngineLoop
 from server.expert_load import ExpertLoadMonitor, layer_balance
 from tests.server.conftest import LiveServer
 
@@ -75,6 +76,24 @@ def test_counters_move_exactly_with_known_traffic(live_server: LiveServer) -> No
     assert after[("moe_serve_generation_tokens_per_second", (name,))] > 0
     # The engine process's peak RSS holds at least the weights it serves (the gauge is not the HTTP process's).
     assert after[("moe_serve_engine_peak_memory_bytes", (name,))] > after[("moe_serve_model_weight_bytes", (name,))]
+
+
+def test_prefix_cache_counters_count_looked_up_and_reused_prompt_tokens(live_server: LiveServer) -> None:
+    prompt = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
+    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0}
+    with live_server.client() as http:
+        before = scrape(http)
+        usages = [http.post("/v1/completions", json=body).json()["usage"] for _ in range(2)]
+        after = scrape(http)
+
+    def delta(name: str) -> float:
+        return total(after, name) - total(before, name)
+
+    block = EngineConfig().block_size  # the test server runs with the default
+    hits = delta("moe_serve_prefix_cache_hits_total")
+    assert delta("moe_serve_prefix_cache_queries_total") == sum(u["prompt_tokens"] for u in usages)
+    # The second request reuses every full block of the first's prompt but the one holding its last token.
+    assert hits == (usages[0]["prompt_tokens"] - 1) // block * block > 0
 
 
 def test_metric_names_follow_prometheus_rules_and_carry_the_model(live_server: LiveServer) -> None:
