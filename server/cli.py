@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from engine.routing import RoutingPolicy
     from pruning.plan import PruningPlan
     from pruning.serving import PruningSettings
-    from server.app import ServerSettings
     from server.async_engine import AsyncEngine
+    from server.settings import ServerSettings
 
 API_KEY_ENV = "MOE_SERVE_API_KEY"
 LIMIT_HELP = {
@@ -231,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     from corpus.splits import CorpusError
     from engine.llm_engine import EngineConfig
     from pruning.serving import LivePruning, PruningSettings
-    from server.app import ServerSettings, build_app
+    from server.app import build_app
     from server.async_engine import AsyncEngine
+    from server.settings import ServerSettings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

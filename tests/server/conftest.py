@@ -17,10 +17,11 @@ import uvicorn
 
 from engine.config import DEFAULT_MODEL_DIR
 from engine.llm_engine import EngineConfig
-from server.app import ServerSettings, build_app
+from server.app import build_app
 from server.async_engine import AsyncEngine
 from server.http_protocol import HEADER_TIMEOUT_S, bounded_protocol
 from server.launch import wait_ready
+from server.settings import ServerSettings
 
 # Small enough to allocate quickly, large enough for every test's concurrency.
 TEST_ENGINE = {"max_num_seqs": 32, "kv_cache_memory_bytes": 64 << 20}
