@@ -13,7 +13,7 @@ from engine.llm_engine import EngineConfig, LLMEngine
 from engine.outputs import RequestOutput
 from engine.routing import RoutingPolicy
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import ModelTokenizer
 
 Prompt = str | list[int]
 
@@ -33,7 +33,7 @@ class LLM:
             self.engine.warm_up()
         self._next_id = 0
 
-    def get_tokenizer(self) -> Tokenizer:
+    def get_tokenizer(self) -> ModelTokenizer:
         return self.engine.tokenizer
 
     def generate(

@@ -31,7 +31,7 @@ from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.stop_strings import StopStrings
 from engine.token_routing import TokenRouting
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.tokenizer import IncrementalDetokenizer, ModelTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         path = Path(model)
         model_config = ModelConfig.from_dir(path)
-        self.tokenizer = Tokenizer(path, model_config.eos_token_ids)
+        self.tokenizer = ModelTokenizer(path, model_config.eos_token_ids)
         if self.tokenizer.vocab_size > model_config.vocab_size:
             raise CheckpointError(
                 f"{path / 'tokenizer.json'}: {self.tokenizer.vocab_size} tokens, more than the model's "

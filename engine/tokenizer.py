@@ -15,7 +15,7 @@ from engine.config import CheckpointError
 END_OF_TEXT = "<|endoftext|>"
 
 
-class Tokenizer:
+class ModelTokenizer:
     """A checkpoint's tokenizer plus the end-of-sequence ids its config files declare."""
 
     def __init__(self, path: str | Path, config_eos_ids: tuple[int, ...] = ()) -> None:
@@ -71,7 +71,9 @@ class IncrementalDetokenizer:
 
     PROMPT_CONTEXT = 5
 
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self, tokenizer: ModelTokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True
+    ) -> None:
         self._tokenizer = tokenizer
         context = prompt_token_ids[-self.PROMPT_CONTEXT :]
         self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)

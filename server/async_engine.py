@@ -29,7 +29,7 @@ from engine.outputs import RequestOutput
 from engine.routing import RoutingPolicy
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.token_routing import TokenRouting
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import ModelTokenizer
 from server.engine_messages import (
     AbortAll,
     AbortRequest,
@@ -227,7 +227,7 @@ class AsyncEngine:
             self.info = self._wait_loaded(load_timeout)
             # What the HTTP side needs of the model, read here too (small files, no weights).
             self.model_config = ModelConfig.from_dir(Path(model))
-            self.tokenizer = Tokenizer(Path(model), self.model_config.eos_token_ids)
+            self.tokenizer = ModelTokenizer(Path(model), self.model_config.eos_token_ids)
         except BaseException:
             self._process.kill()
             self._process.join()

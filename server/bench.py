@@ -31,7 +31,7 @@ from corpus.splits import read_split
 from engine.config import DEFAULT_MODEL_DIR
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import ModelTokenizer
 from server.launch import launched
 
 
@@ -41,7 +41,7 @@ def progress(message: str) -> None:
 
 def make_prompts(model: Path, count: int, length: int) -> list[list[int]]:
     """The first `length` tokens of `count` test-split documents (cycled if the split is short)."""
-    tokenizer = Tokenizer(model)
+    tokenizer = ModelTokenizer(model)
     documents = [d for d in read_split("test") if len(d) > 8 * length]
     return [tokenizer.encode(documents[i % len(documents)])[:length] for i in range(count)]
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import ModelTokenizer
 from server.async_engine import AsyncEngine
 from server.preprocess import PreparedRequest
 from server.protocol import (
@@ -35,7 +35,7 @@ def usage_of(outputs: list[RequestOutput]) -> Usage:
 
 
 def _logprobs(
-    token_ids: list[int], entries: list[TokenLogprobs | None], tokenizer: Tokenizer, offset: int
+    token_ids: list[int], entries: list[TokenLogprobs | None], tokenizer: ModelTokenizer, offset: int
 ) -> CompletionLogprobs:
     result = CompletionLogprobs()
     for token_id, entry in zip(token_ids, entries):

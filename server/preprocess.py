@@ -32,7 +32,7 @@ from engine.config import ModelConfig
 from engine.limits import check_request
 from engine.sampling_params import InvalidRequestError, SamplingParams
 from engine.token_routing import TokenRouting
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import ModelTokenizer
 from server.chat_template import ChatTemplate, ChatTemplateError, RenderTimeout
 from server.child_process import become_child
 from server.protocol import ChatCompletionRequest, CompletionRequest, MoeRouting
@@ -137,7 +137,7 @@ class _Worker:
 
     def __init__(self, model_path: Path, limits: RequestLimits, bounds: ModelBounds) -> None:
         config = ModelConfig.from_dir(model_path)
-        self.tokenizer = Tokenizer(model_path, config.eos_token_ids)
+        self.tokenizer = ModelTokenizer(model_path, config.eos_token_ids)
         self.template = ChatTemplate.from_model_dir(model_path, self.tokenizer.tokenizer_config)
         self.limits = limits
         self.bounds = bounds

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from engine import LLM, SamplingParams
 from engine.random_checkpoint import write_tokenizer
 from engine.sampler import apply_top_k_top_p
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.tokenizer import IncrementalDetokenizer, ModelTokenizer
 from tests.conftest import copy_checkpoint
 
 PROMPT = list(range(40, 60))
@@ -71,7 +71,7 @@ def ascii_llm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> LLM
     """The tiny model with LM-head rows of non-printable tokens zeroed, so greedy text is plain ASCII."""
     path = copy_checkpoint(tiny_model, tmp_path_factory.mktemp("ascii"))
     tensors = load_file(str(path / "model.safetensors"))
-    tokenizer = Tokenizer(path)
+    tokenizer = ModelTokenizer(path)
     printable = [tokenizer.hf.token_to_id(chr(c)) for c in range(33, 127)]
     keep = torch.zeros(tensors["lm_head.weight"].shape[0], 1)
     keep[printable] = 1.0
@@ -159,7 +159,7 @@ def test_invalid_params_name_the_field() -> None:
 
 def test_detokenizer_never_emits_half_a_character(tmp_path: Path) -> None:
     write_tokenizer(tmp_path)
-    tokenizer = Tokenizer(tmp_path)
+    tokenizer = ModelTokenizer(tmp_path)
     text = "naïve café 日本語 🙂"
     ids = tokenizer.encode(text)
     detokenizer = IncrementalDetokenizer(tokenizer, [])
@@ -177,7 +177,7 @@ def test_detokenizer_keeps_the_first_word_space_of_metaspace_tokenizers(tmp_path
     sentencepiece_like.pre_tokenizer = pre_tokenizers.Metaspace()
     sentencepiece_like.decoder = decoders.Metaspace()
     sentencepiece_like.save(str(tmp_path / "tokenizer.json"))
-    tokenizer = Tokenizer(tmp_path)
+    tokenizer = ModelTokenizer(tmp_path)
     prompt = tokenizer.encode("The capital")
     detokenizer = IncrementalDetokenizer(tokenizer, prompt)
     assert detokenizer.add(2) == " Paris"
