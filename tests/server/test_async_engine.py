@@ -92,10 +92,14 @@ def test_closing_or_cancelling_a_stream_aborts_the_request(async_engine: AsyncEn
         async for _ in stream:
             break
         await stream.aclose()
-        task = asyncio.create_task(
-            collect(async_engine.generate("c", "x", SamplingParams(max_tokens=300, ignore_eos=True)))
-        )
-        await asyncio.sleep(0.2)
+        streaming = asyncio.Event()
+
+        async def read_all() -> None:
+            async for _ in async_engine.generate("c", "x", SamplingParams(max_tokens=300, ignore_eos=True)):
+                streaming.set()
+
+        task = asyncio.create_task(read_all())
+        await streaming.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -160,10 +164,18 @@ def test_shutdown_finishes_short_requests_and_aborts_long_ones(tiny_model: Path)
         )
         while engine.num_sequences < 1:
             await asyncio.sleep(0.01)
-        short = asyncio.create_task(
-            collect(engine.generate("short", "x", SamplingParams(max_tokens=3, ignore_eos=True)))
-        )
-        await asyncio.sleep(0)  # the short request is admitted before shutdown begins
+        admitted = asyncio.Event()
+
+        async def short_request() -> RequestOutput:
+            stream = engine.generate("short", "x", SamplingParams(max_tokens=3, ignore_eos=True))
+            last = await anext(stream)
+            admitted.set()
+            async for last in stream:
+                pass
+            return last
+
+        short = asyncio.create_task(short_request())
+        await admitted.wait()  # the short request runs before shutdown begins
         await asyncio.to_thread(engine.shutdown, 0.5, 30)
         with pytest.raises(QueueFullError, match="shutting down"):
             await anext(engine.generate("late", "x", SamplingParams()))
