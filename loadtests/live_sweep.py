@@ -24,8 +24,9 @@ from loadtests.locust_run import Workload, run_locust
 from loadtests.perplexity import served_continuation_perplexity
 from loadtests.report import throughput_plot, write_tables
 from loadtests.settings import ServerOptions, Setting, make_plans, result_row, scrape, sweep_record, warm_up
-from pruning.cache import DEFAULT_CACHE_DIR, CalibrationSpec
+from pruning.cache import DEFAULT_CACHE_DIR
 from pruning.data import split_windows
+from pruning.spec import CalibrationSpec
 from server.launch import launched
 
 

@@ -18,8 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.checkpoint import load_model
 from engine.device import resolve_device, resolve_dtype
 from loadtests.locust_run import LoadResult, Workload
-from pruning.cache import CalibrationSpec, cached_plan
-from pruning.choices import METHODS
+from pruning.cache import cached_plan
+from pruning.methods import METHODS
+from pruning.spec import CalibrationSpec, PlanSpec
 
 MIB = 2**20
 
@@ -108,7 +109,7 @@ def make_plans(
         model = load_model(model_dir, resolve_dtype(options.dtype, device), device).eval()
         files = {}
         for setting in pruned:
-            plan = cached_plan(model_dir, model, setting.method, setting.level, spec=spec, cache_dir=cache_dir)
+            plan = cached_plan(model_dir, model, PlanSpec(setting.method, setting.level, calibration=spec), cache_dir)
             files[setting] = out / "plans" / f"{model_dir.resolve().name}-{setting.name}.json"
             files[setting].parent.mkdir(parents=True, exist_ok=True)
             plan.save(files[setting])

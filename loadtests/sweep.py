@@ -41,8 +41,9 @@ from loadtests.settings import (
     warm_up,
 )
 from loadtests.workload import SPEC_FORMS
-from pruning.cache import DEFAULT_CACHE_DIR, CalibrationSpec
+from pruning.cache import DEFAULT_CACHE_DIR
 from pruning.data import split_windows
+from pruning.spec import CalibrationSpec
 from server.launch import launched
 
 BUNDLED_MODELS = [DEFAULT_MODEL_DIR, DEFAULT_MODEL_DIR.with_name("tiny-lbl")]

@@ -38,13 +38,14 @@ def _resident_bytes() -> int:
 def measure_level(model_dir: Path, level: float, method: str, args: dict[str, Any]) -> dict[str, Any]:
     """One level, measured in the calling process (run it in a fresh one)."""
     from pruning.cache import cached_plan
+    from pruning.spec import PlanSpec
 
     torch.set_num_threads(args["threads"])
     device = resolve_device(args["device"])
     policies = {}
     if level > 0:
         model = load_model(model_dir, torch.float32, torch.device("cpu")).eval()
-        policies = cached_plan(model_dir, model, method, level, progress=False).routing_policies()
+        policies = cached_plan(model_dir, model, PlanSpec(method, level), progress=False).routing_policies()
         del model
     rss_before = _resident_bytes()
     llm = LLM(

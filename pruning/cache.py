@@ -3,37 +3,19 @@ restarted at the same pruning level starts without recalibrating."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine.model import MoEForCausalLM
 from pruning.calibration import Calibration, calibrate
 from pruning.data import file_windows, split_windows, windows_digest
 from pruning.plan import PruningPlan, make_plan, weights_sha256
+from pruning.spec import CalibrationSpec, PlanSpec, cache_key
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("MOE_SERVE_CACHE", Path.home() / ".cache" / "moe-serve"))
-
-
-@dataclass(frozen=True)
-class CalibrationSpec:
-    """What to calibrate on: a corpus split or the user's files, a token budget in windows of seq_len, and how
-    many tokens per layer get every expert applied."""
-
-    split: str = "validation"
-    files: tuple[Path, ...] = field(default_factory=tuple)
-    max_tokens: int = 262144
-    seq_len: int = 512
-    sample_tokens: int = 16384
-
-
-def _key(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def cached_calibration(
@@ -52,7 +34,7 @@ def cached_calibration(
     file = (
         cache_dir
         / "calibration"
-        / f"{_key(weights_sha256(model_dir), windows_digest(windows), spec.sample_tokens)}.npz"
+        / f"{cache_key(weights_sha256(model_dir), windows_digest(windows), spec.sample_tokens)}.npz"
     )
     if file.is_file():
         logger.info("calibration of %s read from %s", model_dir, file)
@@ -63,40 +45,25 @@ def cached_calibration(
     return calibration
 
 
-def plan_file(
-    model_dir: Path,
-    method: str,
-    level: float,
-    budget: str = "uniform",
-    handling: str = "repick",
-    seed: int = 0,
-    spec: CalibrationSpec = CalibrationSpec(),
-    cache_dir: Path = DEFAULT_CACHE_DIR,
-) -> Path:
-    """Where cached_plan keeps the plan for these settings (its name is the cache key)."""
-    key = _key(weights_sha256(model_dir), method, level, budget, handling, seed, asdict(spec))
-    return cache_dir / "plans" / f"{key}.json"
+def plan_file(model_dir: Path, spec: PlanSpec, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    """Where cached_plan keeps the plan `spec` asks for, for the model in model_dir (named by spec's cache key)."""
+    return cache_dir / "plans" / f"{spec.key(weights_sha256(model_dir))}.json"
 
 
 def cached_plan(
     model_dir: Path,
     model: MoEForCausalLM,
-    method: str,
-    level: float,
-    budget: str = "uniform",
-    handling: str = "repick",
-    seed: int = 0,
-    spec: CalibrationSpec = CalibrationSpec(),
+    spec: PlanSpec,
     cache_dir: Path = DEFAULT_CACHE_DIR,
     progress: bool = True,
 ) -> PruningPlan:
-    """The plan for these settings: read from the cache, or made (calibrating as needed) and written there."""
-    file = plan_file(model_dir, method, level, budget, handling, seed, spec, cache_dir)
+    """The plan `spec` asks for: read from the cache, or made (calibrating as needed) and written there."""
+    file = plan_file(model_dir, spec, cache_dir)
     if file.is_file():
         logger.info("pruning plan read from %s", file)
         return PruningPlan.load(file)
-    calibration = cached_calibration(model_dir, model, spec, cache_dir, progress)
-    plan = make_plan(model_dir, model, calibration, method, level, budget, handling, seed)
+    calibration = cached_calibration(model_dir, model, spec.calibration, cache_dir, progress)
+    plan = make_plan(model_dir, model, calibration, spec)
     file.parent.mkdir(parents=True, exist_ok=True)
     plan.save(file)
     return plan

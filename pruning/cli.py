@@ -26,12 +26,14 @@ from engine.device import resolve_device, resolve_dtype
 from engine.model import MoEForCausalLM
 from pruning import report
 from pruning.apply import apply_plan
-from pruning.cache import DEFAULT_CACHE_DIR, CalibrationSpec, cached_calibration, cached_plan
+from pruning.cache import DEFAULT_CACHE_DIR, cached_calibration, cached_plan
 from pruning.calibration import Calibration
-from pruning.choices import BUDGETS, HANDLINGS, METHODS
+from pruning.choices import BUDGETS, HANDLINGS
 from pruning.data import split_windows
 from pruning.evaluation import Variant, dropped_top_rows, pruning_rows, threshold_rows
+from pruning.methods import METHODS
 from pruning.plan import PlanError, PruningPlan
+from pruning.spec import CalibrationSpec, PlanSpec
 
 DEFAULT_LEVELS = "0,0.125,0.25,0.375,0.5"
 
@@ -99,17 +101,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    plan = cached_plan(
-        args.model,
-        _load(args, args.model),
-        args.method,
-        args.level,
-        args.budget,
-        args.handling,
-        args.seed,
-        _spec(args),
-        args.cache_dir,
-    )
+    spec = PlanSpec(args.method, args.level, args.budget, args.handling, args.seed, _spec(args))
+    plan = cached_plan(args.model, _load(args, args.model), spec, args.cache_dir)
     plan.save(args.out)
     kept = {layer: len(experts) for layer, experts in plan.kept.items()}
     print(
@@ -124,9 +117,6 @@ def cmd_apply(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     variants = [Variant.parse(text) for text in args.methods.split(",")]
-    for variant in variants:
-        if variant.method not in METHODS:
-            raise ValueError(f"unknown pruning method {variant.method!r}; expected one of {', '.join(METHODS)}")
     results: dict[str, dict[str, Any]] = {}
     for model_dir in args.models:
         model = _load(args, model_dir)
@@ -142,7 +132,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         name = model_dir.resolve().name
         result["pruning"] = _progress(
             f"{name} levels",
-            pruning_rows(model_dir, model, calibration, windows, variants, _floats(args.levels), args.seed),
+            pruning_rows(
+                model_dir, model, calibration, windows, variants, _floats(args.levels), args.seed, _spec(args)
+            ),
         )
         result["thresholds"] = _progress(f"{name} thresholds", threshold_rows(model, windows, _floats(args.thresholds)))
         drops = [int(r) for r in _floats(args.dropped_top)]

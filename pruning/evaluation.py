@@ -18,6 +18,7 @@ from engine.routing import RoutingPolicy
 from pruning.calibration import Calibration
 from pruning.perplexity import perplexity
 from pruning.plan import make_plan
+from pruning.spec import CalibrationSpec, PlanSpec
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,13 @@ class Variant:
         return cls(
             method, "adaptive" if "adaptive" in extras else "uniform", "redirect" if "redirect" in extras else "repick"
         )
+
+    def __post_init__(self) -> None:
+        self.plan_spec(0.0)  # refuses what no plan can be made with (an unknown method ...) before any model loads
+
+    def plan_spec(self, level: float, seed: int = 0, calibration: CalibrationSpec | None = None) -> PlanSpec:
+        """This variant's plan at `level`, chosen on `calibration` (default: the corpus's validation split)."""
+        return PlanSpec(self.method, level, self.budget, self.handling, seed, calibration or CalibrationSpec())
 
 
 def _scored(model: MoEForCausalLM, windows: torch.Tensor, policies: dict[int, RoutingPolicy]) -> dict[str, Any]:
@@ -73,15 +81,15 @@ def pruning_rows(
     variants: list[Variant],
     levels: list[float],
     seed: int = 0,
+    calibrated_on: CalibrationSpec | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Test perplexity of every variant at every level (level 0 is the unpruned model, scored once)."""
+    """Test perplexity of every variant at every level (level 0 is the unpruned model, scored once); the
+    calibration was measured on `calibrated_on`."""
     if 0.0 in levels:
         yield {"variant": "none", "method": "none", "level": 0.0, **_scored(model, windows, {})}
     for variant in variants:
         for level in (level for level in levels if level > 0):
-            plan = make_plan(
-                model_dir, model, calibration, variant.method, level, variant.budget, variant.handling, seed
-            )
+            plan = make_plan(model_dir, model, calibration, variant.plan_spec(level, seed, calibrated_on))
             row = {"variant": variant.name, "method": variant.method, "level": level}
             row["kept_per_layer"] = [len(plan.kept[layer]) for layer in sorted(plan.kept)]
             yield {**row, **_scored(model, windows, plan.routing_policies())}

@@ -37,9 +37,10 @@ from engine.llm import LLM
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.token_routing import TokenRouting
-from pruning.cache import CalibrationSpec, cached_plan
+from pruning.cache import cached_plan
 from pruning.data import split_windows
 from pruning.serving import PruningSettings
+from pruning.spec import CalibrationSpec, PlanSpec
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def build_engines(model_dir: Path, settings: list[Setting], args: argparse.Names
     for setting in settings:
         if setting.plan is not None and setting.plan not in engines:
             assert model is not None
-            plan = cached_plan(model_dir, model, *setting.plan, spec=spec)
+            plan = cached_plan(model_dir, model, PlanSpec(*setting.plan, calibration=spec))
             progress(f"compiling the engine of {setting.name}")
             engines[setting.plan] = LLM(model_dir, routing_policies=plan.routing_policies(), **common)
     return engines

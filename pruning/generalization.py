@@ -23,10 +23,11 @@ from engine.checkpoint import load_model
 from engine.config import DEFAULT_MODEL_DIR
 from engine.model import MoEForCausalLM
 from engine.routing import RoutingPolicy
-from pruning.cache import DEFAULT_CACHE_DIR, CalibrationSpec, cached_plan
+from pruning.cache import DEFAULT_CACHE_DIR, cached_plan
 from pruning.data import file_windows, split_windows
 from pruning.perplexity import perplexity
 from pruning.plan import PruningPlan
+from pruning.spec import CalibrationSpec, PlanSpec
 
 
 def scored(model: MoEForCausalLM, windows: torch.Tensor, policies: dict[int, RoutingPolicy]) -> float:
@@ -69,7 +70,7 @@ def study(
             ("files (oracle)", CalibrationSpec(files=tuple(files))),
         ):
             for method in methods:
-                plan = cached_plan(model_dir, model, method, level, spec=spec, cache_dir=cache_dir)
+                plan = cached_plan(model_dir, model, PlanSpec(method, level, calibration=spec), cache_dir)
                 policies = plan.routing_policies()
                 ppl = {"in": scored(model, inside, policies), "out": scored(model, outside, policies)}
                 rows.append({

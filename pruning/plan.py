@@ -20,7 +20,8 @@ import torch
 from engine.model import MoEForCausalLM
 from engine.routing import RoutingPolicy
 from pruning.calibration import Calibration
-from pruning.methods import select
+from pruning.selection import select
+from pruning.spec import PlanSpec
 
 FORMAT_VERSION = 1
 
@@ -142,24 +143,15 @@ class PruningPlan:
             raise PlanError(f"{path}: malformed plan ({exc})") from exc
 
 
-def make_plan(
-    model_dir: Path,
-    model: MoEForCausalLM,
-    calibration: Calibration,
-    method: str,
-    level: float,
-    budget: str = "uniform",
-    handling: str = "repick",
-    seed: int = 0,
-) -> PruningPlan:
-    """The plan `method` makes at `level` for the model in model_dir (loaded as `model`) from its calibration."""
-    selection = select(method, calibration, model, level, budget, handling, seed)
+def make_plan(model_dir: Path, model: MoEForCausalLM, calibration: Calibration, spec: PlanSpec) -> PruningPlan:
+    """The plan `spec` asks for, for the model in model_dir (loaded as `model`), from its calibration."""
+    selection = select(calibration, model, spec)
     num_experts = model.config.num_experts
     return PruningPlan(
         model_name=model_dir.resolve().name,
         model_sha256=weights_sha256(model_dir),
-        method=method,
-        level=level,
+        method=spec.method,
+        level=spec.level,
         num_experts=num_experts,
         top_k=model.config.top_k,
         kept={
@@ -167,8 +159,8 @@ def make_plan(
             for layer, removed in selection.removed.items()
         },
         redirect=selection.redirect,
-        budget=budget,
-        handling=handling,
+        budget=spec.budget,
+        handling=spec.handling,
         calibration={
             "tokens": calibration.layers[0].num_tokens,
             "sampled_tokens": calibration.layers[0].num_sampled,

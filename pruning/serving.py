@@ -14,10 +14,10 @@ from engine.config import ModelConfig
 from engine.device import resolve_device, resolve_dtype
 from engine.routing import RoutingPolicy
 from engine.token_routing import TokenRouting
-from pruning.cache import DEFAULT_CACHE_DIR, CalibrationSpec, cached_calibration, cached_plan, plan_file
-from pruning.choices import METHODS
-from pruning.methods import experts_to_remove
+from pruning.cache import DEFAULT_CACHE_DIR, cached_calibration, cached_plan, plan_file
+from pruning.methods import METHODS, experts_to_remove
 from pruning.plan import PlanError, PruningPlan
+from pruning.spec import CalibrationSpec, PlanSpec
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,10 @@ class PruningSettings:
             raise PlanError(
                 f"the substitution's minimum similarity must be in [-1, 1], got {self.substitution_min_similarity}"
             )
+        try:
+            self.plan_spec()
+        except ValueError as error:
+            raise PlanError(str(error)) from None
 
     @property
     def active(self) -> bool:
@@ -109,15 +113,19 @@ class PruningSettings:
         """What plans and similarity maps calibrate on."""
         return CalibrationSpec(files=tuple(self.calibration_files), max_tokens=self.calibration_tokens)
 
+    def plan_spec(self, calibration: CalibrationSpec | None = None) -> PlanSpec:
+        """The plan the level and method ask for, chosen on `calibration` (default: the settings' own)."""
+        return PlanSpec(
+            self.method, self.level, self.budget, self.handling, calibration=calibration or self.calibration()
+        )
+
     def plan_source(self, model_dir: Path, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path | None:
         """The file the plan is read from: the plan file, or its place in the cache (cache_plan's)."""
         if self.plan_file is not None:
             return self.plan_file
         if not self.level:
             return None
-        return plan_file(
-            model_dir, self.method, self.level, self.budget, self.handling, spec=self.calibration(), cache_dir=cache_dir
-        )
+        return plan_file(model_dir, self.plan_spec(), cache_dir)
 
     def check(self, config: ModelConfig) -> None:
         """PlanError naming what this model cannot serve, before any calibration or loading."""
@@ -147,25 +155,14 @@ class PruningSettings:
             return plan
         if not self.level:
             return None
-        spec = spec or self.calibration()
-        cached = plan_file(
-            model_dir, self.method, self.level, self.budget, self.handling, spec=spec, cache_dir=cache_dir
-        )
+        plan_spec = self.plan_spec(spec)
+        cached = plan_file(model_dir, plan_spec, cache_dir)
         if cached.is_file():  # without loading the model: a live switch to a prepared plan takes milliseconds
             return PruningPlan.load(cached)
         where = resolve_device(device)
         with torch.no_grad():
             model = load_model(model_dir, resolve_dtype(dtype, where), where).eval()
-            return cached_plan(
-                model_dir,
-                model,
-                self.method,
-                self.level,
-                self.budget,
-                self.handling,
-                spec=spec,
-                cache_dir=cache_dir,
-            )
+            return cached_plan(model_dir, model, plan_spec, cache_dir)
 
     @staticmethod
     def _similarity_maps(

@@ -77,7 +77,8 @@ class DrainingServer(uvicorn.Server):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from engine.choices import BACKENDS
-    from pruning.choices import BUDGETS, HANDLINGS, METHODS
+    from pruning.choices import BUDGETS, HANDLINGS
+    from pruning.methods import METHODS
 
     parser = command_parser("moe-serve", __doc__.split("\n\n")[0])
     parser.add_argument(

@@ -40,7 +40,7 @@ from training.data import train_batch
 from training.evaluate import evaluate
 from training.losses import lbl_loss, simbal_loss, z_loss
 
-METHODS = ("simbal", "lbl", "none")
+BALANCING_METHODS = ("simbal", "lbl", "none")  # the router-balancing losses a run trains with
 DEFAULT_COEF = {"simbal": 0.1, "lbl": 0.01, "none": 0.0}
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -86,7 +86,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "method": self.method in METHODS,
+            "method": self.method in BALANCING_METHODS,
             "layer_reduction": self.layer_reduction in ("mean", "sum"),
             "lbl_scope": self.lbl_scope in ("sequence", "batch"),
             "router_init": self.router_init in ("orthogonal", "normal"),

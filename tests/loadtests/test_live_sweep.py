@@ -19,8 +19,8 @@ from loadtests.live_sweep import live_sweep
 from loadtests.locust_run import Workload
 from loadtests.perplexity import served_continuation_perplexity
 from loadtests.settings import ServerOptions, Setting, settings_grid
-from pruning.cache import CalibrationSpec
 from pruning.data import split_windows
+from pruning.spec import CalibrationSpec
 from server.launch import launched
 
 pytestmark = pytest.mark.slow  # servers under locust load

@@ -12,13 +12,14 @@ from engine import LLM, SamplingParams
 from engine.checkpoint import load_model
 from pruning.calibration import calibrate
 from pruning.plan import PlanError, PruningPlan, make_plan
+from pruning.spec import PlanSpec
 from tests.conftest import copy_checkpoint
 
 
 def plan_for(model_dir: Path, method: str, level: float, **options: str) -> PruningPlan:
     model = load_model(model_dir, torch.float32, torch.device("cpu")).eval()
     windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
-    return make_plan(model_dir, model, calibrate(model, windows, sample_tokens=32), method, level, **options)
+    return make_plan(model_dir, model, calibrate(model, windows, sample_tokens=32), PlanSpec(method, level, **options))
 
 
 def test_plans_round_trip_and_keep_at_least_top_k(tiny_model: Path, tmp_path: Path) -> None:

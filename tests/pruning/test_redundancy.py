@@ -12,8 +12,9 @@ import torch
 from engine.checkpoint import load_model
 from engine.model import MoEForCausalLM
 from pruning.calibration import Calibration, calibrate
-from pruning.methods import select
 from pruning.redundancy import LayerReplay, layer_budgets, redirect_targets, removal_path
+from pruning.selection import select
+from pruning.spec import PlanSpec
 
 
 def model_with_twins(model_dir: Path, twins: dict[int, int], layer_index: int = 0) -> MoEForCausalLM:
@@ -50,12 +51,12 @@ def test_replay_reproduces_the_layer_and_removal_with_redirect(tiny_model: Path)
 def test_duplicates_are_removed_first_and_the_adaptive_budget_follows_cost(tiny_model: Path) -> None:
     model = model_with_twins(tiny_model, {1: 0, 2: 0, 4: 5})
     calibration = calibration_of(model)
-    uniform = select("pes", calibration, model, 0.375, handling="redirect")  # 3 of 8 experts per layer
+    uniform = select(calibration, model, PlanSpec("pes", 0.375, handling="redirect"))  # 3 of 8 experts per layer
     first = model.moe_blocks()[0].layer_idx
     removed = set(uniform.removed[first])
     assert len(removed & {0, 1, 2}) == 2 and len(removed & {4, 5}) == 1  # one of each group of twins survives
     assert all(len(experts) == 3 for experts in uniform.removed.values())
-    adaptive = select("pes", calibration, model, 0.375, budget="adaptive", handling="redirect")
+    adaptive = select(calibration, model, PlanSpec("pes", 0.375, budget="adaptive", handling="redirect"))
     # Free removals in the layer with twins come before any costly one elsewhere.
     assert len(adaptive.removed[first]) >= 3
     assert sum(map(len, adaptive.removed.values())) == sum(map(len, uniform.removed.values()))
@@ -73,11 +74,11 @@ def test_methods_refuse_unknown_names_and_levels(tiny_model: Path) -> None:
     model = load_model(tiny_model, torch.float32, torch.device("cpu")).eval()
     calibration = calibration_of(model)
     with pytest.raises(ValueError, match="unknown pruning method 'magic'"):
-        select("magic", calibration, model, 0.25)
+        select(calibration, model, PlanSpec("magic", 0.25))
     with pytest.raises(ValueError, match="leaving fewer than top_k"):
-        select("pes", calibration, model, 0.9)
+        select(calibration, model, PlanSpec("pes", 0.9))
     with pytest.raises(ValueError, match="adaptive budget needs the pes"):
-        select("reap", calibration, model, 0.25, budget="adaptive")
+        select(calibration, model, PlanSpec("reap", 0.25, budget="adaptive"))
 
 
 def test_calibration_round_trips_through_its_file(tiny_model: Path, tmp_path: Path) -> None:

@@ -173,11 +173,14 @@ def test_an_applied_plan_checkpoint_reports_source_expert_ids_and_its_pruning(ti
     the source ids (removed experts read 0) and reports the plan's method and level."""
     from engine.checkpoint import load_model
     from pruning.apply import apply_plan
-    from pruning.cache import CalibrationSpec, cached_plan
+    from pruning.cache import cached_plan
+    from pruning.spec import CalibrationSpec, PlanSpec
 
     model = load_model(tiny_model, torch.float32, torch.device("cpu")).eval()
     spec = CalibrationSpec(max_tokens=4096, sample_tokens=256)
-    plan = cached_plan(tiny_model, model, "frequency", 0.25, spec=spec, cache_dir=tmp_path / "cache", progress=False)
+    plan = cached_plan(
+        tiny_model, model, PlanSpec("frequency", 0.25, calibration=spec), tmp_path / "cache", progress=False
+    )
     applied = apply_plan(tiny_model, plan, tmp_path / "applied")
     body = {"prompt": "Renumbered experts", "max_tokens": 8, "ignore_eos": True}
     with launched([*SERVE_ARGS, "--model", str(applied)]) as server:
