@@ -15,8 +15,8 @@ import torch
 
 from engine.model import MoEForCausalLM
 from engine.routing import RoutingPolicy
+from measures.perplexity import perplexity
 from pruning.calibration import Calibration
-from pruning.perplexity import perplexity
 from pruning.plan import make_plan
 
 
