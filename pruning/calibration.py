@@ -160,4 +160,4 @@ def calibrate(
             model(batch.reshape(-1), positions, DenseCausal(len(batch), seq_len))
     finally:
         model.set_routing_observer(None)
-    return recorder.result([block.layer_idx for block in model.moe_blocks()])
+    return recorder.result(model.config.moe_layers)

@@ -65,7 +65,7 @@ def evaluate(
     load = model.expert_load.snapshot().double()
     model.expert_load.reset()
     blocks = model.moe_blocks()
-    layers = [block.layer_idx for block in blocks]
+    layers = model.config.moe_layers
     seen, sampled = probe.sample.seen, probe.sample.sampled
     pes = [probe.sums[layer] / sampled[layer] for layer in layers]
     # Correlation, over experts, between a router row's logit for the mean input and the expert's load.
