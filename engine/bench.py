@@ -143,7 +143,7 @@ def decode_step(llm: LLM, prompts: list[list[int]], steps: int, device: torch.de
     seqs = [seq for request_id in ids for seq in engine.requests[request_id].seqs]
     for _ in range(warmup):
         engine.step()
-    moe_layers = [block.layer_idx for block in engine.model.moe_blocks()]
+    moe_layers = engine.model.config.moe_layers
     times, unions = [], 0.0
     for _ in range(steps):
         before = engine.expert_load()

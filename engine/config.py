@@ -64,6 +64,12 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers
 
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the layers with an MoE block, in order (dense layers left out): what per-layer expert
+        counts, plans and routing policies are keyed by."""
+        return [layer for layer in range(self.num_layers) if self.is_moe_layer(layer)]
+
     @classmethod
     def from_dir(cls, path: Path) -> ModelConfig:
         config_path = path / "config.json"

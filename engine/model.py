@@ -194,9 +194,8 @@ class MoEForCausalLM(nn.Module):
     def enable_expert_tables(self) -> ExpertTables:
         """Route through live pruning tables from now on (engine.expert_tables), initially pruning nothing."""
         if self.expert_tables is None:
-            moe_layers = [block.layer_idx for block in self.moe_blocks()]
-            device = self.lm_head.weight.device
-            self.expert_tables = ExpertTables(self.config.num_layers, self.config.num_experts, moe_layers, device)
+            config, device = self.config, self.lm_head.weight.device
+            self.expert_tables = ExpertTables(config.num_layers, config.num_experts, config.moe_layers, device)
         return self.expert_tables
 
     def release_unrouted_experts(self) -> int:

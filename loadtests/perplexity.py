@@ -31,7 +31,7 @@ def served_perplexity(
     timeout: float = 300.0,
 ) -> ServedPerplexity:
     """Score [N, seq_len + 1] token windows as prompts; each predicts its last seq_len tokens (the same windows
-    and loss as pruning.perplexity, which scores them offline)."""
+    and loss as measures.perplexity, which scores them offline)."""
     if windows.ndim != 2 or len(windows) == 0 or windows.shape[1] < 2:
         raise ValueError(f"perplexity needs [N, seq_len + 1] token windows, got {tuple(windows.shape)}")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -1,1 +1,1 @@
-"""Redundancy-guided expert pruning: calibration, the PES redundancy measure, pruning plans."""
+"""Redundancy-guided expert pruning: calibration, redundancy by PES (from measures), pruning plans."""

@@ -45,7 +45,7 @@ def apply_plan(model_dir: Path, plan: PruningPlan, out: Path) -> Path:
     if out.exists():
         raise FileExistsError(f"{out}: already exists; choose a new output directory")
     config = ModelConfig.from_dir(model_dir)
-    moe_layers = [layer for layer in range(config.num_layers) if config.is_moe_layer(layer)]
+    moe_layers = config.moe_layers
     kept_count = check_expressible(plan, moe_layers)
     dtype = getattr(torch, str(config.raw.get("torch_dtype") or config.raw.get("dtype") or "float32"))
     model = load_model(model_dir, dtype, torch.device("cpu"), config)

@@ -23,7 +23,8 @@ from engine.attention import DenseCausal
 from engine.model import MoEForCausalLM
 from engine.moe import SparseMoE
 from engine.routing import Routing
-from pruning.pes import expert_cosines, pes_of
+from measures.pes import expert_cosines, pes_of
+from measures.token_sampling import EvenTokenSample
 
 
 @dataclass(frozen=True)
@@ -84,15 +85,13 @@ class Calibration:
 class _Recorder:
     """Routing observer that accumulates a layer's statistics batch by batch."""
 
-    def __init__(self, num_experts: int, every: int, budget: int) -> None:
-        self.num_experts, self.every, self.budget = num_experts, every, budget
+    def __init__(self, num_experts: int, sample: EvenTokenSample) -> None:
+        self.num_experts, self.sample = num_experts, sample
         self.routed: dict[int, torch.Tensor] = {}
         self.prob: dict[int, torch.Tensor] = {}
         self.cosine_sum: dict[int, torch.Tensor] = {}
         self.saliency_sum: dict[int, torch.Tensor] = {}
         self.saliency_count: dict[int, torch.Tensor] = {}
-        self.seen: dict[int, int] = {}
-        self.sampled: dict[int, int] = {}
         self.inputs: dict[int, list[torch.Tensor]] = {}
 
     def __call__(self, block: SparseMoE, x: torch.Tensor, logits: torch.Tensor, routing: Routing) -> None:
@@ -103,13 +102,7 @@ class _Recorder:
         routed = torch.bincount(ids[kept], minlength=e).double()
         self.routed[layer] = self.routed.get(layer, zeros) + routed
         self.prob[layer] = self.prob.get(layer, zeros) + torch.softmax(logits.float(), -1).double().sum(0)
-        seen = self.seen.get(layer, 0)
-        self.seen[layer] = seen + x.shape[0]
-        left = self.budget - self.sampled.get(layer, 0)
-        if left <= 0:
-            return
-        # Every `every`-th token of the whole run, counted across batches.
-        rows = torch.arange((-seen) % self.every, x.shape[0], self.every, device=x.device)[:left]
+        rows = self.sample.rows(layer, x.shape[0], x.device)
         if len(rows) == 0:
             return
         outputs = block.experts.apply_all(x[rows])  # [E, T, H]
@@ -121,7 +114,6 @@ class _Recorder:
         norms = outputs.float().norm(dim=-1).double().T  # [T, E]
         self.saliency_sum[layer] = self.saliency_sum.get(layer, zeros) + (gates * norms).sum(0)
         self.saliency_count[layer] = self.saliency_count.get(layer, zeros) + (gates > 0).double().sum(0)
-        self.sampled[layer] = self.sampled.get(layer, 0) + len(rows)
         self.inputs.setdefault(layer, []).append(x[rows].float().cpu())
 
     def result(self, layers: list[int]) -> Calibration:
@@ -134,11 +126,11 @@ class _Recorder:
                     layer=layer,
                     routed_tokens=self.routed[layer].cpu().numpy().astype(np.int64),
                     router_prob=self.prob[layer].cpu().numpy(),
-                    similarity=(self.cosine_sum[layer] / self.sampled[layer]).numpy(),
+                    similarity=(self.cosine_sum[layer] / self.sample.sampled[layer]).numpy(),
                     reap_saliency=saliency.cpu().numpy(),
                     inputs=torch.cat(self.inputs[layer]).numpy(),
-                    num_tokens=self.seen[layer],
-                    num_sampled=self.sampled[layer],
+                    num_tokens=self.sample.seen[layer],
+                    num_sampled=self.sample.sampled[layer],
                 )
             )
         return Calibration(out)
@@ -158,7 +150,7 @@ def calibrate(
         raise ValueError(f"calibration needs [N, S] token windows and sample_tokens >= 1, got {tuple(windows.shape)}")
     rows, seq_len = windows.shape
     device = model.lm_head.weight.device
-    recorder = _Recorder(model.config.num_experts, max(1, rows * seq_len // sample_tokens), sample_tokens)
+    recorder = _Recorder(model.config.num_experts, EvenTokenSample(rows * seq_len, sample_tokens))
     model.set_routing_observer(recorder)
     try:
         batches = range(math.ceil(rows / batch_size))
@@ -168,4 +160,4 @@ def calibrate(
             model(batch.reshape(-1), positions, DenseCausal(len(batch), seq_len))
     finally:
         model.set_routing_observer(None)
-    return recorder.result([block.layer_idx for block in model.moe_blocks()])
+    return recorder.result(model.config.moe_layers)

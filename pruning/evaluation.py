@@ -15,8 +15,8 @@ import torch
 
 from engine.model import MoEForCausalLM
 from engine.routing import RoutingPolicy
+from measures.perplexity import perplexity
 from pruning.calibration import Calibration
-from pruning.perplexity import perplexity
 from pruning.plan import make_plan
 from pruning.spec import CalibrationSpec, PlanSpec
 
@@ -97,13 +97,13 @@ def pruning_rows(
 
 def threshold_rows(model: MoEForCausalLM, windows: torch.Tensor, thresholds: list[float]) -> Iterator[dict[str, Any]]:
     """Dynamic-K routing: each token's routed experts below probability tau are dropped (Table 6)."""
-    layers = [block.layer_idx for block in model.moe_blocks()]
+    layers = model.config.moe_layers
     for tau in thresholds:
         yield {"tau": tau, **_scored(model, windows, {layer: RoutingPolicy(min_prob=tau) for layer in layers})}
 
 
 def dropped_top_rows(model: MoEForCausalLM, windows: torch.Tensor, drops: list[int]) -> Iterator[dict[str, Any]]:
     """Each token's r most probable experts masked, top-k re-picked among the rest (Fig. 4)."""
-    layers = [block.layer_idx for block in model.moe_blocks()]
+    layers = model.config.moe_layers
     for r in drops:
         yield {"dropped_top": r, **_scored(model, windows, {layer: RoutingPolicy(skip_top=r) for layer in layers})}

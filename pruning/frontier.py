@@ -79,7 +79,7 @@ def measure(
     engine = llm.engine
     forced_len = windows.shape[1] - prompt_len
     nll, tokens, seconds, decoded = 0.0, 0, 0.0, 0
-    moe_layers = [block.layer_idx for block in engine.model.moe_blocks()]
+    moe_layers = engine.model.config.moe_layers
     read = np.zeros((len(moe_layers), engine.model.config.num_experts + 1), dtype=np.int64)
     for start in range(0, len(windows) - batch + 1, batch):
         rows = windows[start : start + batch].tolist()

@@ -23,9 +23,9 @@ from engine.checkpoint import load_model
 from engine.config import DEFAULT_MODEL_DIR
 from engine.model import MoEForCausalLM
 from engine.routing import RoutingPolicy
+from measures.perplexity import perplexity
 from pruning.cache import DEFAULT_CACHE_DIR, cached_plan
 from pruning.data import file_windows, split_windows
-from pruning.perplexity import perplexity
 from pruning.plan import PruningPlan
 from pruning.spec import CalibrationSpec, PlanSpec
 

@@ -93,7 +93,6 @@ class PruningSettings:
         self.check(config)
         plan = self.plan(model_dir, device, dtype, cache_dir, spec)
         base = plan.routing_policies() if plan is not None else {}
-        layers = [layer for layer in range(config.num_layers) if config.is_moe_layer(layer)]
         similarity = (
             self._similarity_maps(model_dir, config, device, dtype, cache_dir, spec) if self.wants_similarity else {}
         )
@@ -105,7 +104,7 @@ class PruningSettings:
                 similarity=similarity.get(layer),
                 drop_unmatched=self.substitution_drop_unmatched,
             )
-            for layer in layers
+            for layer in config.moe_layers
         }
         return ({} if not self.active else policies), plan
 

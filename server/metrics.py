@@ -98,7 +98,7 @@ class ServerMetrics:
         self.expert_load = expert_load
         pairs = config.num_layers * config.num_experts
         self.per_expert_series = pairs <= AUTO_PER_EXPERT_LIMIT if per_expert_series is None else per_expert_series
-        self.moe_layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
+        self.moe_layers = config.moe_layers
         self.registry = registry = CollectorRegistry()
         labels = ["model_name"]
 

@@ -20,8 +20,9 @@ from engine.checkpoint import load_model
 from engine.model import MoEForCausalLM
 from engine.moe import SparseMoE
 from engine.routing import Routing
-from pruning.perplexity import perplexity
-from pruning.pes import expert_cosines, pes_per_token
+from measures.perplexity import perplexity
+from measures.pes import expert_cosines, pes_per_token
+from measures.token_sampling import EvenTokenSample
 from training.losses import router_orthogonality
 
 
@@ -29,28 +30,21 @@ class _RoutingProbe:
     """Routing observer that applies all experts to a fixed number of each layer's tokens (evenly sampled),
     and sums every token's input (the mean input direction explains much of a router's load imbalance)."""
 
-    def __init__(self, every: int, budget: int) -> None:
-        self.every, self.budget = every, budget
+    def __init__(self, sample: EvenTokenSample) -> None:
+        self.sample = sample
         self.sums: dict[int, float] = {}
-        self.counts: dict[int, int] = {}
         self.input_sums: dict[int, torch.Tensor] = {}
         self.input_energy: dict[int, float] = {}
-        self.inputs: dict[int, int] = {}
 
     def __call__(self, block: SparseMoE, x: torch.Tensor, logits: torch.Tensor, routing: Routing) -> None:
         layer = block.layer_idx
         self.input_sums[layer] = self.input_sums.get(layer, 0) + x.double().sum(0)
         self.input_energy[layer] = self.input_energy.get(layer, 0.0) + float(x.double().pow(2).sum())
-        seen = self.inputs.get(layer, 0)
-        self.inputs[layer] = seen + x.shape[0]
-        left = self.budget - self.counts.get(layer, 0)
-        if left <= 0:
+        rows = self.sample.rows(layer, x.shape[0], x.device)
+        if len(rows) == 0:
             return
-        # Every `every`-th token of the whole evaluation, counted across batches.
-        sample = x[(-seen) % self.every :: self.every][:left]
-        values = pes_per_token(expert_cosines(block.experts.apply_all(sample)))
+        values = pes_per_token(expert_cosines(block.experts.apply_all(x[rows])))
         self.sums[layer] = self.sums.get(layer, 0.0) + float(values.sum())
-        self.counts[layer] = self.counts.get(layer, 0) + len(sample)
 
 
 @torch.no_grad()
@@ -61,7 +55,7 @@ def evaluate(
     if len(windows) == 0 or pes_tokens < 1:
         raise ValueError(f"evaluation needs windows and pes_tokens >= 1 (got {len(windows)}, {pes_tokens})")
     seq_len = windows.shape[1] - 1
-    probe = _RoutingProbe(every=max(1, (len(windows) * seq_len) // pes_tokens), budget=pes_tokens)
+    probe = _RoutingProbe(EvenTokenSample(len(windows) * seq_len, pes_tokens))
     model.set_routing_observer(probe)
     model.expert_load.reset()
     try:
@@ -71,8 +65,9 @@ def evaluate(
     load = model.expert_load.snapshot().double()
     model.expert_load.reset()
     blocks = model.moe_blocks()
-    layers = [block.layer_idx for block in blocks]
-    pes = [probe.sums[layer] / probe.counts[layer] for layer in layers]
+    layers = model.config.moe_layers
+    seen, sampled = probe.sample.seen, probe.sample.sampled
+    pes = [probe.sums[layer] / sampled[layer] for layer in layers]
     # Correlation, over experts, between a router row's logit for the mean input and the expert's load.
     alignment = [
         float(
@@ -94,8 +89,7 @@ def evaluate(
         "load_vs_mean_input_logit": alignment,
         # Share of the MoE inputs' energy along their mean: |mean x|^2 / mean |x|^2.
         "mean_input_energy": [
-            float((probe.input_sums[i] / probe.inputs[i]).pow(2).sum()) / (probe.input_energy[i] / probe.inputs[i])
-            for i in layers
+            float((probe.input_sums[i] / seen[i]).pow(2).sum()) / (probe.input_energy[i] / seen[i]) for i in layers
         ],
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,3 +42,8 @@ def test_bfloat16_on_cpu_tracks_float32(tiny_model: Path) -> None:
         for a, b, t in zip(full[0].prompt_logprobs[1:], half[0].prompt_logprobs[1:], prompt[1:])
     ]
     assert max(diffs) < 0.1
+
+
+def test_moe_layers_are_the_layers_with_an_moe_block(hf_checkpoint: Callable[[str], Path]) -> None:
+    model = load_model(hf_checkpoint("qwen2_moe"), torch.float32, torch.device("cpu"))  # layer 1 is dense
+    assert model.config.moe_layers == [block.layer_idx for block in model.moe_blocks()] == [0, 2]

@@ -17,8 +17,8 @@ from loadtests.locust_run import Workload, run_locust
 from loadtests.perplexity import served_perplexity
 from loadtests.settings import ServerOptions, Setting, settings_grid
 from loadtests.sweep import main, sweep
+from measures.perplexity import perplexity
 from pruning.data import split_windows
-from pruning.perplexity import perplexity
 from pruning.spec import CalibrationSpec
 from server.launch import launched
 

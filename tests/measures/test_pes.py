@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pruning.pes import expert_cosines, pes_of, pes_per_token
+from measures.pes import expert_cosines, pes_of, pes_per_token
 
 
 def test_pes_is_the_mean_pairwise_cosine_of_all_experts_outputs() -> None:
