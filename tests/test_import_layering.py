@@ -4,6 +4,8 @@ pruning. A package may import only the packages below it, so none of them can fo
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -54,3 +56,11 @@ def test_a_package_imports_only_the_packages_below_it(package: str) -> None:
 
 def test_measures_imports_neither_pruning_nor_training() -> None:
     assert not {"pruning", "training"} & set(project_imports("measures"))
+
+
+def test_request_schemas_and_pruning_settings_do_not_load_the_engine_hub() -> None:
+    """server/protocol.py needs names only and pruning/serving.py needs device helpers: neither may pull in the
+    engine loop (engine/llm_engine.py) and everything it imports."""
+    probe = "import sys, server.protocol, pruning.serving; print('engine.llm_engine' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "False"
