@@ -33,7 +33,6 @@ class LayerCalibration:
 
     layer: int
     routed_tokens: np.ndarray  # [E] tokens that picked each expert among their top-k
-    router_prob: np.ndarray  # [E] summed softmax probability of each expert over all tokens
     similarity: np.ndarray  # [E, E] mean over sampled tokens of the cosine between two experts' outputs
     reap_saliency: np.ndarray  # [E] mean gate x |f_e(x)| over sampled tokens routed to e (0 if none)
     inputs: np.ndarray  # [sampled, H] float32: the sampled tokens' MoE inputs, to replay routing and experts
@@ -45,7 +44,7 @@ class LayerCalibration:
         return pes_of(torch.from_numpy(self.similarity))
 
 
-_ARRAYS = ("routed_tokens", "router_prob", "similarity", "reap_saliency", "inputs")
+_ARRAYS = ("routed_tokens", "similarity", "reap_saliency", "inputs")
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,6 @@ class _Recorder:
     def __init__(self, num_experts: int, sample: EvenTokenSample) -> None:
         self.num_experts, self.sample = num_experts, sample
         self.routed: dict[int, torch.Tensor] = {}
-        self.prob: dict[int, torch.Tensor] = {}
         self.cosine_sum: dict[int, torch.Tensor] = {}
         self.saliency_sum: dict[int, torch.Tensor] = {}
         self.saliency_count: dict[int, torch.Tensor] = {}
@@ -101,7 +99,6 @@ class _Recorder:
         zeros = torch.zeros(e, dtype=torch.float64, device=x.device)
         routed = torch.bincount(ids[kept], minlength=e).double()
         self.routed[layer] = self.routed.get(layer, zeros) + routed
-        self.prob[layer] = self.prob.get(layer, zeros) + torch.softmax(logits.float(), -1).double().sum(0)
         rows = self.sample.rows(layer, x.shape[0], x.device)
         if len(rows) == 0:
             return
@@ -125,7 +122,6 @@ class _Recorder:
                 LayerCalibration(
                     layer=layer,
                     routed_tokens=self.routed[layer].cpu().numpy().astype(np.int64),
-                    router_prob=self.prob[layer].cpu().numpy(),
                     similarity=(self.cosine_sum[layer] / self.sample.sampled[layer]).numpy(),
                     reap_saliency=saliency.cpu().numpy(),
                     inputs=torch.cat(self.inputs[layer]).numpy(),

@@ -30,7 +30,6 @@ def test_counts_add_up_and_similarity_is_a_cosine_matrix(tiny_model: Path) -> No
     for layer in result.layers:
         assert layer.num_tokens == 96 and layer.num_sampled == 40  # sampled across both batches
         assert layer.routed_tokens.sum() == 96 * config.top_k
-        assert layer.router_prob.sum() == pytest.approx(96, rel=1e-5)
         assert np.allclose(np.diag(layer.similarity), 1, atol=1e-5)
         assert np.allclose(layer.similarity, layer.similarity.T, atol=1e-6)
         assert -1 < layer.pes < 1 and (layer.reap_saliency >= 0).all() and layer.reap_saliency.max() > 0

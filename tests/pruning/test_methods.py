@@ -14,7 +14,6 @@ def layer(routed: list[int], saliency: list[float], index: int = 0) -> LayerCali
     return LayerCalibration(
         layer=index,
         routed_tokens=np.array(routed),
-        router_prob=np.ones(e),
         similarity=np.eye(e),
         reap_saliency=np.array(saliency),
         inputs=np.zeros((0, 4), dtype=np.float32),
