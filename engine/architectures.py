@@ -1,9 +1,10 @@
 """Every supported architecture (config.json `model_type`) as one spec, in one table.
 
 What differs between architectures lives here and nowhere else: how config.json maps onto ModelConfig, the
-architecture-specific keys of a random config.json, the tensor renames applied when loading, and the config
-keys that exercise a variant's optional parts in the tests. engine.config, engine.random_checkpoint,
-engine.checkpoint and the test fixtures read ARCHITECTURES; adding an architecture is one entry.
+architecture-specific keys of a random config.json, the tensor renames applied when loading, the router's
+scoring rule, and the config keys that exercise a variant's optional parts in the tests. engine.config,
+engine.random_checkpoint, engine.checkpoint and the test fixtures read ARCHITECTURES; adding an architecture
+is one entry (plus, for a new scoring rule, one function in engine.routing.ROUTER_SCORES).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class ArchitectureSpec:
     read_config: the architecture-specific ModelConfig fields, read from config.json.
     random_config: the architecture-specific keys of a config.json as transformers writes it, for a shape.
     tensor_renames: (regex, replacement) pairs turning checkpoint tensor names into the model's, in order.
+    router_scoring: the name of the router's scoring rule in engine.routing.ROUTER_SCORES.
     variant_extras: config.json keys that switch on the variant's optional parts (dense layers, clipping), so
         tests built from hf config exercise them.
     """
@@ -42,6 +44,7 @@ class ArchitectureSpec:
     read_config: Callable[[ConfigReader], dict[str, Any]]
     random_config: Callable[[RandomShape], dict[str, Any]]
     tensor_renames: tuple[tuple[str, str], ...] = ()
+    router_scoring: str = "softmax"
     variant_extras: Mapping[str, Any] = field(default_factory=dict)
 
     def model_tensor_name(self, name: str) -> str:

@@ -57,6 +57,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None
     router_balancing: RouterBalancing | None = None
+    router_scoring: str = "softmax"  # a name in engine.routing.ROUTER_SCORES
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -113,7 +114,7 @@ class ModelConfig:
             "raw": raw,
         }
         spec = ARCHITECTURES[model_type]
-        config = cls(**common, **spec.read_config(reader))
+        config = cls(**common, **spec.read_config(reader), router_scoring=spec.router_scoring)
         if not 1 <= config.top_k <= config.num_experts:
             raise CheckpointError(f"{source}: num_experts_per_tok={config.top_k} must be in 1..{config.num_experts}")
         if heads % config.num_kv_heads:

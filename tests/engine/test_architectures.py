@@ -6,7 +6,9 @@ import pytest
 
 from engine.architectures import ARCHITECTURES
 from engine.config import SUPPORTED_MODEL_TYPES, CheckpointError, ModelConfig
+from engine.moe import SparseMoE
 from engine.random_checkpoint import hf_config
+from engine.routing import ROUTER_SCORES
 
 
 @pytest.mark.parametrize("model_type", list(ARCHITECTURES))
@@ -16,6 +18,7 @@ def test_every_architecture_round_trips_through_its_config_json(model_type: str)
     config = ModelConfig.from_dict(raw)
     assert config.model_type == spec.model_type == model_type
     assert raw["architectures"] == [spec.hf_class]
+    assert config.router_scoring == spec.router_scoring and spec.router_scoring in ROUTER_SCORES
     assert ModelConfig.from_dict({**raw, **spec.variant_extras}).model_type == model_type
 
 
@@ -33,3 +36,8 @@ def test_tensor_renames_belong_to_their_architecture() -> None:
     hub = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
     assert ARCHITECTURES["mixtral"].model_tensor_name(hub) == "model.layers.0.mlp.experts.0.w1.weight"
     assert ARCHITECTURES["qwen3_moe"].model_tensor_name(hub) == hub
+
+
+def test_a_moe_block_refuses_a_scoring_rule_routing_does_not_know() -> None:
+    with pytest.raises(ValueError, match="unknown router scoring 'nope'; expected one of \\('softmax',\\)"):
+        SparseMoE(0, 8, 4, 2, 8, norm_topk_prob=True, router_scoring="nope")
