@@ -248,7 +248,7 @@ def _qkv(attn: Attention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 def _route(block: SparseMoE, logits: torch.Tensor, token_mask: torch.Tensor, controls: torch.Tensor) -> Routing:
     """SparseMoE.forward between the router and the dispatch."""
-    routing = route(logits, block.top_k, block.norm_topk_prob, block.policy, controls)
+    routing = route(logits, block.top_k, block.norm_topk_prob, block.policy, controls, scoring=block.router_scoring)
     if block.record_load is not None:
         block.record_load(block.layer_idx, routing.expert_ids, token_mask)
     if block.expert_rows is not None:

@@ -4,7 +4,8 @@ Loading maps every tensor name onto a model parameter and checks shapes and cove
 headers alone, before any weight is allocated: a bad checkpoint raises CheckpointError naming the file and
 tensor, and leaves nothing half-loaded. Both per-expert hub names (experts.N.w1/w2/w3 or
 experts.N.gate_proj/up_proj/down_proj) and fused transformers-5 names (experts.gate_up_proj,
-experts.down_proj) are accepted.
+experts.down_proj) are accepted, after the architecture's tensor renames (engine.architectures: mixtral's hub
+`block_sparse_moe`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from engine.architectures import ARCHITECTURES
 from engine.config import CheckpointError, ModelConfig
 from engine.model import MoEForCausalLM
 
@@ -87,7 +89,7 @@ def _read_headers(files: list[Path]) -> dict[str, _TensorHeader]:
 
 
 def _assign(name: str) -> _Assignment:
-    name = name.replace(".block_sparse_moe.", ".mlp.")
+    """`name` is the model's name for the tensor (after the architecture's renames)."""
     match = _PER_EXPERT.match(name)
     if match:
         prefix, expert, kind = match.groups()
@@ -110,11 +112,12 @@ def _plan(
 ) -> dict[str, _Assignment]:
     plan: dict[str, _Assignment] = {}
     covered: dict[str, set[tuple[int | None, str]]] = {}
+    spec = ARCHITECTURES[config.model_type]
     for name, header in sorted(tensors.items()):
         file, shape = header.file, header.shape
         if _IGNORED.search(name):
             continue
-        assignment = _assign(name)
+        assignment = _assign(spec.model_tensor_name(name))
         if config.tie_word_embeddings and assignment.param == "lm_head.weight":
             continue
         if assignment.param not in expected:

@@ -7,15 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.architectures import ARCHITECTURES
+from engine.config_reader import CheckpointError, ConfigReader
 from engine.paths import bundled
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 # The bundled SimBal-trained model (trained by `moe-train`, see its model card): what commands serve by default.
 DEFAULT_MODEL_DIR = bundled("models/tiny-simbal")
-
-
-class CheckpointError(ValueError):
-    """A model directory that cannot be loaded; the message names the file, key or tensor at fault."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +57,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None
     router_balancing: RouterBalancing | None = None
+    router_scoring: str = "softmax"  # a name in engine.routing.ROUTER_SCORES
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -87,7 +86,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        reader = _ConfigReader(raw, source)
+        reader = ConfigReader(raw, source)
         model_type = reader.get("model_type", str)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise CheckpointError(
@@ -120,42 +119,8 @@ class ModelConfig:
             "router_balancing": _router_balancing(raw.get("router_balancing"), source),
             "raw": raw,
         }
-        if model_type == "mixtral":
-            arch = {
-                "moe_intermediate_size": reader.get("intermediate_size", int),
-                "norm_topk_prob": True,
-                "sliding_window": raw.get("sliding_window"),
-            }
-        elif model_type == "olmoe":
-            bias = reader.get("attention_bias", bool, False)
-            arch = {
-                "moe_intermediate_size": reader.get("intermediate_size", int),
-                "norm_topk_prob": reader.get("norm_topk_prob", bool, False),
-                "qkv_bias": bias,
-                "o_bias": bias,
-                "qk_norm": "full",
-                "clip_qkv": raw.get("clip_qkv"),
-            }
-        else:
-            sparse_step = reader.get("decoder_sparse_step", int, 1)
-            mlp_only = raw.get("mlp_only_layers") or []
-            dense = tuple(i for i in range(num_layers) if i in mlp_only or (i + 1) % sparse_step != 0)
-            arch = {
-                "moe_intermediate_size": reader.get("moe_intermediate_size", int),
-                "norm_topk_prob": reader.get("norm_topk_prob", bool, False),
-                "dense_layers": dense,
-                "dense_intermediate_size": reader.get("intermediate_size", int) if dense else 0,
-                "sliding_window": raw.get("sliding_window") if raw.get("use_sliding_window") else None,
-            }
-            if model_type == "qwen2_moe":
-                arch.update(
-                    qkv_bias=reader.get("qkv_bias", bool, True),
-                    shared_expert_intermediate_size=reader.get("shared_expert_intermediate_size", int, 0),
-                )
-            else:
-                bias = reader.get("attention_bias", bool, False)
-                arch.update(qkv_bias=bias, o_bias=bias, qk_norm="head")
-        config = cls(**common, **arch)
+        spec = ARCHITECTURES[model_type]
+        config = cls(**common, **spec.read_config(reader), router_scoring=spec.router_scoring)
         if not 1 <= config.top_k <= config.num_experts:
             raise CheckpointError(f"{source}: num_experts_per_tok={config.top_k} must be in 1..{config.num_experts}")
         if heads % config.num_kv_heads:
@@ -163,25 +128,6 @@ class ModelConfig:
                 f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={config.num_kv_heads}"
             )
         return config
-
-
-class _ConfigReader:
-    def __init__(self, raw: dict[str, Any], source: str) -> None:
-        self.raw, self.source = raw, source
-
-    _MISSING = object()
-
-    def get(self, key: str, kind: type, default: Any = _MISSING) -> Any:
-        if key not in self.raw or self.raw[key] is None:
-            if default is self._MISSING:
-                raise CheckpointError(f"{self.source}: required key {key!r} is missing")
-            return default
-        value = self.raw[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise CheckpointError(f"{self.source}: key {key!r} must be {kind.__name__}, got {value!r}")
-        return value
 
 
 def _rope_theta(raw: dict[str, Any], source: str) -> float:

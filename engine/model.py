@@ -111,6 +111,7 @@ class DecoderLayer(nn.Module):
                 config.moe_intermediate_size,
                 config.norm_topk_prob,
                 config.shared_expert_intermediate_size,
+                config.router_scoring,
             )
         else:
             self.mlp = DenseMLP(config.hidden_size, config.dense_intermediate_size)

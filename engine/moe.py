@@ -18,7 +18,7 @@ from torch import nn
 
 from engine.choices import BACKENDS
 from engine.cpu_kernels import SUFFIX, kernels
-from engine.routing import LiveExperts, Routing, RoutingPolicy, route
+from engine.routing import ROUTER_SCORES, LiveExperts, Routing, RoutingPolicy, route
 
 logger = logging.getLogger(__name__)
 
@@ -274,11 +274,15 @@ class SparseMoE(nn.Module):
         intermediate_size: int,
         norm_topk_prob: bool,
         shared_expert_intermediate_size: int = 0,
+        router_scoring: str = "softmax",
     ) -> None:
         super().__init__()
+        if router_scoring not in ROUTER_SCORES:
+            raise ValueError(f"unknown router scoring {router_scoring!r}; expected one of {tuple(ROUTER_SCORES)}")
         self.layer_idx = layer_idx
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
+        self.router_scoring = router_scoring
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
         self.shared_expert: DenseMLP | None = None
@@ -332,7 +336,9 @@ class SparseMoE(nn.Module):
         live: LiveExperts | None = None,
     ) -> torch.Tensor:
         router_logits = self.gate(x)
-        routing = route(router_logits, self.top_k, self.norm_topk_prob, self.policy, route_controls, live)
+        routing = route(
+            router_logits, self.top_k, self.norm_topk_prob, self.policy, route_controls, live, self.router_scoring
+        )
         if self.record_load is not None:
             self.record_load(self.layer_idx, routing.expert_ids, token_mask)
         if self.observer is not None:

@@ -12,18 +12,12 @@ from typing import Any
 
 import torch
 
+from engine.architectures import ARCHITECTURES, RandomShape
 from engine.checkpoint import save_checkpoint
 from engine.command_line import command_parser
 from engine.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from engine.model import MoEForCausalLM
 from engine.tokenizer import byte_level_tokenizer, save_tokenizer_files
-
-ARCHITECTURES = {
-    "mixtral": "MixtralForCausalLM",
-    "qwen2_moe": "Qwen2MoeForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
-    "olmoe": "OlmoeForCausalLM",
-}
 
 
 def hf_config(
@@ -47,7 +41,7 @@ def hf_config(
         raise ValueError(f"unsupported model_type {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
     config: dict[str, Any] = {
         "model_type": model_type,
-        "architectures": [ARCHITECTURES[model_type]],
+        "architectures": [ARCHITECTURES[model_type].hf_class],
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
         "num_hidden_layers": num_layers,
@@ -61,22 +55,8 @@ def hf_config(
         "tie_word_embeddings": False,
         "eos_token_id": eos_token_id,
     }
-    if model_type in ("mixtral", "olmoe"):
-        config.update(intermediate_size=expert_width)
-        config["num_local_experts" if model_type == "mixtral" else "num_experts"] = num_experts
-    else:
-        config.update(
-            num_experts=num_experts,
-            moe_intermediate_size=expert_width,
-            intermediate_size=4 * expert_width,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-            norm_topk_prob=model_type == "qwen3_moe",
-        )
-    if model_type == "qwen2_moe":
-        config["shared_expert_intermediate_size"] = 2 * expert_width
-    if model_type == "qwen3_moe":
-        config["head_dim"] = hidden_size // num_heads
+    shape = RandomShape(hidden_size, num_heads, num_experts, expert_width)
+    config.update(ARCHITECTURES[model_type].random_config(shape))
     if router_balancing is not None:
         config["router_balancing"] = router_balancing
     return config

@@ -17,12 +17,22 @@ their policy has a similarity map.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from engine.token_routing import EXPERTS_PER_TOKEN, KEEP_TOP, MIN_PROB, MIN_SIMILARITY
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits, dim=-1)
+
+
+# Router scoring rules by name (ArchitectureSpec.router_scoring): fp32 router logits [T, E] -> expert scores
+# [T, E], from which top-k picks. Experts taken out of routing arrive with logit -inf.
+ROUTER_SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"softmax": _softmax}
 
 
 @dataclass(frozen=True)
@@ -116,16 +126,18 @@ def route(
     policy: RoutingPolicy | None = None,
     controls: torch.Tensor | None = None,
     live: LiveExperts | None = None,
+    scoring: str = "softmax",
 ) -> Routing:
-    """Softmax over experts, top-k, optional renormalization, with the layer's policy, the tokens' controls
-    ([T, 4] float: TokenRouting.row of each token) and the live pruning tables applied."""
+    """Scores over experts (the `scoring` rule of ROUTER_SCORES: softmax for every architecture so far), top-k,
+    optional renormalization, with the layer's policy, the tokens' controls ([T, 4] float: TokenRouting.row of
+    each token) and the live pruning tables applied."""
     num_experts = router_logits.shape[-1]
     logits = router_logits.float()
     if policy is not None and policy.kept_experts is not None:
         logits = logits.masked_fill(~policy.kept_experts, float("-inf"))
     if live is not None:
         logits = logits.masked_fill(~live.kept, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = ROUTER_SCORES[scoring](logits)
     k = policy.top_k if policy is not None and policy.top_k else top_k
     if policy is not None and policy.skip_top:
         top = torch.topk(probs, policy.skip_top, dim=-1).indices

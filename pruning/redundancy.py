@@ -32,12 +32,14 @@ class LayerReplay:
     outputs: torch.Tensor
     top_k: int
     norm_topk_prob: bool
+    router_scoring: str = "softmax"
 
     @classmethod
     @torch.no_grad()
     def of(cls, block: SparseMoE, inputs: np.ndarray) -> LayerReplay:
         x = torch.from_numpy(inputs).to(block.gate.weight.device, block.gate.weight.dtype)
-        return cls(block.gate(x).float(), block.experts.apply_all(x).float(), block.top_k, block.norm_topk_prob)
+        logits, outputs = block.gate(x).float(), block.experts.apply_all(x).float()
+        return cls(logits, outputs, block.top_k, block.norm_topk_prob, block.router_scoring)
 
     def output(
         self, removed: list[int], redirect: dict[int, int] | None = None, rows: torch.Tensor | None = None
@@ -62,7 +64,7 @@ class LayerReplay:
             kept = torch.ones(num_experts, dtype=torch.bool, device=device)
             kept[removed] = False
             policy = RoutingPolicy(kept_experts=kept)
-        routing = route(logits, self.top_k, self.norm_topk_prob, policy)
+        routing = route(logits, self.top_k, self.norm_topk_prob, policy, scoring=self.router_scoring)
         return routing.expert_ids, routing.weights
 
     def _combine(self, ids: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:

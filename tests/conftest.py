@@ -18,19 +18,12 @@ import torch
 
 os.environ.setdefault("MOE_SERVE_ENFORCE_EAGER", "1")
 
+from engine.architectures import ARCHITECTURES
 from engine.random_checkpoint import hf_config, write_tokenizer
 
 torch.set_num_threads(2)
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-
-# Per-architecture extras that exercise each variant's special parts.
-ARCH_EXTRAS: dict[str, dict[str, Any]] = {
-    "mixtral": {},
-    "qwen2_moe": {"mlp_only_layers": [1], "intermediate_size": 96},  # a dense layer between MoE layers
-    "qwen3_moe": {},
-    "olmoe": {"clip_qkv": 4.0},
-}
+ARCHS = tuple(ARCHITECTURES)
 
 
 def write_hf_checkpoint(path: Path, model_type: str, seed: int = 0, **shape: Any) -> Path:
@@ -40,7 +33,7 @@ def write_hf_checkpoint(path: Path, model_type: str, seed: int = 0, **shape: Any
     path.mkdir(parents=True, exist_ok=True)
     eos = write_tokenizer(path)
     raw = hf_config(model_type, eos_token_id=eos, num_layers=3, **shape)
-    raw.update(ARCH_EXTRAS[model_type])
+    raw.update(ARCHITECTURES[model_type].variant_extras)  # exercise the variant's optional parts
     raw["initializer_range"] = 0.1  # peaked distributions: greedy parity is not decided by float noise
     config = AutoConfig.for_model(**raw)
     torch.manual_seed(seed)
