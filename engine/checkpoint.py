@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -249,3 +249,50 @@ def save_checkpoint(model: MoEForCausalLM, path: str | Path, fused: bool = False
     raw["torch_dtype"] = str(dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+@torch.no_grad()
+def read_expert_rows(
+    path: str | Path, config: ModelConfig, layer: int, experts: list[int], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Some experts' weights of one MoE layer, read again from the checkpoint (safetensors maps the file, so
+    only those rows are read): gate+up [n, 2I, H] and down [n, H, I] in `experts` order. What live pruning
+    reloads after releasing them; CheckpointError if the files changed or those rows hold NaN."""
+    path = Path(path)
+    spec = ARCHITECTURES[config.model_type]
+    prefix = f"model.layers.{layer}.mlp.experts"
+    width, hidden = config.moe_intermediate_size, config.hidden_size
+    stacked = {
+        f"{prefix}.gate_up_proj": torch.empty(len(experts), 2 * width, hidden, dtype=dtype, device=device),
+        f"{prefix}.down_proj": torch.empty(len(experts), hidden, width, dtype=dtype, device=device),
+    }
+    position = {expert: i for i, expert in enumerate(experts)}
+    filled: dict[int, set[str]] = {expert: set() for expert in experts}
+    for name, header in _read_headers(weight_files(path)).items():
+        assignment = _assign(spec.model_tensor_name(name))
+        target = stacked.get(assignment.param)
+        if target is None or (assignment.expert is not None and assignment.expert not in position):
+            continue
+        with safe_open(str(header.file), framework="pt", device="cpu") as handle:
+            if assignment.expert is None:  # fused [E, ...]: only the wanted rows are read
+                rows, want = handle.get_slice(name)[experts], tuple(target.shape)
+            else:
+                rows, want = handle.get_tensor(name), _expected_piece_shape(assignment, tuple(target.shape))
+        if tuple(rows.shape) != want:
+            raise CheckpointError(f"{header.file}: tensor {name} has shape {list(rows.shape)}, expected {list(want)}")
+        if not bool(torch.isfinite(rows).all()):
+            raise CheckpointError(f"{header.file}: tensor {name} holds NaN or infinite values; refusing to reload it")
+        if assignment.expert is None:
+            target.copy_(rows)
+            parts = {"down"} if assignment.param.endswith("down_proj") else {"gate", "up"}
+            for expert in experts:
+                filled[expert] |= parts
+        else:
+            _copy_into(target, replace(assignment, expert=position[assignment.expert]), rows)
+            filled[assignment.expert].add(assignment.part)
+    missing = [expert for expert, parts in filled.items() if parts != {"gate", "up", "down"}]
+    if missing:
+        raise CheckpointError(
+            f"{path}: the weights of layer {layer}'s experts {missing} are no longer in the checkpoint"
+        )
+    return stacked[f"{prefix}.gate_up_proj"], stacked[f"{prefix}.down_proj"]

@@ -56,6 +56,16 @@ class EngineStats:
             "Peak memory of the engine process: torch's peak reservation on CUDA, peak resident set size on CPU.",
         ),
     )
+    weight_bytes: int = field(
+        default=0, metadata=gauge("model_weight_bytes", "Bytes of model weights resident on the device.")
+    )
+    released_expert_bytes: int = field(
+        default=0,
+        metadata=gauge(
+            "released_expert_weight_bytes",
+            "Bytes of expert weights freed because pruning removed them (at load, or by the live pruning now).",
+        ),
+    )
     prefix_cache_queries: int = field(
         default=0, metadata=counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
     )

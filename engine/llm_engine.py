@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from engine.block_manager import BlockManager
-from engine.checkpoint import load_model
+from engine.checkpoint import load_model, read_expert_rows
 from engine.config import CheckpointError, ModelConfig
 from engine.device import peak_rss_bytes, resolve_device, resolve_dtype
 from engine.engine_stats import EngineStats
@@ -61,9 +61,13 @@ class EngineConfig:
     # release_unrouted_experts, the weights of experts no policy can reach are freed first.
     routing_policies: dict[int, RoutingPolicy] = field(default_factory=dict)
     release_unrouted_experts: bool = True
-    # Pruning switchable while serving (set_live_pruning): every expert stays loaded and the policies' kept
-    # experts and redirects become data every step reads (engine/expert_tables.py), not traced code.
+    # Pruning switchable while serving (set_live_pruning): the policies' kept experts and redirects become data
+    # every step reads (engine/expert_tables.py), not traced code, so a switch needs no recompile; every expert
+    # stays loaded unless live_pruning_releases_experts.
     live_pruning: bool = False
+    # With live_pruning: each pruning (the first included) frees the weights of experts it cannot reach and
+    # reads back from the checkpoint those it needs again; a switch that changes the weights recompiles the step.
+    live_pruning_releases_experts: bool = False
     # Every request's routing budget unless it brings its own (SamplingParams.routing).
     token_routing: TokenRouting = field(default_factory=TokenRouting)
 
@@ -101,7 +105,7 @@ class LLMEngine:
 
     def __init__(self, model: str | Path, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
-        path = Path(model)
+        path = self.model_path = Path(model)
         model_config = ModelConfig.from_dir(path)
         self.tokenizer = ModelTokenizer(path, model_config.eos_token_ids)
         if self.tokenizer.vocab_size > model_config.vocab_size:
@@ -117,6 +121,7 @@ class LLMEngine:
         )
         self.model.eval().requires_grad_(False)
         self.released_expert_bytes = self._install_routing(config)
+        self.weight_bytes = self._resident_weight_bytes()
         self.max_model_len = self._max_model_len(model_config)
         num_blocks = self._num_kv_blocks()
         if num_blocks * config.block_size < self.max_model_len:
@@ -164,7 +169,7 @@ class LLMEngine:
             self.model.set_routing_policies(
                 {layer: replace(p, kept_experts=None, redirect=None) for layer, p in policies.items()}
             )
-            return 0
+            return -self._hold_reachable_experts(live) if config.live_pruning_releases_experts else 0
         if not policies:
             return 0
         self.model.set_routing_policies(policies)
@@ -180,9 +185,23 @@ class LLMEngine:
         )
         return released
 
-    @property
-    def weight_bytes(self) -> int:
-        """Bytes of the model's parameters as loaded (after any released experts)."""
+    def _hold_reachable_experts(self, policies: dict[int, RoutingPolicy]) -> int:
+        """Hold the weights of exactly the experts the policies can reach (all, in layers they do not name),
+        reading released ones back from the checkpoint; returns the change in resident bytes."""
+        num_experts = self.model.config.num_experts
+        keep = {layer: policy.reachable_experts(num_experts) for layer, policy in policies.items()}
+        config, dtype, device = self.model.config, self.dtype, self.device
+        change = self.model.hold_experts(
+            keep, lambda layer, experts: read_expert_rows(self.model_path, config, layer, experts, dtype, device)
+        )
+        if change < 0 and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if change:
+            logger.info("live pruning holds %+.1f MiB of expert weights", change / 2**20)
+        return change
+
+    def _resident_weight_bytes(self) -> int:
+        """Bytes of the model's parameters as now held (after any released experts)."""
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     @property
@@ -276,14 +295,23 @@ class LLMEngine:
 
     def set_live_pruning(self, policies: dict[int, RoutingPolicy]) -> None:
         """Switch the experts each MoE layer routes to (the policies' kept_experts and redirect; layers not named
-        prune nothing) from the next step, requests in flight included; nothing recompiles or reloads. Needs
+        prune nothing) from the next step, requests in flight included; nothing recompiles or reloads unless
+        EngineConfig.live_pruning_releases_experts (then the weights follow the pruning: released experts are
+        read back from the checkpoint, and the step recompiles when they change). Needs
         EngineConfig.live_pruning; ValueError (naming the layer and field) leaves the old pruning in place.
         Cached prefixes were computed under the old pruning, so they are forgotten and sequences in flight stop
         sharing theirs."""
         tables = self.model.expert_tables
         if tables is None:
             raise ValueError("live pruning is off: start the engine with EngineConfig.live_pruning")
-        tables.install(tables.tables_for(policies, self.model.config.top_k))
+        new_tables = tables.tables_for(policies, self.model.config.top_k)
+        change = self._hold_reachable_experts(policies) if self.config.live_pruning_releases_experts else 0
+        if change:
+            self.released_expert_bytes -= change
+            self.weight_bytes = self._resident_weight_bytes()
+            self.runner.reset_compiled()  # the weights are constants of the compiled step
+            self.runner.warm_up()
+        tables.install(new_tables)
         self.block_manager.reset_prefix_cache()
         for request in self.requests.values():
             for seq in request.seqs:
@@ -411,6 +439,8 @@ class LLMEngine:
             kv_cache_usage=blocks.usage,
             num_preemptions=scheduler.num_preemptions,
             peak_memory_bytes=self.peak_memory_bytes,
+            weight_bytes=self.weight_bytes,
+            released_expert_bytes=self.released_expert_bytes,
             prefix_cache_queries=blocks.prefix_cache_queries,
             prefix_cache_hits=blocks.prefix_cache_hits,
             expert_counts=load,

@@ -8,6 +8,9 @@ caches and block tables the model runner provides through the forward context, e
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -144,6 +147,17 @@ class DecoderStack(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+# (MoE layer, expert ids) -> their stacked gate+up [n, 2I, H] and down [n, H, I] weights, e.g. from the checkpoint.
+ExpertRowReader = Callable[[int, list[int]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _already_read(
+    rows: tuple[torch.Tensor, torch.Tensor] | None, experts: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    assert rows is not None, f"experts {experts} were not read"
+    return rows
+
+
 class MoEForCausalLM(nn.Module):
     """Decoder stack plus LM head; `forward` returns final hidden states, `compute_logits` projects them."""
 
@@ -168,6 +182,27 @@ class MoEForCausalLM(nn.Module):
 
     def moe_blocks(self) -> list[SparseMoE]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
+
+    def hold_experts(self, keep: dict[int, torch.Tensor], read_rows: ExpertRowReader) -> int:
+        """Per MoE layer hold exactly the experts keep[layer] names (bool [E]; layers not named: all of them),
+        freeing the others and reading back with read_rows(layer, ids) those released before. Every read happens
+        before anything changes, so a failed read (CheckpointError) leaves the model as it was. Returns the
+        change in resident bytes."""
+        wanted = {
+            block.layer_idx: keep.get(block.layer_idx, torch.ones(block.num_experts, dtype=torch.bool))
+            for block in self.moe_blocks()
+        }
+        reads = {}
+        for block in self.moe_blocks():
+            missing = torch.nonzero(wanted[block.layer_idx] & ~block.present_experts()).squeeze(1)
+            if len(missing):
+                reads[block.layer_idx] = read_rows(block.layer_idx, [int(e) for e in missing])
+        change = 0
+        for block in self.moe_blocks():
+            change += block.hold_experts(
+                wanted[block.layer_idx], functools.partial(_already_read, reads.get(block.layer_idx))
+            )
+        return change
 
     def set_moe_backend(self, backend: str) -> None:
         for block in self.moe_blocks():

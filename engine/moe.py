@@ -57,15 +57,20 @@ class Experts(nn.Module):
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in (self.gate_up_proj, self.down_proj))
 
+    @staticmethod
+    def of(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> Experts:
+        """Experts holding these stacked weights (not copied; frozen)."""
+        count, width, hidden = gate_up_proj.shape
+        with torch.device("meta"):
+            experts = Experts(count, hidden, width // 2)
+        experts.gate_up_proj = nn.Parameter(gate_up_proj, requires_grad=False)
+        experts.down_proj = nn.Parameter(down_proj, requires_grad=False)
+        return experts
+
     def subset(self, rows: torch.Tensor) -> Experts:
         """A new Experts holding copies of the given rows only (this one's memory is freed once it is dropped)."""
-        _, width, hidden = self.gate_up_proj.shape
-        with torch.device("meta"):
-            kept = Experts(len(rows), hidden, width // 2)
         rows = rows.to(self.gate_up_proj.device)
-        kept.gate_up_proj = nn.Parameter(self.gate_up_proj.detach()[rows].clone(), requires_grad=False)
-        kept.down_proj = nn.Parameter(self.down_proj.detach()[rows].clone(), requires_grad=False)
-        return kept
+        return Experts.of(self.gate_up_proj.detach()[rows].clone(), self.down_proj.detach()[rows].clone())
 
     def apply_all(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's output for every token, [E, T, H]: the dense pass that redundancy measures need."""
@@ -262,6 +267,10 @@ def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, backend: str =
     return torch.ops.moe_serve.expert_mlp(x, routing.expert_ids, routing.weights, w13, w2, backend)
 
 
+def _nothing_to_read(experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    raise AssertionError(f"experts {experts} were released, not kept")
+
+
 class SparseMoE(nn.Module):
     """One MoE layer. `policy` is the routing seam; `load` (shared across layers) counts routed tokens."""
 
@@ -314,14 +323,40 @@ class SparseMoE(nn.Module):
         load counts and policies are unchanged. Returns the bytes released."""
         if bool((keep & ~self.present_experts()).any()):
             raise ValueError(f"layer {self.layer_idx}: cannot keep experts whose weights were already released")
-        ids = torch.nonzero(keep).squeeze(1)
-        current_rows = ids if self.expert_rows is None else self.expert_rows[ids.to(self.expert_rows.device)]
+        return -self.hold_experts(keep, _nothing_to_read)
+
+    def hold_experts(
+        self, keep: torch.Tensor, read_rows: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
+    ) -> int:
+        """Hold exactly the experts in `keep` (bool [E]): free the others, and get back with `read_rows` (their
+        ids -> stacked gate+up and down rows) those released before. Live pruning's memory follows its plan this
+        way. Returns the change in resident bytes (negative when memory was freed)."""
+        present = self.present_experts()
+        if bool((keep == present).all()):
+            return 0
         before = self.experts.nbytes()
-        self.experts = self.experts.subset(current_rows)
-        rows = torch.full((self.num_experts + 1,), len(ids), dtype=torch.long)
-        rows[ids] = torch.arange(len(ids))
-        self.expert_rows = rows.to(self.gate.weight.device)
-        return before - self.experts.nbytes()
+        ids = torch.nonzero(keep).squeeze(1)
+        loaded = present[ids]
+        held = ids[loaded]
+        rows = held if self.expert_rows is None else self.expert_rows[held.to(self.expert_rows.device)].cpu()
+        old_gate_up, old_down = self.experts.gate_up_proj.detach(), self.experts.down_proj.detach()
+        gate_up = old_gate_up.new_empty((len(ids), *old_gate_up.shape[1:]))
+        down = old_down.new_empty((len(ids), *old_down.shape[1:]))
+        device = gate_up.device
+        gate_up[loaded.to(device)] = old_gate_up[rows.to(device)]
+        down[loaded.to(device)] = old_down[rows.to(device)]
+        if not bool(loaded.all()):
+            read_gate_up, read_down = read_rows([int(e) for e in ids[~loaded]])
+            gate_up[~loaded.to(device)] = read_gate_up
+            down[~loaded.to(device)] = read_down
+        self.experts = Experts.of(gate_up, down)
+        if bool(keep.all()):
+            self.expert_rows = None
+        else:
+            expert_rows = torch.full((self.num_experts + 1,), len(ids), dtype=torch.long)
+            expert_rows[ids] = torch.arange(len(ids))
+            self.expert_rows = expert_rows.to(self.gate.weight.device)
+        return self.experts.nbytes() - before
 
     def set_backend(self, backend: str) -> None:
         if backend not in BACKENDS:

@@ -71,8 +71,6 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         monitor,
         settings.per_expert_series,
         model_info(engine, settings),
-        engine.info.weight_bytes,
-        engine.info.released_expert_bytes,
         startup=lambda: (engine.compile_seconds, engine.warmup_seconds),
     )
     observers: list[EngineObserver] = [metrics, monitor]

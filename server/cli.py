@@ -205,6 +205,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "if set); pruning then keeps every expert's weights loaded so that any level can be switched to",
     )
     pruning.add_argument(
+        "--live-pruning-releases-experts",
+        action="store_true",
+        help="with --enable-admin-api: each pruning frees the weights of the experts it removes and reads them back "
+        "from the checkpoint when a later one needs them (memory follows the plan; such a switch recompiles the step)",
+    )
+    pruning.add_argument(
         "--allow-request-routing",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -224,6 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.model != DEFAULT_MODEL_DIR and args.model != args.model_path:
             parser.error(f"two models given: {args.model_path} and --model {args.model}")
         args.model = args.model_path
+    if args.live_pruning_releases_experts and not args.enable_admin_api:
+        parser.error("--live-pruning-releases-experts needs --enable-admin-api (pruning is switched live through it)")
     return args
 
 
@@ -279,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             routing_policies=policies,
             token_routing=pruning.token_routing(),
             live_pruning=args.enable_admin_api,
+            live_pruning_releases_experts=args.live_pruning_releases_experts,
         )
         if args.enforce_eager is not None:
             config.enforce_eager = True

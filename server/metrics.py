@@ -90,8 +90,6 @@ class ServerMetrics:
         expert_load: ExpertLoadMonitor,
         per_expert_series: bool | None = None,
         model_info: dict[str, str] | None = None,
-        weight_bytes: int = 0,
-        released_expert_bytes: int = 0,
         startup: Callable[[], tuple[float, float]] | None = None,
     ) -> None:
         self.model_name = model_name
@@ -168,10 +166,6 @@ class ServerMetrics:
             registry=registry,
         )
         self.routing_changes = counter("routing_changes", "Live switches of the routing budget (POST /v1/routing).")
-        gauge("model_weight_bytes", "Bytes of model weights resident on the device.").set(weight_bytes)
-        gauge(
-            "released_expert_weight_bytes", "Bytes of expert weights freed at load because pruning removed them."
-        ).set(released_expert_bytes)
         if startup is not None:
             gauge("engine_compile_seconds", "Seconds the engine spent compiling its forward at start-up.").set_function(
                 lambda: startup()[0]

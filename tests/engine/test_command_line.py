@@ -59,6 +59,7 @@ def test_serve_flags_are_distinct_consistent_and_checked() -> None:
         (["--experts-per-token", "0"], "must be at least 1, got 0"),
         (["--top-k", "two"], "'two' is not a whole number"),
         (["models/a", "--model", "models/b"], "two models given"),
+        (["--live-pruning-releases-experts"], "needs --enable-admin-api"),
     ):
         done = run("server.cli", *flags)
         assert done.returncode == 2 and message in done.stderr

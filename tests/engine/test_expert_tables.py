@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from engine import RoutingPolicy, SamplingParams
+from engine.config import CheckpointError
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.outputs import RequestOutput
+from tests.conftest import copy_checkpoint
 from tests.engine.test_compiled import assert_same, generate
 
 BASE = {"dtype": "float32", "device": "cpu", "max_model_len": 128, "max_num_seqs": 4, "kv_cache_memory_bytes": 16 << 20}
@@ -106,3 +108,42 @@ def test_a_bad_switch_names_the_layer_and_changes_nothing(tiny_model: Path) -> N
     plain = LLMEngine(tiny_model, EngineConfig(enforce_eager=True, **BASE))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="live pruning is off"):
         plain.set_live_pruning({})
+
+
+@pytest.mark.parametrize(
+    "enforce_eager", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["eager", "compiled"]
+)
+def test_live_pruning_can_release_experts_and_read_them_back_from_the_checkpoint(
+    tiny_model: Path, enforce_eager: bool
+) -> None:
+    config = EngineConfig(enforce_eager=enforce_eager, live_pruning=True, live_pruning_releases_experts=True, **BASE)  # type: ignore[arg-type]
+    live = LLMEngine(tiny_model, config)
+    live.warm_up()
+    full_bytes, unpruned = live.weight_bytes, generate(live, PROMPTS, GREEDY)
+    for policies in plans(live).values():
+        static = LLMEngine(tiny_model, EngineConfig(enforce_eager=True, routing_policies=policies, **BASE))  # type: ignore[arg-type]
+        live.set_live_pruning(policies)
+        assert live.weight_bytes == static.weight_bytes < full_bytes  # memory follows the pruning
+        assert live.released_expert_bytes == static.released_expert_bytes == full_bytes - live.weight_bytes
+        for a, b in zip(generate(static, PROMPTS, GREEDY), generate(live, PROMPTS, GREEDY), strict=True):
+            assert_same(a, b)
+        live.set_live_pruning({})
+        assert live.weight_bytes == full_bytes and live.released_expert_bytes == 0
+        for a, b in zip(unpruned, generate(live, PROMPTS, GREEDY), strict=True):
+            assert_same(a, b)  # the rows read back serve exactly as the ones loaded at start
+
+
+def test_a_release_whose_rows_cannot_be_read_back_changes_nothing(tiny_model: Path, tmp_path: Path) -> None:
+    model = copy_checkpoint(tiny_model, tmp_path / "model")
+    config = EngineConfig(enforce_eager=True, live_pruning=True, live_pruning_releases_experts=True, **BASE)  # type: ignore[arg-type]
+    engine = LLMEngine(model, config)
+    repick = plans(engine)["repick"]
+    engine.set_live_pruning(repick)
+    pruned, held = generate(engine, PROMPTS, GREEDY), engine.weight_bytes
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # the checkpoint changed on disk
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        engine.set_live_pruning({})
+    assert engine.weight_bytes == held
+    for a, b in zip(pruned, generate(engine, PROMPTS, GREEDY), strict=True):
+        assert_same(a, b)  # still the pruned plan, on the weights it held

@@ -132,3 +132,29 @@ def test_pruning_switches_live_under_a_stream_and_serves_the_plan(tiny_model: Pa
     assert unchanged["generation"] == 1 and unchanged["prune_level"] == 0.25
     assert back.status_code == 200 and back.json()["prune_level"] == 0.0
     assert by_file.status_code == 200 and by_file.json()["prune_plan"] == str(plan_file)
+
+
+def test_live_pruning_can_release_expert_weights_and_read_them_back(tiny_model: Path, tmp_path: Path) -> None:
+    """With --live-pruning-releases-experts a switch frees the removed experts' weights (the memory gauges show
+    it) and switching back reads them from the checkpoint: the same tokens as before, no stream failed."""
+    env = {**os.environ, "MOE_SERVE_CACHE": str(tmp_path / "cache")}
+    body = {"prompt": "Free my experts", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    args = [*SERVE_ARGS, "--model", str(tiny_model), "--enable-admin-api", "--live-pruning-releases-experts",
+            "--calibration-tokens", "8192"]  # fmt: skip
+
+    def memory(url: str) -> tuple[float, float]:
+        metrics = samples(url)
+        return metrics["moe_serve_model_weight_bytes"][0][1], metrics["moe_serve_released_expert_weight_bytes"][0][1]
+
+    with launched(args, env=env) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+        reader, streamed = stream_in_background(client, {**body, "max_tokens": 300, "stream": True})
+        unpruned, start = client.post("/v1/completions", json=body).json()["choices"][0]["text"], memory(server.url)
+        switched = client.post("/v1/routing", json={"prune_level": 0.25, "prune_method": "frequency"})
+        pruned, at_level = client.post("/v1/completions", json=body).json()["choices"][0]["text"], memory(server.url)
+        client.post("/v1/routing", json={"prune_level": 0})
+        restored, back = client.post("/v1/completions", json=body).json()["choices"][0]["text"], memory(server.url)
+        reader.join(120)
+    assert switched.status_code == 200, switched.text
+    assert streamed[-1] == "data: [DONE]" and not any('"error"' in line for line in streamed)
+    assert start[1] == 0 and at_level[1] > 0 and at_level[0] == start[0] - at_level[1]  # a quarter of the experts
+    assert back == start and restored == unpruned != pruned
