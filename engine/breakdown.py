@@ -237,7 +237,7 @@ class _EagerPartsForward:
             logits = run("dense projections", mlp.gate, h)
             routing = run("routing", _route, mlp, logits, token_mask, controls)
             experts = run("expert GEMMs", dispatch, h, routing, mlp.experts, mlp.backend)
-            combined = run("combine", _combine, mlp, h, experts)
+            combined = run("combine", mlp.combine, h, experts)
             x = run("norms + residuals", torch.add, x, combined)
         return run("norms + residuals", model.model.norm, x)
 
@@ -254,13 +254,6 @@ def _route(block: SparseMoE, logits: torch.Tensor, token_mask: torch.Tensor, con
     if block.expert_rows is not None:
         routing = Routing(block.expert_rows[routing.expert_ids], routing.weights)
     return routing
-
-
-def _combine(block: SparseMoE, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """SparseMoE.forward after the dispatch."""
-    if block.shared_expert is not None and block.shared_expert_gate is not None:
-        out = out + (torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)).float()
-    return out.to(x.dtype)
 
 
 def markdown(rows: list[Breakdown]) -> str:

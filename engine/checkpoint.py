@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from engine.architectures import ARCHITECTURES
 from engine.config import CheckpointError, ModelConfig
+from engine.expert_parallel import ExpertShard
 from engine.model import MoEForCausalLM
 
 _PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
@@ -168,12 +169,18 @@ def _missing_name(param: str, shape: tuple[int, ...], pieces: set[tuple[int | No
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype, device: torch.device, config: ModelConfig | None = None
+    path: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    config: ModelConfig | None = None,
+    expert_shard: ExpertShard | None = None,
 ) -> MoEForCausalLM:
     """Build the model of a checkpoint directory on `device` in `dtype`; CheckpointError on any defect, NaN and
     infinite weights included (checked as each tensor is read).
 
-    `config` skips re-reading config.json when the caller has already parsed it.
+    `config` skips re-reading config.json when the caller has already parsed it. With `expert_shard` the model
+    is this rank's shard under expert parallelism (engine/expert_parallel.py): only the experts the placement
+    gives this rank are allocated and read; the checkpoint is still validated whole.
     """
     path = Path(path)
     config = config or ModelConfig.from_dir(path)
@@ -184,28 +191,69 @@ def load_model(
     if config.tie_word_embeddings:
         expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
     plan = _plan(config, tensors, expected)
+    if expert_shard is not None:
+        expert_shard.check(config)
+        for block in meta_model.moe_blocks():  # shapes only: nothing is allocated yet
+            block.release_experts(expert_shard.owners(block.layer_idx) == expert_shard.rank)
 
     model = meta_model.to(dtype).to_empty(device=device)
     model.expert_load.reset()
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    defect = None
+    try:
+        _read_weights(model, plan, tensors)
+    except CheckpointError as error:
+        if expert_shard is None:
+            raise
+        defect = error
+    if expert_shard is not None:
+        expert_shard.raise_if_any_rank_failed(defect, device)
+        for block in model.moe_blocks():
+            block.join_expert_parallel(
+                expert_shard.owners(block.layer_idx), expert_shard.rank, expert_shard.process_group
+            )
+    return model
+
+
+@torch.no_grad()
+def _read_weights(model: MoEForCausalLM, plan: dict[str, _Assignment], tensors: dict[str, _TensorHeader]) -> None:
+    """Copy every planned tensor into its parameter (only the held experts' rows of a shard's blocks)."""
     params = dict(model.named_parameters())
+    held = _held_experts(model)
     by_file: dict[Path, list[str]] = {}
     for name in plan:
         by_file.setdefault(tensors[name].file, []).append(name)
-    with torch.no_grad():
-        for file, names in by_file.items():
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for name in names:
-                    tensor = handle.get_tensor(name)
-                    if not bool(torch.isfinite(tensor).all()):
-                        bad = int((~torch.isfinite(tensor)).sum())
-                        raise CheckpointError(
-                            f"{file}: tensor {name} holds {bad} NaN or infinite values of {tensor.numel()}; "
-                            "refusing to serve it"
-                        )
-                    _copy_into(params[plan[name].param], plan[name], tensor)
-    return model
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for name in names:
+                assignment = plan[name]
+                rows = held.get(assignment.param)
+                if rows is not None and assignment.expert is not None:
+                    if assignment.expert not in rows:
+                        continue  # another rank's expert
+                    assignment = replace(assignment, expert=rows.index(assignment.expert))
+                tensor = handle.get_tensor(name)
+                if not bool(torch.isfinite(tensor).all()):
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    raise CheckpointError(
+                        f"{file}: tensor {name} holds {bad} NaN or infinite values of {tensor.numel()}; "
+                        "refusing to serve it"
+                    )
+                if rows is not None and assignment.expert is None:
+                    tensor = tensor[rows]  # fused experts: this rank's rows
+                _copy_into(params[assignment.param], assignment, tensor)
+
+
+def _held_experts(model: MoEForCausalLM) -> dict[str, list[int]]:
+    """Stacked expert parameter name -> the expert ids its rows hold, for blocks holding only some."""
+    held = {}
+    for block in model.moe_blocks():
+        if block.held_experts is not None:
+            prefix = f"model.layers.{block.layer_idx}.mlp.experts"
+            for name in ("gate_up_proj", "down_proj"):
+                held[f"{prefix}.{name}"] = block.held_experts.tolist()
+    return held
 
 
 def _copy_into(param: torch.Tensor, assignment: _Assignment, tensor: torch.Tensor) -> None:

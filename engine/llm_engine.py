@@ -21,6 +21,7 @@ from engine.checkpoint import load_model, read_expert_rows
 from engine.config import CheckpointError, ModelConfig
 from engine.device import peak_rss_bytes, resolve_device, resolve_dtype
 from engine.engine_stats import EngineStats
+from engine.expert_parallel import ExpertShard, check_experts_served
 from engine.limits import check_request
 from engine.model_runner import ModelRunner, cuda_kv_cache_budget, kv_cache_blocks
 from engine.moe import PendingSnapshot, select_backend
@@ -70,6 +71,9 @@ class EngineConfig:
     live_pruning_releases_experts: bool = False
     # Every request's routing budget unless it brings its own (SamplingParams.routing).
     token_routing: TokenRouting = field(default_factory=TokenRouting)
+    # Expert parallelism (engine/expert_parallel.py): this rank's share of the experts. Every rank runs its own
+    # engine over the same requests; the MoE layers combine the ranks' experts with collectives.
+    expert_shard: ExpertShard | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -80,6 +84,11 @@ class EngineConfig:
             (self.kv_cache_memory_bytes >= 1, "kv_cache_memory_bytes", "must be positive"),
             (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]"),
         ]
+        if self.live_pruning_releases_experts and self.expert_shard is not None:
+            raise ValueError(
+                "EngineConfig.live_pruning_releases_experts cannot be combined with expert_shard: under expert "
+                "parallelism each rank holds its placement's experts"
+            )
         for ok, name, message in checks:
             if not ok:
                 raise ValueError(f"EngineConfig.{name} {message}, got {getattr(self, name)!r}")
@@ -115,13 +124,15 @@ class LLMEngine:
             )
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model = load_model(path, self.dtype, self.device, model_config)
+        self.model = load_model(path, self.dtype, self.device, model_config, config.expert_shard)
         self.model.set_moe_backend(
             select_backend(config.moe_backend, model_config.hidden_size, model_config.moe_intermediate_size, self.dtype)
         )
         self.model.eval().requires_grad_(False)
         self.released_expert_bytes = self._install_routing(config)
         self.weight_bytes = self._resident_weight_bytes()
+        if config.expert_shard is not None:
+            check_experts_served(self.model)
         self.max_model_len = self._max_model_len(model_config)
         num_blocks = self._num_kv_blocks()
         if num_blocks * config.block_size < self.max_model_len:

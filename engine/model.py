@@ -217,11 +217,11 @@ class MoEForCausalLM(nn.Module):
         for layer, block in blocks.items():
             policy = policies.get(layer, RoutingPolicy())
             policy.validate(block.num_experts, block.top_k)
-            missing = torch.nonzero(policy.reachable_experts(block.num_experts) & ~block.present_experts())
+            missing = torch.nonzero(policy.reachable_experts(block.num_experts) & ~block.servable_experts())
             if len(missing):
                 raise ValueError(
                     f"layer {layer}: the routing policy reaches experts {missing.squeeze(1).tolist()}, "
-                    "whose weights were released"
+                    "whose weights were released (or that no rank holds)"
                 )
         device = self.lm_head.weight.device
         for layer, block in blocks.items():
@@ -240,9 +240,7 @@ class MoEForCausalLM(nn.Module):
         released = 0
         for block in self.moe_blocks():
             if block.policy is not None:
-                keep = block.policy.reachable_experts(block.num_experts) & block.present_experts()
-                if not bool(keep.all()):
-                    released += block.release_experts(keep)
+                released += block.release_unreachable(block.policy.reachable_experts(block.num_experts))
         return released
 
     def set_routing_observer(self, observer: RoutingObserver | None) -> None:

@@ -5,6 +5,11 @@ work depends on which experts the step's tokens chose). Its backends: `auto` run
 that received tokens read once, empty experts not at all; engine/cpu_kernels.c) on CPU where it is built and
 grouped GEMM elsewhere; `grouped` (torch's grouped_mm over every expert, sync-free on CUDA) and `loop` (one mm
 per expert with tokens) are the references. Training, which needs gradients, runs the grouped path directly.
+
+Under expert parallelism (engine/expert_parallel.py) each rank's block holds only its share of the routed
+experts: routing runs on every rank alike (the router is replicated), each rank computes its own experts'
+weighted outputs for all tokens (slots routed elsewhere are dropped slots here), and one all-reduce (SUM) over
+the group combines them; the shared expert, replicated, is added once after it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -66,11 +72,6 @@ class Experts(nn.Module):
         experts.gate_up_proj = nn.Parameter(gate_up_proj, requires_grad=False)
         experts.down_proj = nn.Parameter(down_proj, requires_grad=False)
         return experts
-
-    def subset(self, rows: torch.Tensor) -> Experts:
-        """A new Experts holding copies of the given rows only (this one's memory is freed once it is dropped)."""
-        rows = rows.to(self.gate_up_proj.device)
-        return Experts.of(self.gate_up_proj.detach()[rows].clone(), self.down_proj.detach()[rows].clone())
 
     def apply_all(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's output for every token, [E, T, H]: the dense pass that redundancy measures need."""
@@ -304,8 +305,14 @@ class SparseMoE(nn.Module):
         # A bound ExpertLoad.record (a plain attribute: the counters belong to the model, not to each block).
         self.record_load: Callable[[int, torch.Tensor, torch.Tensor | None], None] | None = None
         self.observer: RoutingObserver | None = None
-        # After release_experts: original expert id -> row of the kept experts' weights (sentinel -> sentinel).
+        # After release_experts: the original ids of the experts whose weights are held (ascending, on the CPU),
+        # and original expert id -> row of those weights (sentinel -> sentinel) on the block's device.
+        self.held_experts: torch.Tensor | None = None
         self.expert_rows: torch.Tensor | None = None
+        # Expert parallelism (join_expert_parallel): the group whose ranks hold the other experts, and which
+        # experts they hold (bool [E] on the CPU).
+        self.expert_group: dist.ProcessGroup | None = None
+        self.remote_experts: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -313,14 +320,22 @@ class SparseMoE(nn.Module):
         return self.gate.out_features
 
     def present_experts(self) -> torch.Tensor:
-        """bool [E]: experts whose weights are loaded."""
-        if self.expert_rows is None:
-            return torch.ones(self.num_experts, dtype=torch.bool)
-        return self.expert_rows[:-1].cpu() < self.experts.num_experts
+        """bool [E]: experts whose weights are loaded (in this process)."""
+        present = torch.ones(self.num_experts, dtype=torch.bool)
+        if self.held_experts is not None:
+            present[:] = False
+            present[self.held_experts] = True
+        return present
+
+    def servable_experts(self) -> torch.Tensor:
+        """bool [E]: experts whose weights are loaded here or, under expert parallelism, on another rank."""
+        present = self.present_experts()
+        return present if self.remote_experts is None else present | self.remote_experts
 
     def release_experts(self, keep: torch.Tensor) -> int:
         """Free the weights of experts outside `keep` (bool [E]); routing still speaks original expert ids, so
-        load counts and policies are unchanged. Returns the bytes released."""
+        load counts and policies are unchanged. Returns the bytes released. On a model still on the meta
+        device it only shrinks the shapes (load_model loads a shard so)."""
         if bool((keep & ~self.present_experts()).any()):
             raise ValueError(f"layer {self.layer_idx}: cannot keep experts whose weights were already released")
         return -self.hold_experts(keep, _nothing_to_read)
@@ -338,7 +353,7 @@ class SparseMoE(nn.Module):
         ids = torch.nonzero(keep).squeeze(1)
         loaded = present[ids]
         held = ids[loaded]
-        rows = held if self.expert_rows is None else self.expert_rows[held.to(self.expert_rows.device)].cpu()
+        rows = held if self.held_experts is None else torch.searchsorted(self.held_experts, held)
         old_gate_up, old_down = self.experts.gate_up_proj.detach(), self.experts.down_proj.detach()
         gate_up = old_gate_up.new_empty((len(ids), *old_gate_up.shape[1:]))
         down = old_down.new_empty((len(ids), *old_down.shape[1:]))
@@ -350,13 +365,37 @@ class SparseMoE(nn.Module):
             gate_up[~loaded.to(device)] = read_gate_up
             down[~loaded.to(device)] = read_down
         self.experts = Experts.of(gate_up, down)
-        if bool(keep.all()):
-            self.expert_rows = None
-        else:
-            expert_rows = torch.full((self.num_experts + 1,), len(ids), dtype=torch.long)
-            expert_rows[ids] = torch.arange(len(ids))
-            self.expert_rows = expert_rows.to(self.gate.weight.device)
+        self._map_rows(ids)
         return self.experts.nbytes() - before
+
+    def release_unreachable(self, reachable: torch.Tensor) -> int:
+        """Free the weights of the experts routing can no longer reach (bool [E] `reachable`); under expert
+        parallelism the other ranks free theirs alike, so they stop counting as servable. Returns the bytes."""
+        if self.remote_experts is not None:
+            self.remote_experts = self.remote_experts & reachable
+        present = self.present_experts()
+        return self.release_experts(reachable & present) if bool((present & ~reachable).any()) else 0
+
+    def join_expert_parallel(self, owners: torch.Tensor, rank: int, group: dist.ProcessGroup) -> None:
+        """Become `rank`'s share of this layer: `owners` (long [E], the rank holding each expert, -1 none)
+        must give `rank` exactly the experts this block holds (release_experts frees the others). The forward
+        then sums the ranks' outputs over `group`; experts without an owner count as released."""
+        local = owners == rank
+        if not torch.equal(local, self.present_experts()):
+            raise ValueError(
+                f"layer {self.layer_idx}: rank {rank} holds experts {_ids(self.present_experts())}, "
+                f"but the placement gives it {_ids(local)}"
+            )
+        self._map_rows(torch.nonzero(local).squeeze(1))  # again: the rows made on the meta device hold nothing
+        self.remote_experts = (owners >= 0) & ~local
+        self.expert_group = group
+
+    def _map_rows(self, ids: torch.Tensor) -> None:
+        """Hold the experts `ids` (ascending) in that order; routing to any other expert becomes a dropped slot."""
+        rows = torch.full((self.num_experts + 1,), len(ids), dtype=torch.long)
+        rows[ids] = torch.arange(len(ids))
+        self.held_experts = ids.cpu()
+        self.expert_rows = rows.to(self.gate.weight.device)
 
     def set_backend(self, backend: str) -> None:
         if backend not in BACKENDS:
@@ -380,10 +419,20 @@ class SparseMoE(nn.Module):
             self.observer(self, x, router_logits, routing)
         if self.expert_rows is not None:
             routing = Routing(self.expert_rows[routing.expert_ids], routing.weights)
-        out = dispatch(x, routing, self.experts, self.backend)
+        return self.combine(x, dispatch(x, routing, self.experts, self.backend))
+
+    def combine(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """The block's output from its input x and its routed experts' fp32 sum: under expert parallelism the
+        ranks' sums added up (in place), then the shared expert once, in x's dtype."""
+        if self.expert_group is not None:
+            dist.all_reduce(routed, group=self.expert_group)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
-            out = out + (torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)).float()
-        return out.to(x.dtype)
+            routed = routed + (torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)).float()
+        return routed.to(x.dtype)
+
+
+def _ids(mask: torch.Tensor) -> list[int]:
+    return torch.nonzero(mask).squeeze(1).tolist()
 
 
 def select_backend(requested: str, hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> str:
