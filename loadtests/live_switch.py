@@ -1,6 +1,7 @@
 """How long a live routing switch takes under load, and whether any request fails across it.
 
-`python -m loadtests.live_switch [MODEL] [--users 8] [--switches 20] [--threads 1] [--prune-level L]`
+`python -m loadtests.live_switch [MODEL] [--users 8] [--switches 20] [--threads 1] [--prune-level L]
+[--releases-experts] [--enforce-eager]`
 
 Starts moe-serve with the admin API and the similarity maps, keeps --users streaming clients busy, and meanwhile
 cycles the routing budget through substitution on/off and a threshold on/off (and static pruning at --prune-level
@@ -39,12 +40,20 @@ def main(argv: list[str] | None = None) -> None:
         "--prune-level", type=float, help="also switch static pruning (--prune-method at this level) on and off"
     )
     parser.add_argument("--prune-method", default="pes")
+    parser.add_argument(
+        "--releases-experts",
+        action="store_true",
+        help="serve with --live-pruning-releases-experts: pruning switches free and read back expert weights",
+    )
+    parser.add_argument("--enforce-eager", action="store_true", help="serve the eager forward (no recompiles)")
     args = parser.parse_args(argv)
     settings = list(SETTINGS)
     if args.prune_level:
         settings += [{"prune_level": args.prune_level, "prune_method": args.prune_method}, {"prune_level": 0.0}]
     serve = ["--model", str(args.model), "--threads", str(args.threads), "--enable-admin-api", "--similarity-maps",
              "--log-level", "warning"]  # fmt: skip
+    serve += ["--live-pruning-releases-experts"] if args.releases_experts else []
+    serve += ["--enforce-eager"] if args.enforce_eager else []
     with launched(serve, ready_timeout=600) as server:
         stop, lock = threading.Event(), threading.Lock()
         counts = {"requests": 0, "failures": 0}
@@ -63,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         for thread in users:
             thread.start()
         seconds: list[tuple[float, bool]] = []  # (round trip, whether it switched pruning)
-        with httpx.Client(base_url=server.url, timeout=60) as admin:
+        with httpx.Client(base_url=server.url, timeout=600) as admin:  # a releasing switch may recompile
             while counts["requests"] < args.users:  # every user past its first request
                 time.sleep(0.1)
             for i in range(-len(settings), args.switches):  # one untimed round first: a plan made now is cached

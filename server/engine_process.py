@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -110,9 +112,10 @@ class _EngineLoop:
 
     def _set_routing(self, message: SetRouting) -> None:
         try:
-            self.engine.set_token_routing(message.routing, message.pruning)
+            with _heartbeats(self.conn):  # a switch that releases experts recompiles the step: seconds
+                self.engine.set_token_routing(message.routing, message.pruning)
             error = None
-        except ValueError as exc:  # InvalidRequestError included
+        except ValueError as exc:  # InvalidRequestError and CheckpointError included
             error = str(exc)
         self.conn.send(RoutingSet(message.query, error))
 
@@ -161,6 +164,25 @@ class _EngineLoop:
         if self.pending is None and self.steps % self.read_every_steps == 0:
             self.pending = self.engine.expert_load_async()
         return counts
+
+
+@contextmanager
+def _heartbeats(conn: Connection) -> Iterator[None]:
+    """Keep sending heartbeats while the body runs long without a step (the body itself sends nothing), so
+    the HTTP side does not report a busy engine as frozen."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(HEARTBEAT_INTERVAL_S):
+            conn.send(Heartbeat())
+
+    thread = threading.Thread(target=beat, name="engine-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def run_engine(

@@ -212,3 +212,20 @@ def test_a_bad_checkpoint_fails_the_constructor_with_the_engines_message(tmp_pat
     (broken / "config.json").write_text("{")
     with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
         start(broken)
+
+
+def test_a_long_engine_call_keeps_sending_heartbeats() -> None:
+    from multiprocessing import Pipe
+
+    from server.engine_messages import HEARTBEAT_INTERVAL_S, Heartbeat
+    from server.engine_process import _heartbeats
+
+    receiver, sender = Pipe(duplex=False)
+    with _heartbeats(sender):
+        time.sleep(4.5 * HEARTBEAT_INTERVAL_S)  # a switch that recompiles the step
+    beats = []
+    while receiver.poll():
+        beats.append(receiver.recv())
+    assert len(beats) >= 3 and all(isinstance(beat, Heartbeat) for beat in beats)
+    time.sleep(2 * HEARTBEAT_INTERVAL_S)
+    assert not receiver.poll()  # stopped with the call
