@@ -62,11 +62,15 @@ def main(argv: list[str] | None = None) -> None:
             body = {"prompt": "And the king said", "max_tokens": 64, "ignore_eos": True, "stream": True}
             with httpx.Client(base_url=server.url, timeout=120) as client:
                 while not stop.is_set():
-                    response = client.post("/v1/completions", json=body)
-                    failed = response.status_code != 200 or not response.text.rstrip().endswith("data: [DONE]")
+                    try:
+                        response = client.post("/v1/completions", json=body)
+                        text = response.text
+                        failed = response.status_code != 200 or not text.rstrip().endswith("data: [DONE]")
+                    except httpx.HTTPError:  # a timeout included: it counts, and the user goes on
+                        text, failed = "", True
                     with lock:
                         counts["requests"] += 1
-                        counts["failures"] += failed or '"error"' in response.text
+                        counts["failures"] += failed or '"error"' in text
 
         users = [threading.Thread(target=user) for _ in range(args.users)]
         for thread in users:
