@@ -22,6 +22,8 @@ PROMETHEUS_CONFIG = DOCKER / "prometheus" / "prometheus.yml"
 GRAFANA_DATASOURCE = DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 GRAFANA_PROVIDER = DOCKER / "grafana" / "provisioning" / "dashboards" / "moe-serve.yml"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "moe-serve.json"
+NGINX_CONFIG = DOCKER / "nginx" / "nginx.conf"
+EPP_FLAGS = DOCKER / "gateway" / "epp-flags.yaml"
 DEPLOY_DOC = REPO / "docs" / "deploy.md"
 
 METRIC_NAME = re.compile(r"\bmoe_serve_\w+")
@@ -29,9 +31,13 @@ VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 LABEL_VALUES = re.compile(r"^\s*label_values\((.*),\s*(\w+)\s*\)\s*$", re.DOTALL)
 
 
+# Debian installs daemons such as nginx in sbin, which an unprivileged user's PATH leaves out.
+SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
 def require_binary(name: str, package: str, env: str) -> str:
     """The binary's path; without it a skip, or a failure where CI sets `env`=1 to insist on the check."""
-    path = shutil.which(name)
+    path = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", os.defpath), *SBIN]))
     if path is None:
         message = f"{name} is not on PATH (Debian: apt-get install {package})"
         if os.environ.get(env) == "1":

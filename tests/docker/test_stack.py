@@ -27,6 +27,7 @@ from tests.docker.deploy_files import (
     GRAFANA_DATASOURCE,
     GRAFANA_PROVIDER,
     METRIC_NAME,
+    NGINX_CONFIG,
     PROMETHEUS_CONFIG,
     REPO,
     dockerfile_stages,
@@ -37,6 +38,7 @@ from tests.docker.deploy_files import (
     require_binary,
     walk_panels,
 )
+from tests.docker.local_nginx import listen_address, upstream_servers
 
 pytestmark = pytest.mark.slow  # deployment files, compose and promtool
 
@@ -212,6 +214,26 @@ def test_prometheus_scrapes_the_compose_servers() -> None:
     assert sorted(targets) == sorted(
         f"{name}:{service_args(services[name]).port}" for name in services if name.startswith("moe-serve")
     )
+
+
+def test_the_replicas_profile_puts_nginx_in_front_of_two_copies_of_the_server() -> None:
+    services = compose()["services"]
+    nginx, second = services["nginx"], services["moe-serve-2"]
+    assert nginx["profiles"] == ["replicas"] and second["profiles"] == ["replicas"]
+    first = services["moe-serve"]
+    assert (second["build"], second["image"], second["command"]) == (first["build"], first["image"], first["command"])
+    assert "ports" not in second  # clients go through nginx
+    assert mount_target(nginx, NGINX_CONFIG) == "/etc/nginx/nginx.conf"
+    config = NGINX_CONFIG.read_text()
+    replicas = list(nginx["depends_on"])
+    assert replicas == ["moe-serve", "moe-serve-2"]
+    assert all(nginx["depends_on"][name]["condition"] == "service_healthy" for name in replicas)
+    assert upstream_servers(config) == [f"{name}:{service_args(services[name]).port}" for name in replicas]
+    (port,) = nginx["ports"]
+    assert port.rsplit(":", 1)[1] == listen_address(config)
+    # Spread by open requests, passive health checks, streams not buffered, room for long generations.
+    for directive in ("least_conn;", "max_fails=", "proxy_buffering off;", "proxy_read_timeout 600s;"):
+        assert directive in config, directive
 
 
 def test_grafana_provisions_the_data_source_and_the_dashboard_every_panel_uses() -> None:
