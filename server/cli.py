@@ -307,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
             token_routing=pruning.token_routing(),
             live_pruning=args.enable_admin_api,
             live_pruning_releases_experts=args.live_pruning_releases_experts,
-            expert_shard=expert_shard(args.model, args.expert_parallel, args.expert_placement),
+            expert_shard=expert_shard(
+                args.model, args.expert_parallel, args.expert_placement, {} if args.enable_admin_api else policies
+            ),
         )
         if args.enforce_eager is not None:
             config.enforce_eager = True
@@ -369,9 +371,14 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if server.engine_died or engine.failed else 0
 
 
-def expert_shard(model: Path, num_ranks: int, placement_file: Path | None) -> ExpertShard | None:
-    """The experts' placement over num_ranks engine ranks (None for one): the file's, or contiguous blocks.
-    ValueError (naming the layer, or the file and field) if the ranks do not fit the model's experts."""
+def expert_shard(
+    model: Path, num_ranks: int, placement_file: Path | None, pruning: dict[int, RoutingPolicy]
+) -> ExpertShard | None:
+    """The experts' placement over num_ranks engine ranks (None for one): the file's, or contiguous blocks of
+    the experts that `pruning` can reach (the pruned ones get no home). ValueError (naming the layer, or the
+    file and field) if the ranks do not fit the model's experts."""
+    import torch
+
     from engine.config import ModelConfig
     from engine.expert_parallel import ExpertShard
     from engine.expert_placement import contiguous_placement, load_placement
@@ -380,7 +387,11 @@ def expert_shard(model: Path, num_ranks: int, placement_file: Path | None) -> Ex
         return None
     config = ModelConfig.from_dir(model)
     if placement_file is None:
-        return ExpertShard(contiguous_placement(config.moe_layers, config.num_experts, num_ranks))
+        pruned = {
+            layer: torch.nonzero(~policy.reachable_experts(config.num_experts)).squeeze(1).tolist()
+            for layer, policy in pruning.items()
+        }
+        return ExpertShard(contiguous_placement(config.moe_layers, config.num_experts, num_ranks, pruned))
     placement = load_placement(placement_file)
     if placement.num_ranks != num_ranks:
         raise ValueError(f"{placement_file}: the placement is for {placement.num_ranks} ranks, not {num_ranks}")
@@ -419,10 +430,19 @@ def startup_summary(engine: AsyncEngine, settings: ServerSettings, args: argpars
         f"  {info.device}, {info.dtype}, weights {info.weight_bytes / 2**20:.1f} MiB resident "
         f"({info.released_expert_bytes / 2**20:.1f} MiB of pruned experts released), {info.num_kv_blocks} KV blocks "
         f"of {args.block_size} tokens, max_model_len {info.max_model_len}, up to {args.max_num_seqs} sequences\n"
+        f"{expert_parallel_summary(info.expert_weight_bytes)}"
         f"  pruning: {pruning}; admin API {'on (live pruning)' if settings.enable_admin_api else 'off'}; "
         f"API key {'required' if settings.api_key else 'not required'}\n"
         f"  http://{args.host}:{args.port}/v1 (ready once warm-up has run; GET /ready)"
     )
+
+
+def expert_parallel_summary(expert_bytes: tuple[int, ...]) -> str:
+    """A line on the engine ranks and the expert bytes each holds ("" for one process)."""
+    if len(expert_bytes) < 2:
+        return ""
+    held = ", ".join(f"{held / 2**20:.1f}" for held in expert_bytes)
+    return f"  expert parallelism: {len(expert_bytes)} ranks holding {held} MiB of routed experts (weights above: rank 0)\n"
 
 
 def bind(host: str, port: int) -> socket.socket:
