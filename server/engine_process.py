@@ -77,6 +77,7 @@ class _Outbox:
         with self.lock:
             if not self.failed:
                 self.conn.send(message)
+                self.loaded = self.loaded or isinstance(message, Loaded)
 
     def fail(self, reason: str, kind: str = "RuntimeError") -> bool:
         """Report the engine's failure; False if one was reported already."""
@@ -266,7 +267,6 @@ def run_engine(
     lockstep = LockstepLeader(started.group) if started.group is not None else None
     try:
         outbox.send(Loaded(info))
-        outbox.loaded = True
         begun = time.perf_counter()
         compile_seconds = engine.warm_up(logger.info) if warmup else 0.0
         outbox.send(Ready(compile_seconds, time.perf_counter() - begun))

@@ -65,6 +65,7 @@ def test_two_ranks_serve_what_one_process_generates(tiny_model: Path) -> None:
         with ThreadPoolExecutor(len(PROMPTS)) as pool:  # at once: the ranks batch them together
             served = list(pool.map(functools.partial(completion, server.url), PROMPTS))
         metrics = samples(server.url)
+    assert server.process.returncode == 0  # stopped with SIGTERM: every rank told to exit, none failed
     for got, want in zip(served, wanted):
         assert got["text"] == want.text
         assert want.logprobs is not None
