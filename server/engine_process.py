@@ -245,7 +245,7 @@ def run_engine(
     ranks = None
     if config.expert_shard is not None:
         ranks = WorkerRanks(model, config, warmup, threads, os.getpid(), log_level)
-        ranks.watch(functools.partial(_rank_died, outbox))
+        ranks.watch(functools.partial(_rank_died, outbox, ranks))
     try:
         started = start_rank(Path(model), config, 0, ranks.store if ranks else None)
     except Exception as exc:  # noqa: BLE001 - the parent raises it again with the same kind and message
@@ -265,6 +265,7 @@ def run_engine(
         expert_weight_bytes=started.expert_bytes,
     )
     lockstep = LockstepLeader(started.group) if started.group is not None else None
+    told_to_exit = False
     try:
         outbox.send(Loaded(info))
         begun = time.perf_counter()
@@ -272,22 +273,24 @@ def run_engine(
         outbox.send(Ready(compile_seconds, time.perf_counter() - begun))
         before_exit = ranks.expect_exit if ranks is not None else (lambda: None)
         _EngineLoop(outbox, engine, read_every_steps, lockstep, before_exit).run()
+        told_to_exit = True
     except (EOFError, BrokenPipeError):
-        return  # the server went away (the other ranks die with this process)
+        return  # the server went away
     except Exception as exc:
         dead_rank = ranks.dead(2 * RANK_DEATH_GRACE_S) if ranks is not None else None
         if dead_rank is None:
             logger.exception("engine stopped")
         outbox.fail(dead_rank or repr(exc))
-        return
-    if ranks is not None:
-        ranks.stop()
+    finally:
+        if ranks is not None:  # ranks told to exit get time to; the others are stopped now
+            ranks.stop(30.0 if told_to_exit else 0.0)
 
 
-def _rank_died(outbox: _Outbox, description: str) -> None:
+def _rank_died(outbox: _Outbox, ranks: WorkerRanks, description: str) -> None:
     """The rank watcher's report: the whole engine stops, as if this process had died (the server fails the
-    requests in flight and exits non-zero)."""
+    requests in flight and exits non-zero; the other ranks die with this process)."""
     time.sleep(RANK_DEATH_GRACE_S)
     if outbox.fail(f"{description}; the expert-parallel engine cannot go on without it"):
         logger.error("%s: stopping the engine", description)
+        ranks.remove_store()
         os._exit(1)

@@ -156,4 +156,7 @@ class WorkerRanks:
             if process.is_alive():
                 process.kill()
                 process.join()
+        self.remove_store()
+
+    def remove_store(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

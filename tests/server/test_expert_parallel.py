@@ -32,6 +32,7 @@ from server.engine_messages import AddRequest, Exit
 from server.engine_rank import start_rank
 from server.launch import launched
 from server.lockstep import LockstepLeader, follow
+from tests.conftest import copy_checkpoint, edit_config
 from tests.engine.test_expert_parallel import moe_layers, run_ranks
 from tests.server.test_cli import children, stream_tokens
 from tests.server.test_pruning import samples
@@ -110,6 +111,16 @@ def test_ranks_that_do_not_fit_the_experts_refuse_to_start(tiny_model: Path, tmp
     mismatched = subprocess.run(other, check=False, capture_output=True, text=True, timeout=60)
     assert mismatched.returncode == 1
     assert f"moe-serve: error: {placement_file}: the placement is for 4 ranks, not 2" in mismatched.stderr
+
+
+def test_a_checkpoint_error_on_the_ranks_fails_start_up_with_it(tiny_model: Path, tmp_path: Path) -> None:
+    broken = copy_checkpoint(tiny_model, tmp_path / "broken")
+    edit_config(broken, vocab_size=16)  # every rank refuses it after the ranks have joined
+    serve = [sys.executable, "-m", "server.cli", *SERVE_ARGS, "--model", str(broken), "--expert-parallel", "2"]
+    done = subprocess.run([*serve, "--port", "0"], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"moe-serve: error: {broken / 'tokenizer.json'}: " in done.stderr and "vocab_size 16" in done.stderr
+    assert "exited (status" not in done.stderr  # rank 0's own error is reported, not the other rank's exit
 
 
 def lockstep_job(path: Path, rank: int) -> dict[str, Any]:
