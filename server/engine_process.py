@@ -280,7 +280,7 @@ def run_engine(
         dead_rank = ranks.dead(2 * RANK_DEATH_GRACE_S) if ranks is not None else None
         if dead_rank is None:
             logger.exception("engine stopped")
-        outbox.fail(dead_rank or repr(exc))
+        outbox.fail(_rank_failure(dead_rank) if dead_rank else repr(exc))
     finally:
         if ranks is not None:  # ranks told to exit get time to; the others are stopped now
             ranks.stop(30.0 if told_to_exit else 0.0)
@@ -290,7 +290,11 @@ def _rank_died(outbox: _Outbox, ranks: WorkerRanks, description: str) -> None:
     """The rank watcher's report: the whole engine stops, as if this process had died (the server fails the
     requests in flight and exits non-zero; the other ranks die with this process)."""
     time.sleep(RANK_DEATH_GRACE_S)
-    if outbox.fail(f"{description}; the expert-parallel engine cannot go on without it"):
+    if outbox.fail(_rank_failure(description)):
         logger.error("%s: stopping the engine", description)
         ranks.remove_store()
         os._exit(1)
+
+
+def _rank_failure(description: str) -> str:
+    return f"{description}; the expert-parallel engine cannot go on without it"

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 PROCESS_NAME = "moe-serve-rank"  # what ps shows
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class StartedRank:
     """A rank's engine, its gloo group for commands, and every rank's resident expert bytes."""
 
