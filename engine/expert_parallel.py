@@ -60,6 +60,13 @@ class ExpertShard:
                 f"{int(failed.item())} other rank(s) found a defect in their experts' weights; their errors name it"
             )
 
+    def smallest(self, value: int, device: torch.device) -> int:
+        """The smallest of every rank's `value` (a collective: every rank calls it), e.g. the KV blocks that
+        fit: ranks must schedule alike, so they must agree on what fits."""
+        found = torch.tensor([value], dtype=torch.long, device=device)
+        dist.all_reduce(found, dist.ReduceOp.MIN, group=self.group)
+        return int(found.item())
+
     def check(self, config: ModelConfig) -> None:
         """ValueError unless the process group exists with num_ranks ranks and the placement covers exactly the
         model's MoE layers with its number of experts."""

@@ -135,6 +135,8 @@ class LLMEngine:
             check_experts_served(self.model)
         self.max_model_len = self._max_model_len(model_config)
         num_blocks = self._num_kv_blocks()
+        if config.expert_shard is not None:  # free GPU memory differs between ranks; their schedules may not
+            num_blocks = config.expert_shard.smallest(num_blocks, self.device)
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * config.block_size} tokens, fewer than max_model_len "

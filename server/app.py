@@ -72,6 +72,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         settings.per_expert_series,
         model_info(engine, settings),
         startup=lambda: (engine.compile_seconds, engine.warmup_seconds),
+        expert_weight_bytes=engine.info.expert_weight_bytes,
     )
     observers: list[EngineObserver] = [metrics, monitor]
     engine.observers += [SourceIdObserver(source, observers)] if source else observers

@@ -35,6 +35,7 @@ from server.http_protocol import HEADER_TIMEOUT_S, bounded_protocol
 from server.request_limits import RequestLimits, flag
 
 if TYPE_CHECKING:
+    from engine.expert_parallel import ExpertShard
     from engine.routing import RoutingPolicy
     from pruning.plan import PruningPlan
     from pruning.serving import PruningSettings
@@ -216,6 +217,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="accept a request's `moe` field (its own route_threshold, experts_per_token, substitution)",
     )
+    parallel = parser.add_argument_group("expert parallelism (docs/deploy.md)")
+    parallel.add_argument(
+        "--expert-parallel",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="engine ranks (processes on this machine, one GPU each on CUDA) that split every MoE layer's routed "
+        "experts; rank 0 schedules and the others follow it step by step (default 1: one engine process)",
+    )
+    parallel.add_argument(
+        "--expert-placement",
+        type=Path,
+        metavar="FILE",
+        help="which rank holds which expert: a JSON file written by engine/expert_placement.py's save_placement "
+        "for N ranks (default: contiguous blocks of expert ids)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads of the engine (default: torch's choice)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     parser.add_argument(
@@ -230,6 +247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.model != DEFAULT_MODEL_DIR and args.model != args.model_path:
             parser.error(f"two models given: {args.model_path} and --model {args.model}")
         args.model = args.model_path
+    if args.expert_placement is not None and args.expert_parallel == 1:
+        parser.error("--expert-placement needs --expert-parallel N with N > 1")
     if args.live_pruning_releases_experts and not args.enable_admin_api:
         parser.error("--live-pruning-releases-experts needs --enable-admin-api (pruning is switched live through it)")
     return args
@@ -288,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
             token_routing=pruning.token_routing(),
             live_pruning=args.enable_admin_api,
             live_pruning_releases_experts=args.live_pruning_releases_experts,
+            expert_shard=expert_shard(
+                args.model, args.expert_parallel, args.expert_placement, {} if args.enable_admin_api else policies
+            ),
         )
         if args.enforce_eager is not None:
             config.enforce_eager = True
@@ -349,6 +371,33 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if server.engine_died or engine.failed else 0
 
 
+def expert_shard(
+    model: Path, num_ranks: int, placement_file: Path | None, pruning: dict[int, RoutingPolicy]
+) -> ExpertShard | None:
+    """The experts' placement over num_ranks engine ranks (None for one): the file's, or contiguous blocks of
+    the experts that `pruning` can reach (the pruned ones get no home). ValueError (naming the layer, or the
+    file and field) if the ranks do not fit the model's experts."""
+    import torch
+
+    from engine.config import ModelConfig
+    from engine.expert_parallel import ExpertShard
+    from engine.expert_placement import contiguous_placement, load_placement
+
+    if num_ranks == 1:
+        return None
+    config = ModelConfig.from_dir(model)
+    if placement_file is None:
+        pruned = {
+            layer: torch.nonzero(~policy.reachable_experts(config.num_experts)).squeeze(1).tolist()
+            for layer, policy in pruning.items()
+        }
+        return ExpertShard(contiguous_placement(config.moe_layers, config.num_experts, num_ranks, pruned))
+    placement = load_placement(placement_file)
+    if placement.num_ranks != num_ranks:
+        raise ValueError(f"{placement_file}: the placement is for {placement.num_ranks} ranks, not {num_ranks}")
+    return ExpertShard(placement)
+
+
 def resolved_in_child(
     pruning: PruningSettings, model: Path, device: str, dtype: str
 ) -> tuple[dict[int, RoutingPolicy], PruningPlan | None, Path | None]:
@@ -381,10 +430,19 @@ def startup_summary(engine: AsyncEngine, settings: ServerSettings, args: argpars
         f"  {info.device}, {info.dtype}, weights {info.weight_bytes / 2**20:.1f} MiB resident "
         f"({info.released_expert_bytes / 2**20:.1f} MiB of pruned experts released), {info.num_kv_blocks} KV blocks "
         f"of {args.block_size} tokens, max_model_len {info.max_model_len}, up to {args.max_num_seqs} sequences\n"
+        f"{expert_parallel_summary(info.expert_weight_bytes)}"
         f"  pruning: {pruning}; admin API {'on (live pruning)' if settings.enable_admin_api else 'off'}; "
         f"API key {'required' if settings.api_key else 'not required'}\n"
         f"  http://{args.host}:{args.port}/v1 (ready once warm-up has run; GET /ready)"
     )
+
+
+def expert_parallel_summary(expert_bytes: tuple[int, ...]) -> str:
+    """A line on the engine ranks and the expert bytes each holds ("" for one process)."""
+    if len(expert_bytes) < 2:
+        return ""
+    held = ", ".join(f"{held / 2**20:.1f}" for held in expert_bytes)
+    return f"  expert parallelism: {len(expert_bytes)} ranks holding {held} MiB of routed experts (weights above: rank 0)\n"
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -26,6 +26,7 @@ class EngineInfo:
     pid: int
     weight_bytes: int  # parameters resident on the device
     released_expert_bytes: int  # expert weights freed because no routing policy reaches them
+    expert_weight_bytes: tuple[int, ...] = ()  # routed-expert weights each rank holds, by rank (one: one process)
 
 
 # ----- to the engine -----

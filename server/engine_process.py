@@ -8,10 +8,15 @@ The loop sends something at least every HEARTBEAT_INTERVAL_S while it is idle (a
 beat), so the HTTP side can tell a frozen engine from a quiet one. Expert counts travel inside EngineStats:
 from an asynchronous device copy started every few steps (no host sync per step), and read directly whenever
 the engine goes idle.
+
+Under expert parallelism (EngineConfig.expert_shard) this process is rank 0: it starts the other ranks
+(server/engine_rank.py), leads them in lockstep (server/lockstep.py), and is still the only one the HTTP
+process talks to.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -37,6 +42,7 @@ from server.engine_messages import (
     Dead,
     EngineInfo,
     Exit,
+    FromEngine,
     Heartbeat,
     Idle,
     Loaded,
@@ -49,10 +55,46 @@ from server.engine_messages import (
     StepDone,
     ToEngine,
 )
+from server.engine_rank import WorkerRanks, start_rank
+from server.lockstep import LockstepLeader
 from server.output_delta import DeltaEncoder
 
 logger = logging.getLogger(__name__)
 PROCESS_NAME = "moe-serve-engine"  # what ps shows (as "moe-serve-engin": the kernel keeps 15 bytes)
+RANK_DEATH_GRACE_S = 0.5  # lets rank 0's own error, raised on every rank alike, be the one reported
+
+
+class _Outbox:
+    """The pipe to the HTTP process, shared by the loop and the rank watcher: sends one at a time, and nothing
+    after the one final failure report (LoadFailed before the engine loaded, Dead after)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.loaded = False
+        self.failed = False
+
+    def send(self, message: FromEngine) -> None:
+        with self.lock:
+            if not self.failed:
+                self.conn.send(message)
+                self.loaded = self.loaded or isinstance(message, Loaded)
+
+    def fail(self, reason: str, kind: str = "RuntimeError") -> bool:
+        """Report the engine's failure; False if one was reported already."""
+        with self.lock:
+            if self.failed:
+                return False
+            self.failed = True
+            self.conn.send(Dead(reason) if self.loaded else LoadFailed(kind, reason))
+            return True
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return self.conn.poll(timeout)
+
+    def recv(self) -> ToEngine:
+        message: ToEngine = self.conn.recv()
+        return message
 
 
 def _read_counts(engine: LLMEngine) -> ExpertCounts:
@@ -67,9 +109,18 @@ class _ExitLoop(Exception):
 class _EngineLoop:
     """Steps the engine while it has work; applies the HTTP process's commands between steps."""
 
-    def __init__(self, conn: Connection, engine: LLMEngine, read_every_steps: int) -> None:
+    def __init__(
+        self,
+        conn: _Outbox,
+        engine: LLMEngine,
+        read_every_steps: int,
+        lockstep: LockstepLeader | None = None,
+        before_exit: Callable[[], None] = lambda: None,
+    ) -> None:
         self.conn = conn
         self.engine = engine
+        self.lockstep = lockstep  # the other expert-parallel ranks, if any
+        self.before_exit = before_exit
         self.read_every_steps = read_every_steps
         self.steps = 0
         self.pending: PendingSnapshot | None = None
@@ -84,6 +135,8 @@ class _EngineLoop:
         }
 
     def handle(self, message: ToEngine) -> None:
+        if self.lockstep is not None:
+            message = self.lockstep.admit(message)
         self.handlers[type(message)](message)
 
     def _add(self, message: AddRequest) -> None:
@@ -120,6 +173,9 @@ class _EngineLoop:
         self.conn.send(RoutingSet(message.query, error))
 
     def _exit(self, _: Exit) -> None:
+        self.before_exit()
+        if self.lockstep is not None:
+            self.lockstep.broadcast(step=False)
         raise _ExitLoop
 
     def run(self) -> None:
@@ -140,12 +196,16 @@ class _EngineLoop:
                     self.handle(self.conn.recv())
                 else:
                     self.conn.send(Heartbeat())
+                if self.lockstep is not None:
+                    self.lockstep.keep_alive()
                 continue
             while self.conn.poll():
                 self.handle(self.conn.recv())
             if not self.engine.has_unfinished_requests():
                 continue
             idle_reported = False
+            if self.lockstep is not None:
+                self.lockstep.broadcast(step=True)
             deltas = [self.deltas.encode(output) for output in self.engine.step()]
             self.conn.send(StepDone(deltas, self.engine.stats(True, self._expert_counts())))
 
@@ -196,16 +256,25 @@ def run_engine(
     log_level: int = logging.WARNING,
 ) -> None:
     """The engine process's main function. Its log lines (loading, compilation progress) go to stderr like the
-    server's, at the server's level."""
+    server's, at the server's level. Under expert parallelism it starts the other ranks first, and a rank that
+    dies ends this process too, reported to the server by the rank watcher."""
     become_child(PROCESS_NAME, parent_pid)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if threads:
         torch.set_num_threads(threads)
+    outbox = _Outbox(conn)
+    ranks = None
+    if config.expert_shard is not None:
+        ranks = WorkerRanks(model, config, warmup, threads, os.getpid(), log_level)
+        ranks.watch(functools.partial(_rank_died, outbox, ranks))
     try:
-        engine = LLMEngine(Path(model), config)
+        started = start_rank(Path(model), config, 0, ranks.store if ranks else None)
     except Exception as exc:  # noqa: BLE001 - the parent raises it again with the same kind and message
-        conn.send(LoadFailed(type(exc).__name__, str(exc)))
+        outbox.fail(str(exc), type(exc).__name__)
+        if ranks is not None:
+            ranks.stop(5.0)
         return
+    engine = started.engine
     info = EngineInfo(
         max_model_len=engine.max_model_len,
         dtype=str(engine.dtype).removeprefix("torch."),
@@ -214,15 +283,39 @@ def run_engine(
         pid=os.getpid(),
         weight_bytes=engine.weight_bytes,
         released_expert_bytes=engine.released_expert_bytes,
+        expert_weight_bytes=started.expert_bytes,
     )
+    lockstep = LockstepLeader(started.group) if started.group is not None else None
+    told_to_exit = False
     try:
-        conn.send(Loaded(info))
-        started = time.perf_counter()
+        outbox.send(Loaded(info))
+        begun = time.perf_counter()
         compile_seconds = engine.warm_up(logger.info) if warmup else 0.0
-        conn.send(Ready(compile_seconds, time.perf_counter() - started))
-        _EngineLoop(conn, engine, read_every_steps).run()
+        outbox.send(Ready(compile_seconds, time.perf_counter() - begun))
+        before_exit = ranks.expect_exit if ranks is not None else (lambda: None)
+        _EngineLoop(outbox, engine, read_every_steps, lockstep, before_exit).run()
+        told_to_exit = True
     except (EOFError, BrokenPipeError):
         return  # the server went away
     except Exception as exc:
-        logger.exception("engine stopped")
-        conn.send(Dead(repr(exc)))
+        dead_rank = ranks.dead(2 * RANK_DEATH_GRACE_S) if ranks is not None else None
+        if dead_rank is None:
+            logger.exception("engine stopped")
+        outbox.fail(_rank_failure(dead_rank) if dead_rank else repr(exc))
+    finally:
+        if ranks is not None:  # ranks told to exit get time to; the others are stopped now
+            ranks.stop(30.0 if told_to_exit else 0.0)
+
+
+def _rank_died(outbox: _Outbox, ranks: WorkerRanks, description: str) -> None:
+    """The rank watcher's report: the whole engine stops, as if this process had died (the server fails the
+    requests in flight and exits non-zero; the other ranks die with this process)."""
+    time.sleep(RANK_DEATH_GRACE_S)
+    if outbox.fail(_rank_failure(description)):
+        logger.error("%s: stopping the engine", description)
+        ranks.remove_store()
+        os._exit(1)
+
+
+def _rank_failure(description: str) -> str:
+    return f"{description}; the expert-parallel engine cannot go on without it"

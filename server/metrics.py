@@ -91,6 +91,7 @@ class ServerMetrics:
         per_expert_series: bool | None = None,
         model_info: dict[str, str] | None = None,
         startup: Callable[[], tuple[float, float]] | None = None,
+        expert_weight_bytes: tuple[int, ...] = (),
     ) -> None:
         self.model_name = model_name
         self.expert_load = expert_load
@@ -173,6 +174,15 @@ class ServerMetrics:
             gauge(
                 "engine_warmup_seconds", "Seconds from model loaded to ready (compilation and a warm-up request)."
             ).set_function(lambda: startup()[1])
+        rank_bytes = Gauge(
+            f"{PREFIX}_expert_weight_bytes",
+            "Routed-expert weight bytes each engine rank holds, measured at start-up (one rank, 0, without expert "
+            "parallelism; live pruning that releases experts shows in released_expert_weight_bytes).",
+            [*labels, "rank"],
+            registry=registry,
+        )
+        for rank, held in enumerate(expert_weight_bytes):
+            rank_bytes.labels(model_name, str(rank)).set(held)
         registry.register(_ExpertCollector(self))
 
         self._requests: dict[str, _RequestState] = {}
