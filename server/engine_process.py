@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -226,8 +226,12 @@ class _EngineLoop:
         return counts
 
 
+class _HeartbeatSender(Protocol):
+    def send(self, message: Heartbeat) -> None: ...
+
+
 @contextmanager
-def _heartbeats(conn: Connection) -> Iterator[None]:
+def _heartbeats(conn: _HeartbeatSender) -> Iterator[None]:
     """Keep sending heartbeats while the body runs long without a step (the body itself sends nothing), so
     the HTTP side does not report a busy engine as frozen."""
     done = threading.Event()
