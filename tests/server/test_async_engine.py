@@ -128,7 +128,8 @@ def test_a_reader_that_falls_behind_gets_the_newest_output_only(async_engine: As
 
     first, *rest = asyncio.run(run())
     assert len(rest) == 1 and rest[0].finished and len(rest[0].outputs[0].token_ids) == 40
-    assert rest[0].outputs[0].token_ids[:1] == first.outputs[0].token_ids
+    first_ids = first.outputs[0].token_ids  # one token, or more when this reader started late
+    assert first_ids and rest[0].outputs[0].token_ids[: len(first_ids)] == first_ids
 
 
 def test_queue_bound_counts_sequences_and_refuses_extra_requests(tiny_model: Path) -> None:
