@@ -24,7 +24,7 @@ from server.expert_load import ExpertLoadMonitor
 from server.expert_routes import add_expert_routes
 from server.generation_routes import add_generation_routes
 from server.health_routes import add_health_routes
-from server.metrics import ServerMetrics
+from server.metrics import ServerMetrics, rank_owners
 from server.middleware import ServerMiddleware
 from server.openapi import install_openapi
 from server.preprocess import ModelBounds, Preprocessor
@@ -73,6 +73,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         model_info(engine, settings),
         startup=lambda: (engine.compile_seconds, engine.warmup_seconds),
         expert_weight_bytes=engine.info.expert_weight_bytes,
+        rank_owners=None if source else rank_owners(served, settings.expert_placement),
     )
     observers: list[EngineObserver] = [metrics, monitor]
     engine.observers += [SourceIdObserver(source, observers)] if source else observers

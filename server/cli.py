@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.model, args.expert_parallel, args.expert_placement, {} if args.enable_admin_api else policies
             ),
         )
+        placement = config.expert_shard.placement if config.expert_shard is not None else None
         if args.enforce_eager is not None:
             config.enforce_eager = True
         limits = RequestLimits(**{item.name: getattr(args, item.name) for item in fields(RequestLimits)})
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),
             body_timeout_s=args.body_timeout,
             access_log=args.access_log,
+            expert_placement=placement,
         )
     except (CheckpointError, ValueError, RuntimeError, CorpusError) as exc:
         listener.close()

@@ -29,6 +29,7 @@ from prometheus_client.utils import floatToGoString
 
 from engine.config import ModelConfig
 from engine.engine_stats import EngineStats
+from engine.expert_placement import ExpertPlacement
 from engine.outputs import RequestOutput
 from engine.token_routing import TokenRouting
 from server.expert_load import ExpertLoadMonitor, layer_balance
@@ -92,12 +93,15 @@ class ServerMetrics:
         model_info: dict[str, str] | None = None,
         startup: Callable[[], tuple[float, float]] | None = None,
         expert_weight_bytes: tuple[int, ...] = (),
+        rank_owners: np.ndarray | None = None,
     ) -> None:
         self.model_name = model_name
         self.expert_load = expert_load
         pairs = config.num_layers * config.num_experts
         self.per_expert_series = pairs <= AUTO_PER_EXPERT_LIMIT if per_expert_series is None else per_expert_series
         self.moe_layers = config.moe_layers
+        # The engine rank holding each [layer, expert] (-1: none), for the per-rank load series; None: not known.
+        self.rank_owners = rank_owners
         self.registry = registry = CollectorRegistry()
         labels = ["model_name"]
 
@@ -356,10 +360,49 @@ class _ExpertCollector:
             gauges["cv"].add_metric([name, str(layer)], balance.coefficient_of_variation)
             gauges["idle"].add_metric([name, str(layer)], balance.idle_experts)
         yield from gauges.values()
+        if m.rank_owners is not None:
+            yield from _rank_load(m.rank_owners, totals, recent, layers, name, window)
         yield _single_gauge(
             f"{PREFIX}_expert_load_window_seconds", "Span of the window the balance gauges cover.", name, span
         )
         yield _experts_touched(monitor.experts_read(), layers, name)
+
+
+def rank_owners(config: ModelConfig, placement: ExpertPlacement | None) -> np.ndarray:
+    """long [layers, E]: the engine rank holding each expert (-1: none, or not a MoE layer); without expert
+    parallelism rank 0 holds every expert."""
+    owners = np.full((config.num_layers, config.num_experts), -1, dtype=np.int64)
+    for layer in config.moe_layers:
+        owners[layer] = placement.owner_row(layer) if placement is not None else 0
+    return owners
+
+
+def _rank_load(
+    owners: np.ndarray, totals: np.ndarray, recent: np.ndarray, layers: list[int], model_name: str, window: str
+) -> Iterator[Metric]:
+    """Routed pairs per engine rank since start, and per layer the busiest rank's share of the recent load."""
+    ranks = int(owners.max()) + 1
+    routed = CounterMetricFamily(
+        f"{PREFIX}_rank_routed_tokens",
+        "Routed (token, expert) pairs served by each engine rank's experts (expert parallelism; rank 0 holds every "
+        "expert without it).",
+        labels=["model_name", "rank"],
+    )
+    imbalance = GaugeMetricFamily(
+        f"{PREFIX}_rank_load_max_over_mean_ratio",
+        f"Busiest engine rank's routed load / mean rank load per MoE layer, {window}.",
+        labels=["model_name", "layer"],
+    )
+    per_rank = np.zeros(ranks)
+    for layer in layers:
+        homed = owners[layer] >= 0
+        per_rank += np.bincount(owners[layer][homed], weights=totals[layer][homed], minlength=ranks)
+        loads = np.bincount(owners[layer][homed], weights=recent[layer][homed], minlength=ranks)
+        ratio = float(loads.max() / loads.mean()) if loads.sum() else float("nan")
+        imbalance.add_metric([model_name, str(layer)], ratio)
+    for rank, count in enumerate(per_rank.tolist()):
+        routed.add_metric([model_name, str(rank)], count)
+    yield from (routed, imbalance)
 
 
 def experts_touched_buckets(num_experts: int) -> list[int]:

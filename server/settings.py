@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.expert_placement import ExpertPlacement
 from engine.token_routing import TokenRouting
 from pruning.serving import LivePruning
 from server.request_limits import RequestLimits
@@ -31,4 +32,5 @@ class ServerSettings:
     substitution_available: bool = False  # the engine holds the experts' similarity maps
     enable_admin_api: bool = False  # GET/POST /v1/routing
     live_pruning: LivePruning | None = None  # pruning switchable through the admin API (engine's live_pruning)
+    expert_placement: ExpertPlacement | None = None  # the engine ranks' experts (--expert-parallel N)
     access_log: bool = True  # a log line per request (server/middleware.py)

@@ -10,12 +10,16 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.config import ModelConfig
 from engine.engine_stats import EngineStats
+from engine.expert_placement import contiguous_placement
 from engine.llm_engine import EngineConfig, LLMEngine
 from server.engine_process import _EngineLoop
 from server.expert_load import ExpertLoadMonitor, layer_balance
+from server.metrics import ServerMetrics, rank_owners
 from tests.server.conftest import LiveServer
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -187,3 +191,27 @@ def test_layer_balance_figures() -> None:
     assert skewed.coefficient_of_variation == np.std([4, 0, 0, 0]) / 1.0
     assert (even.max_over_mean, even.coefficient_of_variation, even.idle_experts) == (1.0, 0.0, 0.0)
     assert all(math.isnan(v) for v in (empty.max_over_mean, empty.coefficient_of_variation, empty.idle_experts))
+
+
+def test_rank_series_sum_each_ranks_experts_and_show_the_busiest_rank(tiny_model: Any) -> None:
+    config = ModelConfig.from_dir(tiny_model)
+    layers, experts = config.moe_layers, config.num_experts
+    placement = contiguous_placement(layers, experts, 2)
+    monitor = ExpertLoadMonitor(config.num_layers, experts)
+    metrics = ServerMetrics("m", config, 64, monitor, rank_owners=rank_owners(config, placement))
+    load = np.zeros((config.num_layers, experts), dtype=np.int64)
+    load[layers[0], 0] = 30  # rank 0's first expert
+    load[layers[0], experts - 1] = 10  # rank 1's last
+    read, tokens = np.zeros((config.num_layers, experts + 1), dtype=np.int64), np.ones(config.num_layers)
+    monitor.on_step(EngineStats(1, expert_counts=load, experts_read=read, tokens_routed=tokens), [])
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for s in family.samples
+    }
+    routed = {r: samples[("moe_serve_rank_routed_tokens_total", (("model_name", "m"), ("rank", r)))] for r in "01"}
+    assert routed == {"0": 30, "1": 10}
+    ratio = samples[("moe_serve_rank_load_max_over_mean_ratio", (("layer", str(layers[0])), ("model_name", "m")))]
+    assert ratio == pytest.approx(30 / 20)
+    one_rank = ServerMetrics("m", config, 64, monitor, rank_owners=rank_owners(config, None))
+    assert 'moe_serve_rank_routed_tokens_total{model_name="m",rank="0"} 40.0' in one_rank.render().decode()
