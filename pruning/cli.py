@@ -21,8 +21,9 @@ import torch
 from corpus.splits import CorpusError
 from engine.checkpoint import load_model
 from engine.command_line import HelpFormatter, command_parser
-from engine.config import DEFAULT_MODEL_DIR, CheckpointError
+from engine.config import DEFAULT_MODEL_DIR, CheckpointError, ModelConfig
 from engine.device import resolve_device, resolve_dtype
+from engine.expert_placement import save_placement
 from engine.model import MoEForCausalLM
 from pruning import report
 from pruning.apply import apply_plan
@@ -32,6 +33,7 @@ from pruning.choices import BUDGETS, HANDLINGS
 from pruning.data import split_windows
 from pruning.evaluation import Variant, dropped_top_rows, pruning_rows, threshold_rows
 from pruning.methods import METHODS
+from pruning.placement import calibration_load, place, served_load
 from pruning.plan import PlanError, PruningPlan
 from pruning.spec import CalibrationSpec, PlanSpec
 
@@ -107,6 +109,21 @@ def cmd_plan(args: argparse.Namespace) -> None:
     kept = {layer: len(experts) for layer, experts in plan.kept.items()}
     print(
         f"wrote {args.out}: {plan.method} at level {plan.level:g} keeps {kept} of {plan.num_experts} experts per MoE layer"
+    )
+
+
+def cmd_place(args: argparse.Namespace) -> None:
+    config = ModelConfig.from_dir(args.model)
+    if args.load is not None:
+        counts, source = served_load(config, args.load), f"the served load in {args.load}"
+    else:
+        calibration = cached_calibration(args.model, _load(args, args.model), _spec(args), args.cache_dir)
+        counts, source = calibration_load(config, calibration), "calibration"
+    placement, balanced, contiguous = place(config, counts, args.ranks)
+    save_placement(placement, args.out)
+    print(
+        f"wrote {args.out}: {config.num_experts} experts per MoE layer on {args.ranks} ranks, placed by {source}; "
+        f"busiest rank / mean load {balanced:.3f} (contiguous blocks: {contiguous:.3f})"
     )
 
 
@@ -225,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("plan", type=Path)
     apply.add_argument("-o", "--out", type=Path, required=True)
     apply.set_defaults(run=cmd_apply)
+
+    placement = sub.add_parser(
+        "place",
+        parents=[common],
+        formatter_class=HelpFormatter,
+        help="place experts on expert-parallel ranks by measured load (for moe-serve --expert-placement)",
+    )
+    placement.add_argument("model", type=Path)
+    placement.add_argument("--ranks", type=int, required=True, help="engine ranks (moe-serve --expert-parallel)")
+    placement.add_argument(
+        "--load", type=Path, help="a saved GET /v1/experts/load answer to place by (default: calibration counts)"
+    )
+    placement.add_argument("-o", "--out", type=Path, required=True)
+    placement.set_defaults(run=cmd_place)
 
     evaluate = sub.add_parser(
         "eval",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,8 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.config import ModelConfig
 from engine.engine_stats import EngineStats
-from engine.expert_placement import contiguous_placement
+from engine.expert_placement import contiguous_placement, load_imbalance, load_placement
 from engine.llm_engine import EngineConfig, LLMEngine
+from pruning.cli import main as moe_prune
+from pruning.placement import served_load
 from server.engine_process import _EngineLoop
 from server.expert_load import ExpertLoadMonitor, layer_balance
 from server.metrics import ServerMetrics, rank_owners
@@ -215,3 +218,25 @@ def test_rank_series_sum_each_ranks_experts_and_show_the_busiest_rank(tiny_model
     assert ratio == pytest.approx(30 / 20)
     one_rank = ServerMetrics("m", config, 64, monitor, rank_owners=rank_owners(config, None))
     assert 'moe_serve_rank_routed_tokens_total{model_name="m",rank="0"} 40.0' in one_rank.render().decode()
+
+
+def test_a_saved_expert_load_answer_places_experts_on_ranks(
+    live_server: LiveServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with live_server.client() as http:
+        http.post("/v1/completions", json={"prompt": "Place me", "max_tokens": 8, "ignore_eos": True})
+        (tmp_path / "load.json").write_text(http.get("/v1/experts/load").text)
+    model = live_server.settings.model_path
+    moe_prune(["place", str(model), "--ranks", "4", "--load", str(tmp_path / "load.json"), "-o", str(tmp_path / "p")])
+    placement, config = load_placement(tmp_path / "p"), ModelConfig.from_dir(model)
+    counts = served_load(config, tmp_path / "load.json")
+    assert placement.num_ranks == 4 and counts.sum() > 0
+    contiguous = contiguous_placement(config.moe_layers, config.num_experts, 4)
+    balanced, blocks = load_imbalance(placement, counts.tolist()), load_imbalance(contiguous, counts.tolist())
+    assert f"busiest rank / mean load {balanced:.3f} (contiguous blocks: {blocks:.3f})" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text('{"since_start": {}}')
+    with pytest.raises(SystemExit):
+        moe_prune(
+            ["place", str(model), "--ranks", "4", "--load", str(tmp_path / "bad.json"), "-o", str(tmp_path / "q")]
+        )
+    assert "bad.json: expected GET /v1/experts/load's answer" in capsys.readouterr().err
