@@ -1,4 +1,4 @@
-"""Joining the ranks of an expert-parallel engine on one machine, and the start-up checks they run together.
+"""Joining the ranks of an expert-parallel engine (on one machine, or torchrun's across machines), and the start-up checks they run together.
 
 Every rank calls `join_ranks` with the same store and world size: it initializes torch.distributed (NCCL on
 CUDA, gloo on CPU) for the MoE layers' all-reduce, and returns a separate gloo group for what travels as Python
@@ -21,22 +21,28 @@ from engine.checkpoint import weight_files
 from engine.config import CheckpointError
 
 # How long a collective waits for the other ranks. Generous: ranks compile and warm up on their own at start;
-# a rank that dies is noticed at once by its process's sentinel, not by this timeout.
+# a rank that dies is noticed at once by its process's sentinel (on one machine) or by gloo seeing its
+# connections close (a torchrun rank on another machine), not by this timeout.
 COLLECTIVE_TIMEOUT = timedelta(seconds=300)
 
 
-def rank_device(device: str, rank: int) -> str:
-    """The device rank `rank` runs on: CUDA ranks take one GPU each (cuda:rank), CPU ranks share the CPU."""
+ENV_INIT = "env://"  # join as a launcher (torchrun) says: MASTER_ADDR, MASTER_PORT (and its agent's store)
+
+
+def rank_device(device: str, local_rank: int) -> str:
+    """The device a rank runs on: CUDA ranks take one GPU each (cuda:local_rank, the rank's index on its own
+    machine), CPU ranks share the CPU."""
     wants_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return f"cuda:{rank}" if wants_cuda else "cpu"
+    return f"cuda:{local_rank}" if wants_cuda else "cpu"
 
 
-def join_ranks(rank: int, world: int, store: Path, device: str) -> None:
-    """Initialize the default process group from a file store shared by the ranks of one machine."""
+def join_ranks(rank: int, world: int, init_method: str, device: str) -> None:
+    """Initialize the default process group: from a file store shared by the ranks of one machine
+    (file://PATH), or from a launcher's environment across machines (ENV_INIT)."""
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(backend, f"file://{store}", COLLECTIVE_TIMEOUT, world, rank)
+    dist.init_process_group(backend, init_method, COLLECTIVE_TIMEOUT, world, rank)
 
 
 def object_group() -> dist.ProcessGroup:

@@ -185,6 +185,7 @@ class AsyncEngine:
         expert_read_every_steps: int = 16,
         load_timeout: float = 600.0,
         heartbeat_timeout: float = 10.0,
+        ranks_from_launcher: bool = False,
     ) -> None:
         self.config = config = config or EngineConfig()
         self.max_queue = max_queue
@@ -219,7 +220,17 @@ class AsyncEngine:
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._conn, child = context.Pipe()
         log_level = logging.getLogger().getEffectiveLevel()
-        args = (child, str(model), config, warmup, threads, expert_read_every_steps, os.getpid(), log_level)
+        args = (
+            child,
+            str(model),
+            config,
+            warmup,
+            threads,
+            expert_read_every_steps,
+            os.getpid(),
+            log_level,
+            ranks_from_launcher,
+        )
         self._process = context.Process(target=run_engine, args=args, name="moe-serve-engine", daemon=True)
         self._process.start()
         child.close()

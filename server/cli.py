@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -36,6 +37,7 @@ from server.request_limits import RequestLimits, flag
 
 if TYPE_CHECKING:
     from engine.expert_parallel import ExpertShard
+    from engine.llm_engine import EngineConfig
     from engine.routing import RoutingPolicy
     from pruning.plan import PruningPlan
     from pruning.serving import PruningSettings
@@ -255,10 +257,77 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)  # before importing torch: --help, --version and bad flags answer at once
-    from corpus.splits import CorpusError
+    return serve(parse_args(argv))  # before importing torch: --help, --version and bad flags answer at once
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedServing:
+    """What the flags resolve to for the engine: its config (pruning and expert placement included), and the
+    pruning settings and plan the server reports."""
+
+    config: EngineConfig
+    pruning: PruningSettings
+    plan: PruningPlan | None
+
+
+def resolve_serving(args: argparse.Namespace) -> ResolvedServing:
+    """The engine's config from moe-serve's flags: every expert-parallel rank calls this with the same flags, so
+    all build the same config. ValueError, RuntimeError, CheckpointError or CorpusError if they do not fit."""
     from engine.llm_engine import EngineConfig
-    from pruning.serving import LivePruning, PruningSettings
+    from pruning.serving import PruningSettings
+
+    pruning = PruningSettings(
+        args.prune_level,
+        args.prune_method,
+        args.prune_budget,
+        args.prune_handling,
+        args.prune_plan,
+        args.route_threshold,
+        args.top_k,
+        args.substitution_keep_top,
+        args.substitution_min_similarity,
+        args.substitution_drop_unmatched,
+        args.similarity_maps,
+        tuple(args.calibration_files),
+        args.calibration_tokens,
+    )
+    policies, plan, source = resolved_in_child(pruning, args.model, args.device, args.dtype)
+    if plan is not None:
+        removed = {layer: sorted(set(range(plan.num_experts)) - set(kept)) for layer, kept in plan.kept.items()}
+        logging.getLogger("moe_serve").info(
+            "pruning plan %s at %g (%s, %s) from %s (cache key %s); removed experts by layer: %s",
+            plan.method, plan.level, plan.budget, plan.handling, source, source.stem if source else "-", removed,
+        )  # fmt: skip
+    config = EngineConfig(
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        moe_backend=args.moe_backend,
+        enable_prefix_caching=args.enable_prefix_caching,
+        routing_policies=policies,
+        token_routing=pruning.token_routing(),
+        live_pruning=args.enable_admin_api,
+        live_pruning_releases_experts=args.live_pruning_releases_experts,
+        expert_shard=expert_shard(
+            args.model, args.expert_parallel, args.expert_placement, {} if args.enable_admin_api else policies
+        ),
+    )
+    if args.enforce_eager is not None:
+        config.enforce_eager = True
+    return ResolvedServing(config, pruning, plan)
+
+
+def serve(args: argparse.Namespace, ranks_from_launcher: bool = False) -> int:
+    """Serve until stopped: 0 on a clean stop, 1 on a start-up error or a dead engine. ranks_from_launcher:
+    the other expert-parallel ranks are started by torchrun and join through its environment (server/
+    torchrun_rank.py) instead of being spawned here."""
+    from corpus.splits import CorpusError
+    from pruning.serving import LivePruning
     from server.app import build_app
     from server.async_engine import AsyncEngine
     from server.settings import ServerSettings
@@ -270,53 +339,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moe-serve: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     try:
-        pruning = PruningSettings(
-            args.prune_level,
-            args.prune_method,
-            args.prune_budget,
-            args.prune_handling,
-            args.prune_plan,
-            args.route_threshold,
-            args.top_k,
-            args.substitution_keep_top,
-            args.substitution_min_similarity,
-            args.substitution_drop_unmatched,
-            args.similarity_maps,
-            tuple(args.calibration_files),
-            args.calibration_tokens,
-        )
-        policies, plan, source = resolved_in_child(pruning, args.model, args.device, args.dtype)
-        if plan is not None:
-            removed = {layer: sorted(set(range(plan.num_experts)) - set(kept)) for layer, kept in plan.kept.items()}
-            logging.getLogger("moe_serve").info(
-                "pruning plan %s at %g (%s, %s) from %s (cache key %s); removed experts by layer: %s",
-                plan.method, plan.level, plan.budget, plan.handling, source, source.stem if source else "-", removed,
-            )  # fmt: skip
-        config = EngineConfig(
-            dtype=args.dtype,
-            device=args.device,
-            max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            block_size=args.block_size,
-            kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            moe_backend=args.moe_backend,
-            enable_prefix_caching=args.enable_prefix_caching,
-            routing_policies=policies,
-            token_routing=pruning.token_routing(),
-            live_pruning=args.enable_admin_api,
-            live_pruning_releases_experts=args.live_pruning_releases_experts,
-            expert_shard=expert_shard(
-                args.model, args.expert_parallel, args.expert_placement, {} if args.enable_admin_api else policies
-            ),
-        )
+        resolved_serving = resolve_serving(args)
+        config, pruning, plan = resolved_serving.config, resolved_serving.pruning, resolved_serving.plan
         placement = config.expert_shard.placement if config.expert_shard is not None else None
-        if args.enforce_eager is not None:
-            config.enforce_eager = True
         limits = RequestLimits(**{item.name: getattr(args, item.name) for item in fields(RequestLimits)})
         engine = AsyncEngine(
-            args.model, config, args.max_queue, threads=args.threads, heartbeat_timeout=args.engine_health_timeout
+            args.model,
+            config,
+            args.max_queue,
+            threads=args.threads,
+            heartbeat_timeout=args.engine_health_timeout,
+            ranks_from_launcher=ranks_from_launcher,
         )
         settings = ServerSettings(
             model_name=args.served_model_name or args.model.resolve().name,

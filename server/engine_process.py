@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 
+from engine.expert_parallel_group import ENV_INIT
 from engine.llm_engine import EngineConfig, ExpertCounts, LLMEngine
 from engine.moe import PendingSnapshot
 from engine.sampling_params import InvalidRequestError
@@ -61,6 +64,9 @@ from server.output_delta import DeltaEncoder
 
 logger = logging.getLogger(__name__)
 PROCESS_NAME = "moe-serve-engine"  # what ps shows (as "moe-serve-engin": the kernel keeps 15 bytes)
+# gloo's error when a rank's process is gone (its sockets closed), however that rank was started.
+LOST_PEER = re.compile(r"Connection (?:closed|reset) by peer")
+PEER_ADDRESS = re.compile(r"\[[^\]]+\]:\d+")
 RANK_DEATH_GRACE_S = 0.5  # lets rank 0's own error, raised on every rank alike, be the one reported
 
 
@@ -258,21 +264,27 @@ def run_engine(
     read_every_steps: int,
     parent_pid: int,
     log_level: int = logging.WARNING,
+    ranks_from_launcher: bool = False,
 ) -> None:
     """The engine process's main function. Its log lines (loading, compilation progress) go to stderr like the
     server's, at the server's level. Under expert parallelism it starts the other ranks first, and a rank that
-    dies ends this process too, reported to the server by the rank watcher."""
+    dies ends this process too, reported to the server by the rank watcher. ranks_from_launcher: torchrun
+    started the other ranks; this process joins them through torchrun's environment (it inherits it)."""
     become_child(PROCESS_NAME, parent_pid)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if threads:
         torch.set_num_threads(threads)
     outbox = _Outbox(conn)
     ranks = None
-    if config.expert_shard is not None:
+    init_method = None
+    if config.expert_shard is not None and ranks_from_launcher:
+        init_method = ENV_INIT
+    elif config.expert_shard is not None:
         ranks = WorkerRanks(model, config, warmup, threads, os.getpid(), log_level)
         ranks.watch(functools.partial(_rank_died, outbox, ranks))
+        init_method = f"file://{ranks.store}"
     try:
-        started = start_rank(Path(model), config, 0, ranks.store if ranks else None)
+        started = start_rank(Path(model), config, 0, init_method)
     except Exception as exc:  # noqa: BLE001 - the parent raises it again with the same kind and message
         outbox.fail(str(exc), type(exc).__name__)
         if ranks is not None:
@@ -302,6 +314,11 @@ def run_engine(
     except (EOFError, BrokenPipeError):
         return  # the server went away
     except Exception as exc:
+        lost_peer = _lost_peer(exc) if ranks_from_launcher else None
+        if lost_peer is not None:  # torchrun's ranks are not this process's children: a collective tells
+            logger.error("lost an expert-parallel engine rank: %s", exc)
+            outbox.fail(_rank_failure(f"an expert-parallel engine rank is gone ({lost_peer})"))
+            return
         dead_rank = ranks.dead(2 * RANK_DEATH_GRACE_S) if ranks is not None else None
         if dead_rank is None:
             logger.exception("engine stopped")
@@ -319,6 +336,16 @@ def _rank_died(outbox: _Outbox, ranks: WorkerRanks, description: str) -> None:
         logger.error("%s: stopping the engine", description)
         ranks.remove_store()
         os._exit(1)
+
+
+def _lost_peer(exc: Exception) -> str | None:
+    """What gloo says when a rank's process is gone (its connection closed or reset), as "the connection to
+    [ADDRESS]:PORT was lost", or the first line of another torch.distributed error; None for any other error."""
+    message = str(exc)
+    if LOST_PEER.search(message):
+        address = PEER_ADDRESS.search(message)
+        return f"the connection to {address.group(0) if address else 'a rank'} was lost"
+    return next(iter(message.splitlines()), type(exc).__name__) if isinstance(exc, dist.DistError) else None
 
 
 def _rank_failure(description: str) -> str:

@@ -5,6 +5,8 @@ The engine process is rank 0: it spawns N-1 worker processes on the same machine
 process group through a file store in a temporary directory (server/lockstep.py keeps them in step). A worker
 that dies is noticed at once through its process sentinel: rank 0 then reports the rank, its pid and exit
 status to the HTTP side, which fails the requests in flight and stops the server with a failure status.
+Under torchrun (server/torchrun_rank.py) the launcher starts every rank instead, and they join through its
+environment; rank 0 then learns of a dead rank from the collective that fails.
 """
 
 from __future__ import annotations
@@ -49,20 +51,41 @@ class StartedRank:
     expert_bytes: tuple[int, ...]
 
 
-def start_rank(model: Path, config: EngineConfig, rank: int, store: Path | None) -> StartedRank:
-    """Load this rank's engine (one process when config has no expert shard): join the ranks through the store
-    (None: the default process group exists already), check that all load the same checkpoint, load the
-    shard, and gather every rank's expert bytes."""
+def start_rank(
+    model: Path, config: EngineConfig, rank: int, init_method: str | None, local_rank: int | None = None
+) -> StartedRank:
+    """Load this rank's engine (one process when config has no expert shard): join the ranks through
+    init_method (file://STORE or ENV_INIT; None: the default process group exists already), check that all load
+    the same checkpoint, load the shard on its device (by local_rank, the rank's index on its machine; default
+    rank), and gather every rank's expert bytes."""
     if config.expert_shard is None:
         engine = LLMEngine(model, config)
         return StartedRank(engine, None, (resident_expert_bytes(engine.model),))
-    device = rank_device(config.device, rank)
-    if store is not None:
-        join_ranks(rank, config.expert_shard.placement.num_ranks, store, device)
+    device = rank_device(config.device, rank if local_rank is None else local_rank)
+    if init_method is not None:
+        join_ranks(rank, config.expert_shard.placement.num_ranks, init_method, device)
     group = object_group()
     check_same_checkpoint(model, group)
     engine = LLMEngine(model, dataclasses.replace(config, device=device))
     return StartedRank(engine, group, gather_from_ranks(resident_expert_bytes(engine.model), group))
+
+
+def follow_lead_rank(
+    model: Path, config: EngineConfig, rank: int, init_method: str, warmup: bool, local_rank: int | None = None
+) -> None:
+    """A worker rank's life after its process is set up: start like rank 0, warm up, then follow rank 0's
+    commands until it says Exit. A start-up error is logged here and also raised on rank 0, which reports it;
+    the worker exits 1."""
+    try:
+        started = start_rank(model, config, rank, init_method, local_rank)
+    except Exception as exc:  # noqa: BLE001 - every rank raises it alike; rank 0 reports it to the server
+        logger.error("engine rank %d could not start: %s", rank, exc)
+        raise SystemExit(1) from None
+    if warmup:  # as rank 0 does: warm-up steps run collectives too
+        started.engine.warm_up()
+    assert started.group is not None
+    follow(started.engine, started.group)
+    dist.destroy_process_group()
 
 
 def run_worker_rank(
@@ -75,22 +98,12 @@ def run_worker_rank(
     parent_pid: int,
     log_level: int,
 ) -> None:
-    """A worker rank's main function: start like rank 0, warm up, then follow rank 0's commands. A start-up
-    error is logged here and also raised on rank 0, which reports it; the worker exits 1."""
+    """A spawned worker rank's main function (ranks of one machine, joined through a file store)."""
     become_child(PROCESS_NAME, parent_pid)
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s")
     if threads:
         torch.set_num_threads(threads)
-    try:
-        started = start_rank(Path(model), config, rank, store)
-    except Exception as exc:  # noqa: BLE001 - every rank raises it alike; rank 0 reports it to the server
-        logger.error("engine rank %d could not start: %s", rank, exc)
-        raise SystemExit(1) from None
-    if warmup:  # as rank 0 does: warm-up steps run collectives too
-        started.engine.warm_up()
-    assert started.group is not None
-    follow(started.engine, started.group)
-    dist.destroy_process_group()
+    follow_lead_rank(Path(model), config, rank, f"file://{store}", warmup)
 
 
 class WorkerRanks:
