@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
-import multiprocessing
 import os
 import signal
 import socket
 import sys
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,13 +31,9 @@ from engine.command_line import command_parser, positive_int
 from engine.config import DEFAULT_MODEL_DIR, CheckpointError
 from server.http_protocol import HEADER_TIMEOUT_S, bounded_protocol
 from server.request_limits import RequestLimits, flag
+from server.serving_config import resolve_serving
 
 if TYPE_CHECKING:
-    from engine.expert_parallel import ExpertShard
-    from engine.llm_engine import EngineConfig
-    from engine.routing import RoutingPolicy
-    from pruning.plan import PruningPlan
-    from pruning.serving import PruningSettings
     from server.async_engine import AsyncEngine
     from server.settings import ServerSettings
 
@@ -260,68 +253,6 @@ def main(argv: list[str] | None = None) -> int:
     return serve(parse_args(argv))  # before importing torch: --help, --version and bad flags answer at once
 
 
-@dataclasses.dataclass(frozen=True)
-class ResolvedServing:
-    """What the flags resolve to for the engine: its config (pruning and expert placement included), and the
-    pruning settings and plan the server reports."""
-
-    config: EngineConfig
-    pruning: PruningSettings
-    plan: PruningPlan | None
-
-
-def resolve_serving(args: argparse.Namespace) -> ResolvedServing:
-    """The engine's config from moe-serve's flags: every expert-parallel rank calls this with the same flags, so
-    all build the same config. ValueError, RuntimeError, CheckpointError or CorpusError if they do not fit."""
-    from engine.llm_engine import EngineConfig
-    from pruning.serving import PruningSettings
-
-    pruning = PruningSettings(
-        args.prune_level,
-        args.prune_method,
-        args.prune_budget,
-        args.prune_handling,
-        args.prune_plan,
-        args.route_threshold,
-        args.top_k,
-        args.substitution_keep_top,
-        args.substitution_min_similarity,
-        args.substitution_drop_unmatched,
-        args.similarity_maps,
-        tuple(args.calibration_files),
-        args.calibration_tokens,
-    )
-    policies, plan, source = resolved_in_child(pruning, args.model, args.device, args.dtype)
-    if plan is not None:
-        removed = {layer: sorted(set(range(plan.num_experts)) - set(kept)) for layer, kept in plan.kept.items()}
-        logging.getLogger("moe_serve").info(
-            "pruning plan %s at %g (%s, %s) from %s (cache key %s); removed experts by layer: %s",
-            plan.method, plan.level, plan.budget, plan.handling, source, source.stem if source else "-", removed,
-        )  # fmt: skip
-    config = EngineConfig(
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        moe_backend=args.moe_backend,
-        enable_prefix_caching=args.enable_prefix_caching,
-        routing_policies=policies,
-        token_routing=pruning.token_routing(),
-        live_pruning=args.enable_admin_api,
-        live_pruning_releases_experts=args.live_pruning_releases_experts,
-        expert_shard=expert_shard(
-            args.model, args.expert_parallel, args.expert_placement, {} if args.enable_admin_api else policies
-        ),
-    )
-    if args.enforce_eager is not None:
-        config.enforce_eager = True
-    return ResolvedServing(config, pruning, plan)
-
-
 def serve(args: argparse.Namespace, ranks_from_launcher: bool = False) -> int:
     """Serve until stopped: 0 on a clean stop, 1 on a start-up error or a dead engine. ranks_from_launcher:
     the other expert-parallel ranks are started by torchrun and join through its environment (server/
@@ -404,53 +335,6 @@ def serve(args: argparse.Namespace, ranks_from_launcher: bool = False) -> int:
         server.stop_for_dead_engine(engine.error or "")
     server.run(sockets=[listener])
     return 1 if server.engine_died or engine.failed else 0
-
-
-def expert_shard(
-    model: Path, num_ranks: int, placement_file: Path | None, pruning: dict[int, RoutingPolicy]
-) -> ExpertShard | None:
-    """The experts' placement over num_ranks engine ranks (None for one): the file's, or contiguous blocks of
-    the experts that `pruning` can reach (the pruned ones get no home). ValueError (naming the layer, or the
-    file and field) if the ranks do not fit the model's experts."""
-    import torch
-
-    from engine.config import ModelConfig
-    from engine.expert_parallel import ExpertShard
-    from engine.expert_placement import contiguous_placement, load_placement
-
-    if num_ranks == 1:
-        return None
-    config = ModelConfig.from_dir(model)
-    if placement_file is None:
-        pruned = {
-            layer: torch.nonzero(~policy.reachable_experts(config.num_experts)).squeeze(1).tolist()
-            for layer, policy in pruning.items()
-        }
-        return ExpertShard(contiguous_placement(config.moe_layers, config.num_experts, num_ranks, pruned))
-    placement = load_placement(placement_file)
-    if placement.num_ranks != num_ranks:
-        raise ValueError(f"{placement_file}: the placement is for {placement.num_ranks} ranks, not {num_ranks}")
-    return ExpertShard(placement)
-
-
-def resolved_in_child(
-    pruning: PruningSettings, model: Path, device: str, dtype: str
-) -> tuple[dict[int, RoutingPolicy], PruningPlan | None, Path | None]:
-    """resolved(), in a child process when it loads a model (to calibrate, or to read similarity maps): that
-    copy of the model then leaves with the child, and the engine process, which inherits this process's memory
-    peak at start-up, reports what serving takes."""
-    if not (pruning.level or pruning.wants_similarity):
-        return resolved(pruning, model, device, dtype)
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(resolved, pruning, model, device, dtype).result()
-
-
-def resolved(
-    pruning: PruningSettings, model: Path, device: str, dtype: str
-) -> tuple[dict[int, RoutingPolicy], PruningPlan | None, Path | None]:
-    """PruningSettings.resolve and the plan's file, in one process (the weights are hashed once)."""
-    policies, plan = pruning.resolve(model, device, dtype)
-    return policies, plan, pruning.plan_source(model) if plan is not None else None
 
 
 def startup_summary(engine: AsyncEngine, settings: ServerSettings, args: argparse.Namespace) -> str:

@@ -20,7 +20,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from server.cli import parse_args, resolve_serving, serve
+from server.cli import parse_args, serve
+from server.serving_config import resolve_serving
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
