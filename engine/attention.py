@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.cpu_kernels import SUFFIX, kernels
+from engine.op_library import define_op
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,6 @@ def attend(
     return torch.ops.moe_serve.paged_attention(q, k, v, layer, scale)
 
 
-@torch.library.custom_op("moe_serve::paged_attention", mutates_args=())
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
     """Write this step's keys and values into layer's cache, then attend (see the module docstring)."""
     step = _current_step
@@ -135,9 +135,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
     return out
 
 
-@paged_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+def _paged_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
     return torch.empty_like(q)
+
+
+define_op(
+    "paged_attention(Tensor q, Tensor k, Tensor v, int layer, float scale) -> Tensor",
+    paged_attention,
+    _paged_attention_shape,
+)
 
 
 def _decode(

@@ -24,6 +24,7 @@ from torch import nn
 
 from engine.choices import BACKENDS
 from engine.cpu_kernels import SUFFIX, kernels
+from engine.op_library import define_op
 from engine.routing import ROUTER_SCORES, LiveExperts, Routing, RoutingPolicy, route
 
 logger = logging.getLogger(__name__)
@@ -218,7 +219,6 @@ def _dispatch_sorted(
     return by_slot.view(num_tokens, k, -1).sum(dim=1)
 
 
-@torch.library.custom_op("moe_serve::expert_mlp", mutates_args=())
 def expert_mlp(
     x: torch.Tensor,
     expert_ids: torch.Tensor,
@@ -244,8 +244,7 @@ def _loops(backend: str, w13: torch.Tensor) -> bool:
     return backend == "loop" or not grouped_mm_supported(w13.shape[2], w13.shape[1] // 2, w13.dtype)
 
 
-@expert_mlp.register_fake
-def _(
+def _expert_mlp_shape(
     x: torch.Tensor,
     expert_ids: torch.Tensor,
     weights: torch.Tensor,
@@ -254,6 +253,14 @@ def _(
     backend: str,
 ) -> torch.Tensor:
     return x.new_empty(x.shape, dtype=torch.float32)
+
+
+define_op(
+    "expert_mlp(Tensor x, Tensor expert_ids, Tensor weights, Tensor gate_up_proj, Tensor down_proj, str backend)"
+    " -> Tensor",
+    expert_mlp,
+    _expert_mlp_shape,
+)
 
 
 def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, backend: str = "auto") -> torch.Tensor:
