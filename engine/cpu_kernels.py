@@ -50,6 +50,8 @@ class CpuKernels:
             attention = getattr(self.lib, f"paged_decode_attention_{dtype}")
             attention.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR] + [_I64] * 6 + [_F32, _PTR, _INT]
             attention.restype = None
+        self.lib.linear_bf16.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR, _INT]
+        self.lib.linear_bf16.restype = _INT
 
     def expert_mlp(
         self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
@@ -63,6 +65,16 @@ class CpuKernels:
         fn(x.data_ptr(), expert_ids.data_ptr(), weights.data_ptr(), tokens, expert_ids.shape[1], w13.shape[0],
            hidden_size, w2.shape[2], w13.data_ptr(), w2.data_ptr(), out.data_ptr(), torch.get_num_threads())  # fmt: skip
         return out
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        """x [T, K] @ weight [N, K].T in fp32 for bf16 x and weight (contiguous); None where the kernel does not
+        fit (another dtype, this CPU, these shapes), for the caller's torch fallback."""
+        if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+            return None
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+        done = self.lib.linear_bf16(x.data_ptr(), weight.data_ptr(), x.shape[0], x.shape[1], weight.shape[0],
+                                    out.data_ptr(), torch.get_num_threads())  # fmt: skip
+        return out if done else None
 
     def paged_decode_attention(
         self,

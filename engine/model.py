@@ -16,9 +16,13 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, attend
 from engine.config import ModelConfig
+from engine.cpu_kernels import kernels
 from engine.expert_tables import ExpertTables
 from engine.moe import DenseMLP, ExpertLoad, RoutingObserver, SparseMoE
 from engine.routing import LiveExperts, RoutingPolicy
+
+# Up to this many rows, the CPU kernel computes bf16 logits faster than torch's linear (equal at 32 rows).
+FEW_ROWS = 16
 
 
 class RMSNorm(nn.Module):
@@ -268,6 +272,14 @@ class MoEForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [T, vocab] in fp32. A decode step's few rows of a bf16 model on CPU go through the CPU kernel
+        (a quarter of torch's time at one row, docs/performance.md); everything else is the linear layer."""
+        weight = self.lm_head.weight
+        if hidden.shape[0] <= FEW_ROWS and hidden.device.type == "cpu" and not torch.is_grad_enabled():
+            cpu = kernels()
+            logits = cpu.linear(hidden.contiguous(), weight) if cpu is not None and weight.is_contiguous() else None
+            if logits is not None:
+                return logits
         return self.lm_head(hidden).float()
 
     @torch.no_grad()

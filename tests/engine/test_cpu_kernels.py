@@ -1,5 +1,6 @@
 """The CPU kernels against torch's reference ops: the expert MLP against the sorted grouped and loop dispatch,
-paged decode attention against SDPA over gathered blocks, in fp32 (1e-5) and bf16; and an engine without the
+paged decode attention against SDPA over gathered blocks, in fp32 (1e-5) and bf16, the bf16 LM-head product
+against torch's linear; and an engine without the
 kernels (no compiler, or MOE_SERVE_CPU_KERNELS=0) generates the same tokens through torch's ops."""
 
 from __future__ import annotations
@@ -83,6 +84,22 @@ def without_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     monkeypatch.delenv("MOE_SERVE_CPU_KERNELS")
     kernels.cache_clear()
+
+
+@pytest.mark.skipif("avx512_bf16" not in Path("/proc/cpuinfo").read_text(), reason="no bf16 dot-product instruction")
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_linear_matches_torch_in_bf16_and_declines_what_it_cannot_do(rows: int) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 64, generator=generator).bfloat16()
+    weight = torch.randn(48, 64, generator=generator).bfloat16()
+    cpu = kernels()
+    assert cpu is not None
+    got = cpu.linear(x, weight)
+    assert got is not None and got.dtype == torch.float32 and got.shape == (rows, 48)
+    assert torch.allclose(got, F.linear(x, weight).float(), atol=0.1, rtol=2e-2)
+    assert torch.equal(got, got.bfloat16().float())  # rounded to bf16, as torch's bf16 linear is
+    assert cpu.linear(x.float(), weight.float()) is None  # fp32: torch's GEMM
+    assert cpu.linear(x, weight[:40]) is None  # 40 output rows: not a multiple of 16
 
 
 def test_an_engine_without_the_kernels_generates_the_same_tokens(
