@@ -1,0 +1,70 @@
+"""The spread of a method's cost over calibration folds: folds are disjoint and seeded, every method plans on
+every fold, a plan is scored once however many folds choose it, and costs are relative to the unpruned model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.checkpoint import load_model
+from pruning.report import fold_cost_plot
+from pruning.spec import PlanSpec
+from pruning.spread import PlanScorer, calibration_folds, fold_study, relative_costs, summary, summary_markdown
+
+
+def test_folds_deal_every_window_once_by_a_seeded_permutation() -> None:
+    windows = torch.arange(11 * 3).reshape(11, 3)
+    folds = calibration_folds(windows, 3, seed=1)
+    assert [len(fold) for fold in folds] == [4, 4, 3]
+    assert sorted(int(row[0]) for fold in folds for row in fold) == [int(row[0]) for row in windows]
+    assert all(torch.equal(a, b) for a, b in zip(folds, calibration_folds(windows, 3, seed=1), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(folds, calibration_folds(windows, 3, seed=2), strict=True))
+    with pytest.raises(ValueError, match="need 2..11 folds"):
+        calibration_folds(windows, 12)
+
+
+def test_summary_is_the_mean_and_spread_of_relative_costs() -> None:
+    base = {"test": 10.0, "outside": 100.0}
+    rows = [
+        {"model": "m", "method": "pes", "fold": i, "ppl": {"test": test, "outside": out}, "base": base}
+        for i, (test, out) in enumerate([(11.0, 110.0), (12.0, 130.0)])
+    ]
+    assert relative_costs(rows[0]) == pytest.approx({"test": 10.0, "outside": 10.0})
+    (entry,) = summary(rows)
+    assert entry["folds"] == 2 and entry["test"]["values"] == pytest.approx([10.0, 20.0])
+    assert entry["test"]["mean"] == pytest.approx(15.0) and entry["test"]["std"] == pytest.approx(50**0.5)
+    assert entry["outside"]["mean"] == pytest.approx(20.0)
+    assert "| m | pes | 2 | +15.0% ± 7.1 | +20.0% ± 14.1 |" in summary_markdown([entry])
+
+
+def test_the_spread_plot_is_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    base = {"test": 10.0, "outside": 100.0}
+    rows = [
+        {"model": model, "method": method, "fold": i, "ppl": {"test": 11.0 + i, "outside": 120.0 - i}, "base": base}
+        for model in ("a", "b")
+        for method in ("pes", "reap")
+        for i in range(3)
+    ]
+    out = fold_cost_plot(summary(rows[:-3]), tmp_path / "spread.png")  # model b lacks reap: a gap, no error
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_method_plans_on_every_fold_and_a_plan_is_scored_once(tiny_model: Path) -> None:
+    model = load_model(tiny_model, torch.float32, torch.device("cpu")).eval()
+    windows = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(0))
+    scorer = PlanScorer(model, {"test": windows[:2], "outside": windows[2:]})
+    specs = {"frequency": PlanSpec("frequency", 0.25), "random": PlanSpec("random", 0.25)}
+    with torch.no_grad():
+        rows = fold_study(tiny_model, model, calibration_folds(windows, 2), scorer, specs, sample_tokens=16)
+    assert [(row["fold"], row["method"]) for row in rows] == [
+        (0, "frequency"),
+        (0, "random"),
+        (1, "frequency"),
+        (1, "random"),
+    ]
+    assert rows[1]["ppl"] == rows[3]["ppl"]  # random's seeded plan is the same on both folds: scored once
+    assert len(scorer.scored) == len({str(row["removed"]) for row in rows})
+    assert all(len(experts) == 2 for row in rows for experts in row["removed"].values())
