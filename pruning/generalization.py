@@ -104,7 +104,8 @@ def subset_study(
     cap = options.max_eval_tokens
     sets = {"test": split_windows(model_dir, "test", seq_len, cap)}
     sets |= {_set_name(i): file_windows(model_dir, files, seq_len, cap) for i, files in enumerate(file_sets)}
-    folds = calibration_folds(split_windows(model_dir, "validation", seq_len), options.subsets, options.fold_seed)
+    calibration = split_windows(model_dir, "validation", seq_len, options.calibration_tokens)
+    folds = calibration_folds(calibration, options.subsets, options.fold_seed)
     with torch.no_grad():
         scorer = PlanScorer(model, sets)
         specs = {method: PlanSpec(method, level) for method in methods}
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--subsets", type=int, default=0, help="plan on this many disjoint calibration folds")
     parser.add_argument("--fold-seed", type=int, default=0, help="the permutation dealing windows into folds")
+    parser.add_argument(
+        "--calibration-tokens", type=int, default=CalibrationSpec.max_tokens, help="of the split, dealt into folds"
+    )
     parser.add_argument("--sample-tokens", type=int, default=CalibrationSpec.sample_tokens, help="per fold")
     parser.add_argument("--plot", type=Path, help="with --subsets: also draw the costs over folds here (PNG)")
     parser.add_argument("--max-eval-tokens", type=int, help="score at most this many tokens of each set (--subsets)")

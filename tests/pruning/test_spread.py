@@ -3,12 +3,14 @@ every fold, a plan is scored once however many folds choose it, and costs are re
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine.checkpoint import load_model
+from pruning.generalization import main
 from pruning.report import fold_cost_plot
 from pruning.spec import PlanSpec
 from pruning.spread import PlanScorer, calibration_folds, fold_study, relative_costs, summary, summary_markdown
@@ -68,3 +70,29 @@ def test_every_method_plans_on_every_fold_and_a_plan_is_scored_once(tiny_model: 
     assert rows[1]["ppl"] == rows[3]["ppl"]  # random's seeded plan is the same on both folds: scored once
     assert len(scorer.scored) == len({str(row["removed"]) for row in rows})
     assert all(len(experts) == 2 for row in rows for experts in row["removed"].values())
+
+
+def test_generalization_subsets_end_to_end(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = []
+    for name, text in (
+        ("prose.txt", "The quick brown fox jumps over the lazy dog. " * 40),
+        ("manual.txt", "Press i to insert text. " * 60),
+    ):
+        (tmp_path / name).write_text(text)
+        texts.append(str(tmp_path / name))
+    fast = ["--seq-len", "32", "--calibration-tokens", "1024", "--sample-tokens", "64", "--max-eval-tokens", "256"]
+    out = tmp_path / "rows.json"
+    main([str(tiny_model), "--subsets", "2", "--methods", "frequency,reap", "--files", texts[0], "--files", texts[1],
+          *fast, "--json", str(out), "--plot", str(tmp_path / "folds.png")])  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert [(row["fold"], row["method"]) for row in rows] == [
+        (0, "frequency"),
+        (0, "reap"),
+        (1, "frequency"),
+        (1, "reap"),
+    ]
+    assert all(set(row["ppl"]) == {"test", "outside", "outside2"} for row in rows)
+    assert "| frequency | 2 |" in capsys.readouterr().out
+    assert (tmp_path / "folds.png").read_bytes()[:4] == b"\x89PNG"
