@@ -34,7 +34,15 @@ from pruning.data import file_windows, split_windows
 from pruning.plan import PruningPlan
 from pruning.report import fold_cost_plot
 from pruning.spec import CalibrationSpec, PlanSpec
-from pruning.spread import PlanScorer, calibration_folds, fold_study, summary, summary_markdown
+from pruning.spread import (
+    PlanScorer,
+    calibration_folds,
+    differences,
+    differences_markdown,
+    fold_study,
+    summary,
+    summary_markdown,
+)
 
 
 def scored(model: MoEForCausalLM, windows: torch.Tensor, policies: dict[int, RoutingPolicy]) -> float:
@@ -99,7 +107,8 @@ def subset_study(
     seq_len: int,
     options: argparse.Namespace,
 ) -> list[dict[str, Any]]:
-    """A row per calibration fold and method: the cost on the test split and on each outside set."""
+    """A row per calibration fold and method: its removed experts, and the pruned and unpruned perplexity on the
+    test split and on each outside set."""
     model = load_model(model_dir, torch.float32, torch.device("cpu")).eval()
     cap = options.max_eval_tokens
     sets = {"test": split_windows(model_dir, "test", seq_len, cap)}
@@ -165,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += subset_study(model_dir, args.files, args.level, methods, args.seq_len, args)
         summaries = summary(rows)
         print(summary_markdown(summaries))
+        print(differences_markdown(differences(rows)))
         if args.plot:
             fold_cost_plot(summaries, args.plot)
     else:

@@ -9,6 +9,7 @@ folds, and two methods compare by their paired (same fold) differences.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,39 +87,90 @@ def fold_study(
 
 
 def relative_costs(row: dict[str, Any]) -> dict[str, float]:
-    """Per set, the pruned perplexity's increase over the unpruned one, in percent (sets differ tenfold in
+    """Per set, the pruned perplexity's increase over the unpruned one, in percent (sets differ many-fold in
     perplexity, so only relative costs compare across them)."""
     return {name: 100.0 * (ppl / row["base"][name] - 1.0) for name, ppl in row["ppl"].items()}
 
 
+def plan_overlap(rows: list[dict[str, Any]]) -> float:
+    """How alike the folds' plans are: the mean over pairs of folds of the Jaccard overlap of their removed
+    (layer, expert) sets (1: every fold removes the same experts)."""
+    removed = [{(layer, e) for layer, experts in row["removed"].items() for e in experts} for row in rows]
+    pairs = list(itertools.combinations(removed, 2))
+    return float(np.mean([len(a & b) / len(a | b) if a | b else 1.0 for a, b in pairs])) if pairs else 1.0
+
+
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in sorted(rows, key=lambda row: row["fold"]):
+        groups.setdefault((row["model"], row["method"]), []).append(row)
+    return groups
+
+
+def _spread(values: np.ndarray) -> dict[str, Any]:
+    std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return {"mean": float(values.mean()), "std": std, "se": std / len(values) ** 0.5, "values": values.tolist()}
+
+
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per model and method: mean, sample standard deviation and per-fold values of each set's relative cost."""
-    groups: dict[tuple[str, str], list[dict[str, float]]] = {}
-    for row in rows:
-        groups.setdefault((row["model"], row["method"]), []).append(relative_costs(row))
+    """Per model and method: each set's relative cost over folds (mean, sample standard deviation, standard
+    error, per-fold values), and how alike the folds' plans are."""
     out = []
-    for (model, method), costs in groups.items():
-        entry: dict[str, Any] = {"model": model, "method": method, "folds": len(costs)}
-        for name in costs[0]:
-            values = np.array([cost[name] for cost in costs])
-            entry[name] = {
-                "mean": float(values.mean()),
-                "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                "values": values.tolist(),
-            }
+    for (model, method), group in _groups(rows).items():
+        costs = [relative_costs(row) for row in group]
+        entry: dict[str, Any] = {"model": model, "method": method, "folds": len(group), "overlap": plan_overlap(group)}
+        entry |= {name: _spread(np.array([cost[name] for cost in costs])) for name in costs[0]}
         out.append(entry)
     return out
 
 
+def differences(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model, each method's relative cost minus the first method's, fold by fold (both planned on the same
+    fold), over folds: the comparison the calibration sample's noise affects least."""
+    groups = _groups(rows)
+    out = []
+    for model in dict.fromkeys(model for model, _ in groups):
+        methods = [method for m, method in groups if m == model]
+        reference = [relative_costs(row) for row in groups[(model, methods[0])]]
+        for method in methods[1:]:
+            costs = [relative_costs(row) for row in groups[(model, method)]]
+            entry: dict[str, Any] = {"model": model, "method": method, "reference": methods[0]}
+            entry |= {
+                name: _spread(np.array([c[name] - r[name] for c, r in zip(costs, reference, strict=True)]))
+                for name in reference[0]
+            }
+            out.append(entry)
+    return out
+
+
+def _sets(entries: list[dict[str, Any]]) -> list[str]:
+    return [key for key in entries[0] if isinstance(entries[0][key], dict)]
+
+
 def summary_markdown(summaries: list[dict[str, Any]]) -> str:
-    """The summary as a table: relative cost, mean ± std over folds, per evaluation set."""
-    sets = [key for key in summaries[0] if isinstance(summaries[0][key], dict)]
-    head = "| model | method | folds | " + " | ".join(f"{name} cost" for name in sets) + " |\n"
-    rule = "|---|---|---:|" + "---:|" * len(sets) + "\n"
+    """The summary as a table: relative cost, mean ± std over folds, per evaluation set, and the plans' overlap."""
+    sets = _sets(summaries)
+    head = "| model | method | folds | " + " | ".join(f"{name} cost" for name in sets) + " | plan overlap |\n"
+    rule = "|---|---|---:|" + "---:|" * (len(sets) + 1) + "\n"
     lines = [
         f"| {s['model']} | {s['method']} | {s['folds']} | "
         + " | ".join(f"{s[name]['mean']:+.1f}% ± {s[name]['std']:.1f}" for name in sets)
-        + " |"
+        + f" | {s['overlap']:.2f} |"
         for s in summaries
     ]
     return head + rule + "\n".join(lines) + "\n"
+
+
+def differences_markdown(entries: list[dict[str, Any]]) -> str:
+    """The paired differences as a table: points of relative cost, mean ± standard error over folds."""
+    if not entries:
+        return ""
+    sets = _sets(entries)
+    head = "| model | difference | " + " | ".join(sets) + " |\n" + "|---|---|" + "---:|" * len(sets) + "\n"
+    lines = [
+        f"| {e['model']} | {e['method']} - {e['reference']} | "
+        + " | ".join(f"{e[name]['mean']:+.1f} ± {e[name]['se']:.1f}" for name in sets)
+        + " |"
+        for e in entries
+    ]
+    return head + "\n".join(lines) + "\n"

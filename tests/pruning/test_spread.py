@@ -13,7 +13,17 @@ from engine.checkpoint import load_model
 from pruning.generalization import main
 from pruning.report import fold_cost_plot
 from pruning.spec import PlanSpec
-from pruning.spread import PlanScorer, calibration_folds, fold_study, relative_costs, summary, summary_markdown
+from pruning.spread import (
+    PlanScorer,
+    calibration_folds,
+    differences,
+    differences_markdown,
+    fold_study,
+    plan_overlap,
+    relative_costs,
+    summary,
+    summary_markdown,
+)
 
 
 def test_folds_deal_every_window_once_by_a_seeded_permutation() -> None:
@@ -30,7 +40,7 @@ def test_folds_deal_every_window_once_by_a_seeded_permutation() -> None:
 def test_summary_is_the_mean_and_spread_of_relative_costs() -> None:
     base = {"test": 10.0, "outside": 100.0}
     rows = [
-        {"model": "m", "method": "pes", "fold": i, "ppl": {"test": test, "outside": out}, "base": base}
+        {"model": "m", "method": "pes", "fold": i, "ppl": {"test": test, "outside": out}, "base": base, "removed": {}}
         for i, (test, out) in enumerate([(11.0, 110.0), (12.0, 130.0)])
     ]
     assert relative_costs(rows[0]) == pytest.approx({"test": 10.0, "outside": 10.0})
@@ -38,14 +48,48 @@ def test_summary_is_the_mean_and_spread_of_relative_costs() -> None:
     assert entry["folds"] == 2 and entry["test"]["values"] == pytest.approx([10.0, 20.0])
     assert entry["test"]["mean"] == pytest.approx(15.0) and entry["test"]["std"] == pytest.approx(50**0.5)
     assert entry["outside"]["mean"] == pytest.approx(20.0)
-    assert "| m | pes | 2 | +15.0% ± 7.1 | +20.0% ± 14.1 |" in summary_markdown([entry])
+    assert "| m | pes | 2 | +15.0% ± 7.1 | +20.0% ± 14.1 | 1.00 |" in summary_markdown([entry])
+
+
+def test_methods_compare_fold_by_fold_and_plans_by_overlap() -> None:
+    base = {"test": 10.0}
+
+    def row(method: str, fold: int, ppl: float, removed: list[int]) -> dict[str, object]:
+        return {
+            "model": "m",
+            "method": method,
+            "fold": fold,
+            "ppl": {"test": ppl},
+            "base": base,
+            "removed": {"0": removed},
+        }
+
+    rows = [
+        row("pes", 0, 11.0, [1, 2]),
+        row("reap", 1, 14.0, [1, 2]),
+        row("pes", 1, 13.0, [1, 3]),
+        row("reap", 0, 11.5, [1, 2]),
+    ]
+    assert plan_overlap([rows[0], rows[2]]) == pytest.approx(1 / 3)  # {1,2} and {1,3}: one of three shared
+    (reap,) = differences(rows)  # folds pair by number, whatever the rows' order: +5 and +10 points
+    assert (reap["method"], reap["reference"]) == ("reap", "pes")
+    assert reap["test"]["values"] == pytest.approx([5.0, 10.0]) and reap["test"]["se"] == pytest.approx(2.5)
+    assert "| m | reap - pes | +7.5 ± 2.5 |" in differences_markdown([reap])
+    assert [entry["overlap"] for entry in summary(rows)] == pytest.approx([1 / 3, 1.0])
 
 
 def test_the_spread_plot_is_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     base = {"test": 10.0, "outside": 100.0}
     rows = [
-        {"model": model, "method": method, "fold": i, "ppl": {"test": 11.0 + i, "outside": 120.0 - i}, "base": base}
+        {
+            "model": model,
+            "method": method,
+            "fold": i,
+            "ppl": {"test": 11.0 + i, "outside": 120.0 - i},
+            "base": base,
+            "removed": {},
+        }
         for model in ("a", "b")
         for method in ("pes", "reap")
         for i in range(3)
@@ -94,5 +138,6 @@ def test_generalization_subsets_end_to_end(
         (1, "reap"),
     ]
     assert all(set(row["ppl"]) == {"test", "outside", "outside2"} for row in rows)
-    assert "| frequency | 2 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| frequency | 2 |" in printed and "| reap - frequency |" in printed
     assert (tmp_path / "folds.png").read_bytes()[:4] == b"\x89PNG"
