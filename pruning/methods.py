@@ -8,6 +8,9 @@ A pruning level is the fraction of a layer's routed experts removed; every layer
 - `reap`: REAP's saliency, lowest first: the mean over tokens routed to an expert of its gate weight times the
   norm of its output.
 - `random`: a seeded shuffle, the floor any method must beat.
+- `pes-token`: pes with each token's output error relative to its own output's size (every token counts alike,
+  not in proportion to its output's energy); measured against pes off the calibration distribution in
+  docs/pruning.md, uniform budget only.
 
 This module does not import torch (pes imports its replay when it runs), so command lines take their
 `--prune-method` choices from METHODS and still answer `--help` without loading torch.
@@ -89,27 +92,37 @@ class LowestRanked:
         return {layer.layer: removal_order(self.method, layer, options.seed)[:count] for layer in calibration.layers}
 
 
-def least_output_change(calibration: Calibration, model: MoEForCausalLM, count: int, options: MethodOptions) -> Removed:
-    """pes: per layer the greedy removal path by replayed output error; the adaptive budget takes the same total
-    as the cheapest removals of any layer."""
-    from pruning.redundancy import LayerReplay, layer_budgets, removal_path  # torch, needed only when pes runs
+@dataclass(frozen=True)
+class LeastOutputChange:
+    """pes's selector: per layer the greedy removal path by replayed output error (per token relative when
+    `per_token`); the adaptive budget takes the same total as the cheapest removals of any layer."""
 
-    blocks = {block.layer_idx: block for block in model.moe_blocks()}
-    adaptive = options.budget == "adaptive"
-    depth = model.config.num_experts - model.config.top_k if adaptive else count
-    paths = {
-        layer.layer: removal_path(
-            LayerReplay.of(blocks[layer.layer], layer.inputs), layer.similarity, depth, options.handling
-        )
-        for layer in calibration.layers
-    }
-    counts = layer_budgets(paths, count * len(paths)) if adaptive else dict.fromkeys(paths, count)
-    return {layer: [e for e, _ in path[: counts[layer]]] for layer, path in paths.items()}
+    per_token: bool = False
+
+    def __call__(self, calibration: Calibration, model: MoEForCausalLM, count: int, options: MethodOptions) -> Removed:
+        from pruning.redundancy import LayerReplay, layer_budgets, removal_path  # torch, needed only when pes runs
+
+        blocks = {block.layer_idx: block for block in model.moe_blocks()}
+        adaptive = options.budget == "adaptive"
+        depth = model.config.num_experts - model.config.top_k if adaptive else count
+        paths = {
+            layer.layer: removal_path(
+                LayerReplay.of(blocks[layer.layer], layer.inputs),
+                layer.similarity,
+                depth,
+                options.handling,
+                self.per_token,
+            )
+            for layer in calibration.layers
+        }
+        counts = layer_budgets(paths, count * len(paths)) if adaptive else dict.fromkeys(paths, count)
+        return {layer: [e for e, _ in path[: counts[layer]]] for layer, path in paths.items()}
 
 
 METHODS: dict[str, Method] = {
-    "pes": Method(least_output_change, budgets=BUDGETS),
+    "pes": Method(LeastOutputChange(), budgets=BUDGETS),
     **{name: Method(LowestRanked(name)) for name in RANKINGS},
+    "pes-token": Method(LeastOutputChange(per_token=True)),
 }
 
 

@@ -78,19 +78,33 @@ def redirect_targets(similarity: np.ndarray, removed: list[int]) -> dict[int, in
     return {e: int(survivors[np.argmax(similarity[e, survivors])]) for e in removed}
 
 
-def removal_path(replay: LayerReplay, similarity: np.ndarray, count: int, handling: str) -> list[tuple[int, float]]:
-    """Greedy removal of `count` experts: (expert, relative output error once it and all before it are gone)."""
+def removal_path(
+    replay: LayerReplay, similarity: np.ndarray, count: int, handling: str, per_token: bool = False
+) -> list[tuple[int, float]]:
+    """Greedy removal of `count` experts: (expert, relative output error once it and all before it are gone).
+    The error sums squared output changes over tokens; `per_token` first divides each token's by its unpruned
+    output's squared norm, so every token counts alike rather than in proportion to its output's energy."""
     if handling not in HANDLINGS:
         raise ValueError(f"unknown handling {handling!r} of a removed expert's tokens; expected one of {HANDLINGS}")
     full = replay.output([])
-    scale = float(full.pow(2).sum(dim=-1).sum())
+    token_sq = full.pow(2).sum(dim=-1)
+    if per_token:
+        token_weights = 1.0 / token_sq.double().clamp_min(float(token_sq.mean()) * 1e-3)
+        scale = float((token_sq.double() * token_weights).sum())
+    else:
+        token_weights, scale = torch.ones_like(token_sq, dtype=torch.float64), float(token_sq.sum())
     if handling == "repick":
-        return _repick_path(replay, full, scale, count)
-    return _redirect_path(replay, similarity, full, scale, count)
+        return _repick_path(replay, full, token_weights, scale, count)
+    return _redirect_path(replay, similarity, full, token_weights, scale, count)
 
 
 def _redirect_path(
-    replay: LayerReplay, similarity: np.ndarray, full: torch.Tensor, scale: float, count: int
+    replay: LayerReplay,
+    similarity: np.ndarray,
+    full: torch.Tensor,
+    token_weights: torch.Tensor,
+    scale: float,
+    count: int,
 ) -> list[tuple[int, float]]:
     """The greedy path when slots are redirected: routing itself never changes, only which expert serves a
     slot, so a candidate is scored on the tokens whose slots it (or an expert redirected to it) holds."""
@@ -112,7 +126,7 @@ def _redirect_path(
             moved = torch.nonzero(table != served_by).squeeze(1)
             rows = torch.nonzero(torch.isin(ids, moved).any(dim=-1)).squeeze(1)
             out = (replay.outputs[table[ids[rows]], rows[:, None]] * weights[rows][..., None]).sum(dim=1)
-            changed = (out - full[rows]).pow(2).sum(dim=-1).double()
+            changed = (out - full[rows]).pow(2).sum(dim=-1).double() * token_weights[rows]
             error = total - float(token_error[rows].sum()) + float(changed.sum())
             if best is None or error < best[0]:
                 best = (error, e, table, rows, changed)
@@ -124,7 +138,9 @@ def _redirect_path(
     return path
 
 
-def _repick_path(replay: LayerReplay, full: torch.Tensor, scale: float, count: int) -> list[tuple[int, float]]:
+def _repick_path(
+    replay: LayerReplay, full: torch.Tensor, token_weights: torch.Tensor, scale: float, count: int
+) -> list[tuple[int, float]]:
     """The greedy path when tokens re-pick, scored exactly but cheaply: removing e re-routes only the tokens
     that route to e now; every other token keeps its experts, with weights scaled by 1 / (1 - p_e) when the
     softmax loses e (unless top-k weights are renormalized), so its error follows from three dot products."""
@@ -143,9 +159,11 @@ def _repick_path(replay: LayerReplay, full: torch.Tensor, scale: float, count: i
                 continue
             rerouted = (ids == e).any(dim=-1)
             rows = torch.nonzero(rerouted).squeeze(1)
-            changed = (replay.output(removed + [e], rows=rows) - full[rows]).pow(2).sum(dim=-1).double()
+            changed = (replay.output(removed + [e], rows=rows) - full[rows]).pow(2).sum(
+                dim=-1
+            ).double() * token_weights[rows]
             grow = torch.ones_like(full_sq) if replay.norm_topk_prob else 1.0 / (1.0 - probs[:, e].double())
-            kept_error = grow.pow(2) * current_sq - 2 * grow * cross + full_sq
+            kept_error = (grow.pow(2) * current_sq - 2 * grow * cross + full_sq) * token_weights
             error = float(changed.sum()) + float(kept_error[~rerouted].sum())
             if best is None or error < best[0]:
                 best = (error, e)

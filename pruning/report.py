@@ -150,3 +150,29 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
                 + "\n"
             )
     return "\n".join(parts)
+
+
+def fold_cost_plot(summaries: list[dict[str, Any]], out: Path) -> Path:
+    """pruning.spread's summary as a picture: a panel per evaluation set, a bar per model and method at its mean
+    relative cost with the standard deviation over folds, and each fold's cost as a dot."""
+    plt = pyplot()
+    sets = [key for key in summaries[0] if isinstance(summaries[0][key], dict)]
+    models = list(dict.fromkeys(s["model"] for s in summaries))
+    methods = list(dict.fromkeys(s["method"] for s in summaries))
+    width = 0.8 / len(models)
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], sets):
+        for m, model in enumerate(models):
+            entries = {s["method"]: s[name] for s in summaries if s["model"] == model}
+            x = np.arange(len(methods)) + (m - (len(models) - 1) / 2) * width
+            means = [entries[method]["mean"] if method in entries else np.nan for method in methods]
+            stds = [entries[method]["std"] if method in entries else 0.0 for method in methods]
+            ax.bar(x, means, width * 0.9, yerr=stds, capsize=3, alpha=0.6, label=model)
+            for xi, method in zip(x, methods):
+                if method in entries:
+                    values = entries[method]["values"]
+                    ax.plot([xi] * len(values), values, "k.", markersize=3)
+        ax.set_xticks(np.arange(len(methods)), methods)
+        ax.set_title(f"{name}: cost over folds", fontsize=10)
+        ax.set_ylabel("perplexity increase (%)")
+    return finish_figure(plt, fig, list(axes[0]), out)

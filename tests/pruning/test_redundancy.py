@@ -112,3 +112,24 @@ def test_fast_paths_are_the_exact_greedy(tiny_model: Path, handling: str, norm_t
         assert error == pytest.approx(min(errors.values()), rel=1e-6, abs=1e-9)
         assert errors[expert] == pytest.approx(error, rel=1e-6, abs=1e-9)
         removed.append(expert)
+
+
+@pytest.mark.parametrize("handling", ["repick", "redirect"])
+def test_per_token_errors_weigh_every_token_alike(tiny_model: Path, handling: str) -> None:
+    """pes-token's path: each step's error is the mean over tokens of the squared output change relative to the
+    token's unpruned output, the smallest of any candidate's."""
+    model = model_with_twins(tiny_model, {3: 0})
+    layer = calibration_of(model).layers[0]
+    replay = LayerReplay.of(model.moe_blocks()[0], layer.inputs)
+    full = replay.output([])
+    norms = full.pow(2).sum(dim=-1).double()
+    removed: list[int] = []
+    for expert, error in removal_path(replay, layer.similarity, 4, handling, per_token=True):
+        errors = {}
+        for e in (e for e in range(8) if e not in removed):
+            redirect = redirect_targets(layer.similarity, removed + [e]) if handling == "redirect" else None
+            change = (replay.output(removed + [e], redirect) - full).pow(2).sum(dim=-1).double()
+            errors[e] = float((change / norms).mean())
+        assert error == pytest.approx(min(errors.values()), rel=1e-6, abs=1e-9)
+        assert errors[expert] == pytest.approx(error, rel=1e-6, abs=1e-9)
+        removed.append(expert)
