@@ -43,8 +43,6 @@ CUDA_GRAPH_SIZES = (1, 2, 4, 8, *range(16, 257, 16), *range(288, 1025, 32))
 # Inductor's settings for the CPU graphs (see the module docstring); measured in docs/performance.md.
 CPU_OPTIONS = {
     "freezing": True,
-    # The graph's host code in C++ instead of Python: 1.16x faster batch-1 steps, equal at 8 (docs/performance.md).
-    "cpp_wrapper": True,
     "max_autotune": True,
     # Inductor's own CPP GEMM templates only: as fast per step as also trying ATen's, and a cold start 33 s
     # sooner (docs/performance.md, time to ready).
