@@ -67,8 +67,9 @@ class CpuKernels:
         return out
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-        """x [T, K] @ weight [N, K].T in fp32 for bf16 x and weight (contiguous); None where the kernel does not
-        fit (another dtype, this CPU, these shapes), for the caller's torch fallback."""
+        """x [T, K] @ weight [N, K].T for bf16 x and weight (contiguous): fp32 holding bf16-rounded values, as
+        torch's bf16 linear then .float() gives; None where the kernel does not fit (another dtype, this CPU,
+        these shapes), for the caller's torch fallback."""
         if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
             return None
         out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)

@@ -1,7 +1,8 @@
 """moe-serve's serving ops (`moe_serve::...`), registered straight on the dispatcher.
 
 `torch.library.custom_op` wraps its function in layers (autograd, argument checks) that cost about 10 us a
-call: a batch-1 expert call measured 23 us through it against 13 us as a plain kernel. A decode step calls these
+call: a batch-1 expert call measured 23 us through it against 15 us as registered here (7 us of it the kernel;
+timed by a throwaway script, docs/performance.md). A decode step calls these
 ops twice per layer with gradients off, so they are plain kernels on the CPU and CUDA keys of a
 `torch.library.Library` fragment, each with the fake implementation torch.compile traces. Autograd never reaches
 them: training takes other paths (engine.moe.dispatch, dense causal attention).

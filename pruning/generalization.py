@@ -27,7 +27,6 @@ import torch
 from engine.checkpoint import load_model
 from engine.config import DEFAULT_MODEL_DIR
 from engine.model import MoEForCausalLM
-from engine.routing import RoutingPolicy
 from measures.perplexity import perplexity
 from pruning.cache import DEFAULT_CACHE_DIR, cached_plan
 from pruning.data import file_windows, split_windows
@@ -40,18 +39,10 @@ from pruning.spread import (
     differences,
     differences_markdown,
     fold_study,
+    scored,
     summary,
     summary_markdown,
 )
-
-
-def scored(model: MoEForCausalLM, windows: torch.Tensor, policies: dict[int, RoutingPolicy]) -> float:
-    """Perplexity of the windows with the policies installed (removed afterwards)."""
-    model.set_routing_policies(policies)
-    try:
-        return perplexity(model, windows).ppl
-    finally:
-        model.set_routing_policies({})
 
 
 def routed_counts(model: MoEForCausalLM, windows: torch.Tensor) -> np.ndarray:
@@ -63,9 +54,7 @@ def routed_counts(model: MoEForCausalLM, windows: torch.Tensor) -> np.ndarray:
 
 def removed_share(plan: PruningPlan, counts: np.ndarray) -> float:
     """The share of routed slots (all MoE layers) that went to experts the plan removes."""
-    removed = sum(
-        counts[layer, sorted(set(range(plan.num_experts)) - set(kept))].sum() for layer, kept in plan.kept.items()
-    )
+    removed = sum(counts[layer, experts].sum() for layer, experts in plan.removed().items())
     return float(removed / sum(counts[layer].sum() for layer in plan.kept))
 
 

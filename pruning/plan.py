@@ -79,6 +79,10 @@ class PruningPlan:
             if bad:
                 raise PlanError(f"plan's redirect of layer {layer} must map removed experts to kept ones: {bad}")
 
+    def removed(self) -> dict[int, list[int]]:
+        """MoE layer -> the expert ids the plan removes, ascending."""
+        return {layer: sorted(set(range(self.num_experts)) - set(kept)) for layer, kept in self.kept.items()}
+
     def routing_policies(self) -> dict[int, RoutingPolicy]:
         """The engine's routing per MoE layer: removed experts leave the softmax, or their slots are redirected."""
         policies = {}

@@ -18,10 +18,20 @@ import numpy as np
 import torch
 
 from engine.model import MoEForCausalLM
+from engine.routing import RoutingPolicy
 from measures.perplexity import perplexity
 from pruning.calibration import calibrate
 from pruning.plan import PruningPlan, make_plan
 from pruning.spec import PlanSpec
+
+
+def scored(model: MoEForCausalLM, windows: torch.Tensor, policies: dict[int, RoutingPolicy]) -> float:
+    """Perplexity of the windows with the policies installed (removed afterwards)."""
+    model.set_routing_policies(policies)
+    try:
+        return perplexity(model, windows).ppl
+    finally:
+        model.set_routing_policies({})
 
 
 def calibration_folds(windows: torch.Tensor, folds: int, seed: int = 0) -> list[torch.Tensor]:
@@ -52,11 +62,8 @@ class PlanScorer:
             for layer, kept in sorted(plan.kept.items())
         )
         if key not in self.scored:
-            self.model.set_routing_policies(plan.routing_policies())
-            try:
-                self.scored[key] = {name: perplexity(self.model, windows).ppl for name, windows in self.sets.items()}
-            finally:
-                self.model.set_routing_policies({})
+            policies = plan.routing_policies()
+            self.scored[key] = {name: scored(self.model, windows, policies) for name, windows in self.sets.items()}
         return self.scored[key]
 
 
@@ -77,8 +84,7 @@ def fold_study(
             plan = make_plan(model_dir, model, calibration, spec)
             row = {
                 "model": model_dir.resolve().name, "method": name, "fold": index, "ppl": scorer.perplexities(plan),
-                "base": scorer.base, "removed": {layer: sorted(set(range(plan.num_experts)) - set(kept))
-                                                  for layer, kept in plan.kept.items()},
+                "base": scorer.base, "removed": plan.removed(),
             }  # fmt: skip
             rows.append(row)
             costs = relative_costs(row)

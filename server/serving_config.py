@@ -56,10 +56,9 @@ def resolve_serving(args: argparse.Namespace) -> ResolvedServing:
     )
     policies, plan, source = resolved_in_child(pruning, args.model, args.device, args.dtype)
     if plan is not None:
-        removed = {layer: sorted(set(range(plan.num_experts)) - set(kept)) for layer, kept in plan.kept.items()}
         logging.getLogger("moe_serve").info(
             "pruning plan %s at %g (%s, %s) from %s (cache key %s); removed experts by layer: %s",
-            plan.method, plan.level, plan.budget, plan.handling, source, source.stem if source else "-", removed,
+            plan.method, plan.level, plan.budget, plan.handling, source, source.stem if source else "-", plan.removed(),
         )  # fmt: skip
     config = EngineConfig(
         dtype=args.dtype,

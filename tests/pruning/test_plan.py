@@ -55,3 +55,8 @@ def test_wrong_model_and_bad_files_are_refused(tiny_model: Path, tmp_path: Path)
         PruningPlan("m", "0" * 64, "frequency", 0.9, 8, 2, kept={0: [1]})
     with pytest.raises(PlanError, match="does not exist"):
         PruningPlan.load(tmp_path / "missing.json")
+
+
+def test_removed_lists_each_layers_experts_that_are_not_kept() -> None:
+    plan = PruningPlan("m", "0" * 64, "frequency", 0.5, 8, 2, kept={0: [1, 4, 6, 7], 2: [0, 1, 2, 3]})
+    assert plan.removed() == {0: [0, 2, 3, 5], 2: [4, 5, 6, 7]}
