@@ -1,7 +1,10 @@
 """The serving forward: the model eager (`enforce_eager`, the reference), or compiled with torch.compile.
 
 What the compiler cannot trace, because its work depends on the step's data, sits behind two custom ops, one
-node each per layer: paged attention (engine/attention.py) and the expert dispatch (engine/moe.py). The rest
+node each per layer: paged attention (engine/attention.py) and the expert dispatch (engine/moe.py). Both read
+what they serve from the forward context, not from graph constants: the KV caches, and the layer's expert
+weights (`serving_experts`, set around every call here), so live pruning that releases and reads back experts
+recompiles nothing (on CUDA the captured graphs, which hold the weights' addresses, are captured again). The rest
 of the model (embeddings, norms, projections, RoPE, routing, the expert-load counters) becomes a graph. Two
 graphs, compiled separately: one for one-token steps (batch-1 decode, where fixed costs rule) and one with a
 symbolic token count for every other step, decode or prefill. On CPU both run as inductor's fused C++, frozen
@@ -32,6 +35,7 @@ from torch._inductor import select_algorithm
 
 from engine.attention import PAGED, PagedStep, paged_step
 from engine.model import MoEForCausalLM
+from engine.moe import SparseMoE, serving_experts
 from engine.token_routing import NUM_CONTROLS, PADDING_ROW
 
 if TYPE_CHECKING:
@@ -86,6 +90,7 @@ class CompiledForward:
         enforce_eager: bool,
     ) -> None:
         self.model = model
+        self.moe_blocks = tuple(layer.mlp if isinstance(layer.mlp, SparseMoE) else None for layer in model.model.layers)
         self.kv_caches = kv_caches
         self.device = model.lm_head.weight.device
         self.enforce_eager = enforce_eager
@@ -136,17 +141,18 @@ class CompiledForward:
         input_ids, positions, token_mask, route_controls, each the step's rows."""
         if self.model.expert_tables is not None:  # graph inputs, not frozen constants: switching recompiles nothing
             inputs = (*inputs, *self.model.expert_tables.inputs())
-        if not self._compiled:
-            return _many_token_forward(self.model, *inputs)
-        kind = inputs[0].shape[0] == 1
-        forward = self._compiled[kind]
-        if kind not in self._compiled_kinds:
-            with self._compiling():
-                hidden = forward(self.model, *inputs)
-            self._compiled_kinds.add(kind)
-            return hidden
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-            return forward(self.model, *inputs)
+        with serving_experts(self.moe_blocks):
+            if not self._compiled:
+                return _many_token_forward(self.model, *inputs)
+            kind = inputs[0].shape[0] == 1
+            forward = self._compiled[kind]
+            if kind not in self._compiled_kinds:
+                with self._compiling():
+                    hidden = forward(self.model, *inputs)
+                self._compiled_kinds.add(kind)
+                return hidden
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return forward(self.model, *inputs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """compute_logits of the rows given (fp32). Eager in every mode: compiled, it measured no faster."""
@@ -265,6 +271,13 @@ class CompiledForward:
             with torch.cuda.graph(graph, pool=pool):
                 hidden = self(*inputs)
         return graph, hidden
+
+    def experts_moved(self) -> None:
+        """Expert weights were freed or read back: CUDA graphs captured their old addresses, so they are captured
+        again now (the compiled graphs read the weights from the forward context and stay)."""
+        if self.uses_cuda_graphs and self._graphs:
+            self._graphs.clear()
+            self._capture_ladder(logger.info)
 
     def reset(self) -> None:
         """Drop what was specialized on the model's routing: compiled graphs recompile on the next call, and

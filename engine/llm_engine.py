@@ -310,7 +310,8 @@ class LLMEngine:
         """Switch the experts each MoE layer routes to (the policies' kept_experts and redirect; layers not named
         prune nothing) from the next step, requests in flight included; nothing recompiles or reloads unless
         EngineConfig.live_pruning_releases_experts (then the weights follow the pruning: released experts are
-        read back from the checkpoint, and the step recompiles when they change). Needs
+        read back from the checkpoint; the compiled step reads them from the forward context, so it stays, and
+        CUDA graphs are captured again). Needs
         EngineConfig.live_pruning; ValueError (naming the layer and field) leaves the old pruning in place.
         Cached prefixes were computed under the old pruning, so they are forgotten and sequences in flight stop
         sharing theirs."""
@@ -322,8 +323,7 @@ class LLMEngine:
         if change:
             self.released_expert_bytes -= change
             self.weight_bytes = self._resident_weight_bytes()
-            self.runner.reset_compiled()  # the weights are constants of the compiled step
-            self.runner.warm_up()
+            self.runner.experts_moved()
         tables.install(new_tables)
         self.block_manager.reset_prefix_cache()
         for request in self.requests.values():

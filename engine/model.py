@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from engine.attention import AttentionMetadata, attend
+from engine.attention import AttentionMetadata, Paged, attend
 from engine.config import ModelConfig
 from engine.cpu_kernels import kernels
 from engine.expert_tables import ExpertTables
@@ -137,7 +137,7 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, meta)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, SparseMoE):
-            return x + self.mlp(h, token_mask, route_controls, live)
+            return x + self.mlp(h, token_mask, route_controls, live, serving=isinstance(meta, Paged))
         return x + self.mlp(h)
 
 

@@ -231,6 +231,10 @@ class ModelRunner:
         """Compile (and on CUDA capture) the forward before serving; seconds it took."""
         return self.forward.warm_up(self.buffers, progress)
 
+    def experts_moved(self) -> None:
+        """Expert weights were freed or read back (live pruning): see CompiledForward.experts_moved."""
+        self.forward.experts_moved()
+
     def reset_compiled(self) -> None:
         """Routing changed: compiled graphs specialized on the old routing are dropped."""
         self.forward.reset()

@@ -1,7 +1,11 @@
 """Sparse MoE block: router -> routing stage -> dropless expert dispatch -> fp32 combine.
 
-In inference the dispatch is one custom op per layer, `moe_serve::expert_mlp`, opaque to torch.compile (its
-work depends on which experts the step's tokens chose). Its backends: `auto` runs the CPU kernel (each expert
+In inference the dispatch is one custom op per layer, opaque to torch.compile (its work depends on which
+experts the step's tokens chose): `moe_serve::expert_mlp` takes the weights as arguments, and
+`moe_serve::layer_experts`, the serving forward's, reads the layer's weights (and its row map after a release)
+from the forward context (`serving_experts`, set around each serving step) as paged attention reads the KV
+cache. So no compiled graph holds expert weights: live pruning that frees and reads back experts changes the
+block, and the next step reads the new weights without recompiling. Its backends: `auto` runs the CPU kernel (each expert
 that received tokens read once, empty experts not at all; engine/cpu_kernels.c) on CPU where it is built and
 grouped GEMM elsewhere; `grouped` (torch's grouped_mm over every expert, sync-free on CUDA) and `loop` (one mm
 per expert with tokens) are the references. Training, which needs gradients, runs the grouped path directly.
@@ -15,7 +19,8 @@ the group combines them; the shared expert, replicated, is added once after it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -275,6 +280,42 @@ def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, backend: str =
     return torch.ops.moe_serve.expert_mlp(x, routing.expert_ids, routing.weights, w13, w2, backend)
 
 
+# The serving forward's MoE blocks by decoder-layer index (None for dense layers), set by serving_experts.
+_serving_blocks: Sequence[SparseMoE | None] = ()
+
+
+@contextmanager
+def serving_experts(blocks: Sequence[SparseMoE | None]) -> Iterator[None]:
+    """The forward context of a serving step: layer_experts reads each layer's experts from `blocks`."""
+    global _serving_blocks
+    previous, _serving_blocks = _serving_blocks, blocks
+    try:
+        yield
+    finally:
+        _serving_blocks = previous
+
+
+def layer_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, layer: int) -> torch.Tensor:
+    """expert_mlp with the experts serving layer `layer` holds now (expert_ids are the router's, original ids)."""
+    block = _serving_blocks[layer] if layer < len(_serving_blocks) else None
+    assert block is not None, f"layer {layer}: the serving expert op runs inside serving_experts(...)"
+    if block.expert_rows is not None:
+        expert_ids = block.expert_rows[expert_ids]
+    experts = block.experts
+    return expert_mlp(x, expert_ids, weights, experts.gate_up_proj, experts.down_proj, block.backend)
+
+
+def _layer_experts_shape(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, layer: int) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+define_op(
+    "layer_experts(Tensor x, Tensor expert_ids, Tensor weights, int layer) -> Tensor",
+    layer_experts,
+    _layer_experts_shape,
+)
+
+
 def _nothing_to_read(experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     raise AssertionError(f"experts {experts} were released, not kept")
 
@@ -415,7 +456,9 @@ class SparseMoE(nn.Module):
         token_mask: torch.Tensor | None = None,
         route_controls: torch.Tensor | None = None,
         live: LiveExperts | None = None,
+        serving: bool = False,
     ) -> torch.Tensor:
+        """The block's output; `serving` (a paged serving step) reads the experts from the forward context."""
         router_logits = self.gate(x)
         routing = route(
             router_logits, self.top_k, self.norm_topk_prob, self.policy, route_controls, live, self.router_scoring
@@ -424,6 +467,9 @@ class SparseMoE(nn.Module):
             self.record_load(self.layer_idx, routing.expert_ids, token_mask)
         if self.observer is not None:
             self.observer(self, x, router_logits, routing)
+        if serving:
+            routed = torch.ops.moe_serve.layer_experts(x, routing.expert_ids, routing.weights, self.layer_idx)
+            return self.combine(x, routed)
         if self.expert_rows is not None:
             routing = Routing(self.expert_rows[routing.expert_ids], routing.weights)
         return self.combine(x, dispatch(x, routing, self.experts, self.backend))

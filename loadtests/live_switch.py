@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="serve with --live-pruning-releases-experts: pruning switches free and read back expert weights",
     )
-    parser.add_argument("--enforce-eager", action="store_true", help="serve the eager forward (no recompiles)")
+    parser.add_argument("--enforce-eager", action="store_true", help="serve the eager forward (the reference)")
     args = parser.parse_args(argv)
     settings = list(SETTINGS)
     if args.prune_level:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         for thread in users:
             thread.start()
         seconds: list[tuple[float, bool]] = []  # (round trip, whether it switched pruning)
-        with httpx.Client(base_url=server.url, timeout=600) as admin:  # a releasing switch may recompile
+        with httpx.Client(base_url=server.url, timeout=600) as admin:  # the untimed first round may make a plan
             while counts["requests"] < args.users:  # every user past its first request
                 time.sleep(0.1)
             for i in range(-len(settings), args.switches):  # one untimed round first: a plan made now is cached
