@@ -134,6 +134,25 @@ EXPERT_MLP(expert_mlp_bf16_generic, bf16, dot_rows_bf16, bf16_to_f32)
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 
+/* The 16 horizontal sums of a[0..15] as one vector (lane i: the sum of a[i]'s lanes): pairs, then quads within
+ * each 128-bit lane, then across the lanes. */
+static inline __attribute__((always_inline)) __m512 sum16(const __m512 a[16]) {
+    __m512 quad[4];
+    for (int r = 0; r < 4; r++) {
+        const __m512 *v = a + 4 * r;
+        __m512 p0 = _mm512_add_ps(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]));
+        __m512 p1 = _mm512_add_ps(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]));
+        quad[r] = _mm512_add_ps(_mm512_shuffle_ps(p0, p1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                _mm512_shuffle_ps(p0, p1, _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    __m512 h01 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[0], quad[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm512_shuffle_f32x4(quad[0], quad[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 h23 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2], quad[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm512_shuffle_f32x4(quad[2], quad[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(h01, h23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(h01, h23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 /* out[r][c] = dot(x[r], w[c]) over n bf16 values (n a multiple of 32) for NR activation rows and 4 weight
  * rows (ws apart): 4 x NR accumulators of vdpbf16ps, each weight and activation vector loaded once per tile. */
 static inline __attribute__((always_inline)) void dot_tile_bf16(const bf16 *w, int64_t ws, const bf16 *const *x,
@@ -148,21 +167,10 @@ static inline __attribute__((always_inline)) void dot_tile_bf16(const bf16 *w, i
         for (int r = 0; r < NR; r++)
             for (int c = 0; c < 4; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv[r], wv[c]);
     }
-    /* The 16 horizontal sums at once: pairs, then quads within each 128-bit lane, then across the lanes. */
-    __m512 quad[4];
-    for (int r = 0; r < 4; r++) {
-        __m512 p0 = _mm512_add_ps(_mm512_unpacklo_ps(acc[r][0], acc[r][1]), _mm512_unpackhi_ps(acc[r][0], acc[r][1]));
-        __m512 p1 = _mm512_add_ps(_mm512_unpacklo_ps(acc[r][2], acc[r][3]), _mm512_unpackhi_ps(acc[r][2], acc[r][3]));
-        quad[r] = _mm512_add_ps(_mm512_shuffle_ps(p0, p1, _MM_SHUFFLE(1, 0, 1, 0)),
-                                _mm512_shuffle_ps(p0, p1, _MM_SHUFFLE(3, 2, 3, 2)));
-    }
-    __m512 h01 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[0], quad[1], _MM_SHUFFLE(1, 0, 1, 0)),
-                               _mm512_shuffle_f32x4(quad[0], quad[1], _MM_SHUFFLE(3, 2, 3, 2)));
-    __m512 h23 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2], quad[3], _MM_SHUFFLE(1, 0, 1, 0)),
-                               _mm512_shuffle_f32x4(quad[2], quad[3], _MM_SHUFFLE(3, 2, 3, 2)));
-    __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(h01, h23, _MM_SHUFFLE(2, 0, 2, 0)),
-                                _mm512_shuffle_f32x4(h01, h23, _MM_SHUFFLE(3, 1, 3, 1)));
-    _mm512_storeu_ps(&out[0][0], sums); /* sums[4 r + c] = dot(x[r], w[c]) */
+    __m512 flat[16];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) flat[4 * r + c] = acc[r][c];
+    _mm512_storeu_ps(&out[0][0], sum16(flat)); /* out[r][c] = dot(x[r], w[c]) */
 }
 
 static void dot_tile_bf16_rows(const bf16 *w, int64_t ws, const bf16 *const *x, int nr, int64_t n, float out[4][4]) {
@@ -286,76 +294,242 @@ void expert_mlp_bf16(const bf16 *x, const int64_t *expert_ids, const float *weig
     expert_mlp_bf16_generic(x, expert_ids, weights, T, k, E, H, I, w13, w2, out, threads);
 }
 
-/* q: [B, Hq, D]; caches: [blocks, block_size, Hkv, D]; block_tables: [B, W]; seq_lens: [B]; out: [B, Hq, D];
- * all in the cache's dtype. With k and v given ([B, Hkv, D]), each sequence's new key and value are first
- * written into its slot (slots: [B]). Each (sequence, KV head) pair is one task: its G = Hq / Hkv query heads
- * read each cached key and value once, a cache block at a time (the block's scores, a softmax update
- * rescaling the running sums, then its values), walking the block table instead of dividing every position. */
+/* Paged decode attention. q: [B, Hq, D]; caches: [blocks, block_size, Hkv, D]; block_tables: [B, W]; seq_lens:
+ * [B]; out: [B, Hq, D]; all in the cache's dtype. With k and v given ([B, Hkv, D]), each sequence's new key and
+ * value are first written into its slot (slots: [B]). Each (sequence, KV head) pair is one task: its G = Hq / Hkv
+ * query heads read each cached key and value once, a chunk of a cache block at a time (the chunk's scores, an
+ * online-softmax update rescaling the running sums, then its values), walking the block table instead of
+ * dividing every position. A task's pointers: q and out at its first query head, the caches at its KV head's
+ * column of token 0 (token t of block j at (j * block_size + t) * row elements), table its block-table row. */
+typedef void (*DecodeTask)(const void *q, const void *k_cache, const void *v_cache, const int64_t *table,
+                           int64_t len, int64_t block_size, int64_t row, int64_t G, int64_t D, float scale, void *out,
+                           int64_t kv_heads);
+
 #define MAX_BLOCK 64
-#define DECODE_ATTENTION(NAME, CT, LOAD, STORE)                                                        \
-    void NAME(const CT *q, const CT *k, const CT *v, CT *k_cache, CT *v_cache, const int64_t *slots,   \
-              const int64_t *block_tables, const int64_t *seq_lens, int64_t B, int64_t W,              \
-              int64_t block_size, int64_t Hq, int64_t Hkv, int64_t D, float scale, CT *out, int threads) { \
-        int64_t G = Hq / Hkv, row = Hkv * D, work = 0;                                                 \
-        if (k != NULL) {                                                                               \
-            for (int64_t b = 0; b < B; b++) {                                                          \
-                memcpy(k_cache + slots[b] * row, k + b * row, row * sizeof(CT));                       \
-                memcpy(v_cache + slots[b] * row, v + b * row, row * sizeof(CT));                       \
-            }                                                                                          \
-        }                                                                                              \
-        for (int64_t b = 0; b < B; b++) work += seq_lens[b];                                           \
+#define DECODE_TASK(NAME, CT, LOAD, STORE)                                                             \
+    static void NAME(const void *q_, const void *k_cache_, const void *v_cache_, const int64_t *table,   \
+                     int64_t len, int64_t block_size, int64_t row, int64_t G, int64_t D, float scale, void *out_, \
+                     int64_t kv_heads) {                                                               \
         int64_t chunk = block_size < MAX_BLOCK ? block_size : MAX_BLOCK;                               \
-        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2) if(work * Hq * D > 65536)") \
-        for (int64_t b = 0; b < B; b++) {                                                              \
-            for (int64_t kh = 0; kh < Hkv; kh++) {                                                     \
-                float m[G], l[G], acc[G][D], qf[G][D], s[G][MAX_BLOCK], vf[D];                         \
-                for (int64_t g = 0; g < G; g++) {                                                      \
-                    m[g] = -INFINITY; l[g] = 0.f;                                                      \
-                    for (int64_t d = 0; d < D; d++) {                                                  \
-                        acc[g][d] = 0.f;                                                               \
-                        qf[g][d] = LOAD(q[(b * Hq + kh * G + g) * D + d]) * scale;                     \
-                    }                                                                                  \
+        float m[G], l[G], acc[G][D], qf[G][D], s[G][MAX_BLOCK], vf[D];                                 \
+        for (int64_t kh = 0; kh < kv_heads; kh++) {                                                    \
+            const CT *q = (const CT *)q_ + kh * G * D;                                                 \
+            const CT *k_cache = (const CT *)k_cache_ + kh * D, *v_cache = (const CT *)v_cache_ + kh * D; \
+            CT *out = (CT *)out_ + kh * G * D;                                                         \
+            for (int64_t g = 0; g < G; g++) {                                                          \
+                m[g] = -INFINITY; l[g] = 0.f;                                                          \
+                for (int64_t d = 0; d < D; d++) {                                                      \
+                    acc[g][d] = 0.f;                                                                   \
+                    qf[g][d] = LOAD(q[g * D + d]) * scale;                                             \
                 }                                                                                      \
-                for (int64_t t0 = 0; t0 < seq_lens[b]; t0 += chunk) {                                  \
-                    int64_t n = seq_lens[b] - t0 < chunk ? seq_lens[b] - t0 : chunk;                   \
-                    int64_t first = block_tables[b * W + t0 / block_size] * block_size + t0 % block_size; \
-                    const CT *kb = k_cache + (first * Hkv + kh) * D, *vb = v_cache + (first * Hkv + kh) * D; \
-                    for (int64_t g = 0; g < G; g++) {                                                  \
-                        float block_max = -INFINITY;                                                   \
-                        for (int64_t i = 0; i < n; i++) {                                              \
-                            const CT *kt = kb + i * row;                                               \
-                            float dot = 0.f;                                                           \
-                            for (int64_t d = 0; d < D; d++) dot += qf[g][d] * LOAD(kt[d]);             \
-                            s[g][i] = dot;                                                             \
-                            block_max = dot > block_max ? dot : block_max;                             \
-                        }                                                                              \
-                        float m_new = block_max > m[g] ? block_max : m[g];                             \
-                        float c = expf(m[g] - m_new), sum = 0.f;                                       \
-                        for (int64_t i = 0; i < n; i++) {                                              \
-                            s[g][i] = expf(s[g][i] - m_new);                                           \
-                            sum += s[g][i];                                                            \
-                        }                                                                              \
-                        l[g] = l[g] * c + sum;                                                         \
-                        m[g] = m_new;                                                                  \
-                        for (int64_t d = 0; d < D; d++) acc[g][d] *= c;                                \
-                    }                                                                                  \
+            }                                                                                          \
+            for (int64_t t0 = 0; t0 < len; t0 += chunk) {                                              \
+                int64_t n = len - t0 < chunk ? len - t0 : chunk;                                       \
+                int64_t first = table[t0 / block_size] * block_size + t0 % block_size;                 \
+                const CT *kb = k_cache + first * row, *vb = v_cache + first * row;                     \
+                for (int64_t g = 0; g < G; g++) {                                                      \
+                    float block_max = -INFINITY;                                                       \
                     for (int64_t i = 0; i < n; i++) {                                                  \
-                        const CT *vt = vb + i * row;                                                   \
-                        for (int64_t d = 0; d < D; d++) vf[d] = LOAD(vt[d]);                           \
-                        for (int64_t g = 0; g < G; g++) {                                              \
-                            float p = s[g][i];                                                         \
-                            for (int64_t d = 0; d < D; d++) acc[g][d] += p * vf[d];                    \
-                        }                                                                              \
+                        const CT *kt = kb + i * row;                                                   \
+                        float dot = 0.f;                                                               \
+                        for (int64_t d = 0; d < D; d++) dot += qf[g][d] * LOAD(kt[d]);                 \
+                        s[g][i] = dot;                                                                 \
+                        block_max = dot > block_max ? dot : block_max;                                 \
+                    }                                                                                  \
+                    float m_new = block_max > m[g] ? block_max : m[g];                                 \
+                    float c = expf(m[g] - m_new), sum = 0.f;                                           \
+                    for (int64_t i = 0; i < n; i++) {                                                  \
+                        s[g][i] = expf(s[g][i] - m_new);                                               \
+                        sum += s[g][i];                                                                \
+                    }                                                                                  \
+                    l[g] = l[g] * c + sum;                                                             \
+                    m[g] = m_new;                                                                      \
+                    for (int64_t d = 0; d < D; d++) acc[g][d] *= c;                                    \
+                }                                                                                      \
+                for (int64_t i = 0; i < n; i++) {                                                      \
+                    const CT *vt = vb + i * row;                                                       \
+                    for (int64_t d = 0; d < D; d++) vf[d] = LOAD(vt[d]);                               \
+                    for (int64_t g = 0; g < G; g++) {                                                  \
+                        float p = s[g][i];                                                             \
+                        for (int64_t d = 0; d < D; d++) acc[g][d] += p * vf[d];                        \
                     }                                                                                  \
                 }                                                                                      \
-                for (int64_t g = 0; g < G; g++) {                                                      \
-                    CT *o = out + (b * Hq + kh * G + g) * D;                                           \
-                    float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;                                         \
-                    for (int64_t d = 0; d < D; d++) o[d] = STORE(acc[g][d] * inv);                     \
-                }                                                                                      \
+            }                                                                                          \
+            for (int64_t g = 0; g < G; g++) {                                                          \
+                float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;                                             \
+                for (int64_t d = 0; d < D; d++) out[g * D + d] = STORE(acc[g][d] * inv);               \
             }                                                                                          \
         }                                                                                              \
     }
 
-DECODE_ATTENTION(paged_decode_attention_f32, float, AS_F32, FROM_F32)
-DECODE_ATTENTION(paged_decode_attention_bf16, bf16, bf16_to_f32, f32_to_bf16)
+DECODE_TASK(decode_task_f32, float, AS_F32, FROM_F32)
+DECODE_TASK(decode_task_bf16, bf16, bf16_to_f32, f32_to_bf16)
+
+#if defined(__AVX512BF16__)
+#define DP_MAX_D 256
+#define DP_MAX_QD 4096
+#define PREFETCH_TOKENS 32
+
+/* e^x for x <= 0 (scores minus their running maximum): n = round(x / ln 2) and r = x - n ln 2 (two-part ln 2),
+ * e^r by its degree-7 Taylor polynomial (|r| <= ln 2 / 2: relative error under 1e-8), scaled by 2^n. */
+static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.f / 5040.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Ask for the cache lines of up to 16 tokens (within one block) from token t on, `width` elements of each row: the
+ * blocks of a sequence lie anywhere in the cache, so the hardware prefetcher cannot run ahead across them. */
+static inline int64_t prefetch_chunk(const bf16 *k_cache, const bf16 *v_cache, const int64_t *table, int64_t t,
+                                     int64_t len, int64_t block_size, int64_t row, int64_t width) {
+    int64_t offset = t % block_size, n = len - t < 16 ? len - t : 16;
+    n = n < block_size - offset ? n : block_size - offset;
+    const int64_t first = (table[t / block_size] * block_size + offset) * row;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t d = 0; d < width; d += 32) {
+            _mm_prefetch((const char *)(k_cache + first + i * row + d), _MM_HINT_T0);
+            _mm_prefetch((const char *)(v_cache + first + i * row + d), _MM_HINT_T0);
+        }
+    return n;
+}
+
+static inline __m512 bf16x16_to_f32(const bf16 *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* decode_task_bf16 with the bf16 dot-product instruction (D a multiple of 32, at most DP_MAX_D; the task's query
+ * heads times D at most DP_MAX_QD): a chunk is up to 16 tokens of one block, read for all the task's KV heads
+ * (whole cache rows when the task has every head: contiguous memory, prefetched ahead); each query head's 16
+ * scores are 16 vdpbf16ps chains summed at once (sum16), the softmax update runs on them as one vector
+ * (exp_nonpositive), and the values are accumulated in fp32 vectors, rounded to bf16 at the end. */
+static void decode_task_bf16_dp(const void *q_, const void *k_cache_, const void *v_cache_, const int64_t *table,
+                                int64_t len, int64_t block_size, int64_t row, int64_t G, int64_t D, float scale,
+                                void *out_, int64_t kv_heads) {
+    const bf16 *q = q_, *k_cache = k_cache_, *v_cache = v_cache_;
+    bf16 *out = out_;
+    const int64_t nq = D / 32, nv = D / 16, heads = kv_heads * G;
+    __m512bh qv[DP_MAX_QD / 32];
+    __m512 acc[DP_MAX_QD / 16];
+    float m[DP_MAX_QD / 32], l[DP_MAX_QD / 32];
+    float p[DP_MAX_QD / 32][16] __attribute__((aligned(64)));
+    for (int64_t h = 0; h < heads; h++) {
+        m[h] = -1e30f;
+        l[h] = 0.f;
+        for (int64_t c = 0; c < nq; c++) qv[h * nq + c] = (__m512bh)_mm512_loadu_si512(q + h * D + 32 * c);
+        for (int64_t c = 0; c < nv; c++) acc[h * nv + c] = _mm512_setzero_ps();
+    }
+    int64_t ahead = 0; /* tokens prefetched so far: kept PREFETCH_TOKENS past the chunk being read */
+    for (int64_t t0 = 0; t0 < len;) {
+        int64_t offset = t0 % block_size, left = block_size - offset;
+        int n = (int)(len - t0 < 16 ? len - t0 : 16);
+        n = n < left ? n : (int)left;
+        while (ahead < len && ahead < t0 + n + PREFETCH_TOKENS)
+            ahead += prefetch_chunk(k_cache, v_cache, table, ahead, len, block_size, row, kv_heads * D);
+        const int64_t first = table[t0 / block_size] * block_size + offset;
+        const bf16 *kb = k_cache + first * row, *vb = v_cache + first * row;
+        const __mmask16 live = (__mmask16)((1u << n) - 1u);
+        for (int64_t kh = 0; kh < kv_heads; kh++) {
+            const bf16 *keys[16];
+            for (int i = 0; i < 16; i++) keys[i] = kb + (i < n ? i : n - 1) * row + kh * D; /* past n: masked */
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t h = kh * G + g;
+                __m512 dots[16];
+                for (int i = 0; i < 16; i++) dots[i] = _mm512_setzero_ps();
+                for (int64_t c = 0; c < nq; c++)
+                    for (int i = 0; i < 16; i++)
+                        dots[i] = _mm512_dpbf16_ps(dots[i], qv[h * nq + c], (__m512bh)_mm512_loadu_si512(keys[i] + 32 * c));
+                __m512 scores = _mm512_mask_mov_ps(_mm512_set1_ps(-1e30f), live,
+                                                   _mm512_mul_ps(sum16(dots), _mm512_set1_ps(scale)));
+                float chunk_max = _mm512_reduce_max_ps(scores), m_new = chunk_max > m[h] ? chunk_max : m[h];
+                __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(scores, _mm512_set1_ps(m_new))));
+                float rescale = expf(m[h] - m_new);
+                l[h] = l[h] * rescale + _mm512_reduce_add_ps(e);
+                m[h] = m_new;
+                _mm512_store_ps(p[h], e);
+                if (rescale != 1.f)
+                    for (int64_t c = 0; c < nv; c++) acc[h * nv + c] = _mm512_mul_ps(acc[h * nv + c], _mm512_set1_ps(rescale));
+            }
+        }
+        for (int i = 0; i < n; i++) {
+            const bf16 *vt = vb + i * row;
+            for (int64_t kh = 0; kh < kv_heads; kh++)
+                for (int64_t c = 0; c < nv; c++) {
+                    __m512 v = bf16x16_to_f32(vt + kh * D + 16 * c);
+                    for (int64_t g = 0; g < G; g++) {
+                        const int64_t a = (kh * G + g) * nv + c;
+                        acc[a] = _mm512_fmadd_ps(_mm512_set1_ps(p[kh * G + g][i]), v, acc[a]);
+                    }
+                }
+        }
+        t0 += n;
+    }
+    for (int64_t h = 0; h < heads; h++) {
+        __m512 inv = _mm512_set1_ps(l[h] > 0.f ? 1.f / l[h] : 0.f);
+        for (int64_t c = 0; c < nv; c++)
+            _mm256_storeu_si256((__m256i *)(out + h * D + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[h * nv + c], inv)));
+    }
+}
+#endif
+
+/* The tasks: (sequence, group of kv_group KV heads), in parallel when there is enough work. */
+static void decode_attention(DecodeTask task, int64_t kv_group, size_t element, const char *q, const char *k,
+                             const char *v, char *k_cache, char *v_cache, const int64_t *slots,
+                             const int64_t *block_tables, const int64_t *seq_lens, int64_t B, int64_t W,
+                             int64_t block_size, int64_t Hq, int64_t Hkv, int64_t D, float scale, char *out,
+                             int threads) {
+    int64_t G = Hq / Hkv, row = Hkv * D, work = 0, groups = Hkv / kv_group;
+    if (k != NULL) {
+        for (int64_t b = 0; b < B; b++) {
+            memcpy(k_cache + slots[b] * row * element, k + b * row * element, row * element);
+            memcpy(v_cache + slots[b] * row * element, v + b * row * element, row * element);
+        }
+    }
+    for (int64_t b = 0; b < B; b++) work += seq_lens[b];
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2) if(work * Hq * D > 65536)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t j = 0; j < groups; j++) {
+            int64_t heads = (b * Hq + j * kv_group * G) * D * element, column = j * kv_group * D * element;
+            task(q + heads, k_cache + column, v_cache + column, block_tables + b * W, seq_lens[b], block_size, row, G,
+                 D, scale, out + heads, kv_group);
+        }
+    }
+}
+
+void paged_decode_attention_f32(const float *q, const float *k, const float *v, float *k_cache, float *v_cache,
+                                const int64_t *slots, const int64_t *block_tables, const int64_t *seq_lens, int64_t B,
+                                int64_t W, int64_t block_size, int64_t Hq, int64_t Hkv, int64_t D, float scale,
+                                float *out, int threads) {
+    decode_attention(decode_task_f32, 1, sizeof(float), (const char *)q, (const char *)k, (const char *)v,
+                     (char *)k_cache, (char *)v_cache, slots, block_tables, seq_lens, B, W, block_size, Hq, Hkv, D,
+                     scale, (char *)out, threads);
+}
+
+void paged_decode_attention_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *k_cache, bf16 *v_cache,
+                                 const int64_t *slots, const int64_t *block_tables, const int64_t *seq_lens, int64_t B,
+                                 int64_t W, int64_t block_size, int64_t Hq, int64_t Hkv, int64_t D, float scale,
+                                 bf16 *out, int threads) {
+    DecodeTask task = decode_task_bf16;
+    int64_t kv_group = 1;
+#if defined(__AVX512BF16__)
+    if (D % 32 == 0 && D <= DP_MAX_D && (Hq / Hkv) * D <= DP_MAX_QD) {
+        task = decode_task_bf16_dp;
+        /* Whole cache rows per task (contiguous reads) once there are enough sequences to share out; else one
+         * KV head per task, so that a small batch still spreads over the threads. */
+        if (B >= 4 * threads)
+            for (kv_group = Hkv; kv_group > 1 && (Hkv % kv_group || kv_group * Hq / Hkv * D > DP_MAX_QD);) kv_group--;
+    }
+#endif
+    decode_attention(task, kv_group, sizeof(bf16), (const char *)q, (const char *)k, (const char *)v,
+                     (char *)k_cache, (char *)v_cache, slots, block_tables, seq_lens, B, W, block_size, Hq, Hkv, D,
+                     scale, (char *)out, threads);
+}

@@ -41,14 +41,26 @@ def test_expert_mlp_matches_the_reference_dispatch(dtype: torch.dtype, tokens: i
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim"), [(8, 8, 32), (8, 2, 64), (4, 1, 128)])
-def test_paged_decode_attention_matches_sdpa(dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int) -> None:
-    generator = torch.Generator().manual_seed(q_heads + head_dim)
-    blocks, block_size, width = 40, 16, 20
-    lengths = torch.tensor([1, 16, 17, 130, 300])  # one token, a full block, a chunk boundary, several chunks
+@pytest.mark.parametrize(
+    ("block_size", "lengths"),
+    [
+        (16, [1, 16, 17, 130, 300]),  # one token, a full block, a block boundary, many blocks: a task per KV head
+        (8, [1, 8, 9, 16, 17, 33, 130, 160, 3, 64, 100, 7]),  # blocks smaller than a chunk; every KV head per task
+        (32, [1, 15, 16, 17, 31, 32, 33, 300, 250, 64]),  # chunk boundaries inside a block
+    ],
+    ids=["block16", "block8-many", "block32-many"],
+)
+def test_paged_decode_attention_matches_sdpa(
+    dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int, block_size: int, lengths: list[int]
+) -> None:
+    generator = torch.Generator().manual_seed(q_heads + head_dim + block_size)
+    width = -(-max(lengths) // block_size)
     batch = len(lengths)
+    lengths = torch.tensor(lengths)
+    blocks = width * batch + 1  # each sequence its own blocks, in shuffled places
     k_cache = torch.randn(blocks, block_size, kv_heads, head_dim, generator=generator).to(dtype)
     v_cache = torch.randn(blocks, block_size, kv_heads, head_dim, generator=generator).to(dtype)
-    tables = torch.stack([torch.randperm(blocks, generator=generator)[:width] for _ in range(batch)])
+    tables = torch.randperm(blocks, generator=generator)[: width * batch].view(batch, width)
     q = torch.randn(batch, q_heads, head_dim, generator=generator).to(dtype)
     new_k = torch.randn(batch, kv_heads, head_dim, generator=generator).to(dtype)
     new_v = torch.randn(batch, kv_heads, head_dim, generator=generator).to(dtype)
