@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import time
+import types
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,14 @@ def _many_token_forward(model: MoEForCausalLM, *inputs: torch.Tensor) -> torch.T
     return model(input_ids, positions, PAGED, token_mask, route_controls, (tables[0], tables[1]) if tables else None)
 
 
+def _own_copy(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The function with a code object of its own: torch.compile keeps its compiled graphs (and its recompile
+    limit, 8) per code object, so every engine in a process compiling the one module function would share them,
+    and the ninth engine's compile would fail. A copy per engine is its own cache, dropped with it."""
+    code = forward.__code__.replace()
+    return types.FunctionType(code, forward.__globals__, forward.__name__, forward.__defaults__, forward.__closure__)
+
+
 class CompiledForward:
     """Calls the model's serving forward: compiled unless enforce_eager, CUDA graphs for decode on CUDA.
 
@@ -113,8 +122,8 @@ class CompiledForward:
     def _compile(self) -> None:
         """The two graphs, keyed by whether the step has one token; each compiles on its first call."""
         self._compiled = {
-            True: torch.compile(_one_token_forward, dynamic=False, fullgraph=True),
-            False: torch.compile(_many_token_forward, dynamic=True, fullgraph=True),
+            True: torch.compile(_own_copy(_one_token_forward), dynamic=False, fullgraph=True),
+            False: torch.compile(_own_copy(_many_token_forward), dynamic=True, fullgraph=True),
         }
 
     @contextlib.contextmanager
@@ -286,5 +295,4 @@ class CompiledForward:
             return
         self._graphs.clear()
         self._compiled_kinds.clear()
-        torch._dynamo.reset()
-        self._compile()
+        self._compile()  # new code objects: an empty cache, and the other engines in the process keep theirs
