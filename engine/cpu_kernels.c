@@ -153,6 +153,41 @@ static inline __attribute__((always_inline)) __m512 sum16(const __m512 a[16]) {
                          _mm512_shuffle_f32x4(h01, h23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+/* e^x, x clamped to [-87, 88]: n = round(x / ln 2) and r = x - n ln 2 (two-part ln 2), e^r by its degree-7
+ * Taylor polynomial (|r| <= ln 2 / 2: relative error under 1e-8), scaled by 2^n. */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.f / 5040.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 bf16x16_to_f32(const bf16 *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* Ask for the cache lines of n bf16 values from p on: a weight stream's next rows, ahead of the tile being read
+ * (the stream's first rows come from a new expert, where the hardware prefetcher has no history; prefetching
+ * also measured faster within a stream: 1.3-1.6x for the expert kernel on weights streamed from memory). */
+static inline void prefetch_rows(const bf16 *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 32) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
+}
+
+/* Each lane rounded to bf16 (to nearest even) and back to fp32. */
+static inline __m512 round_bf16_ps(__m512 v) {
+    __m256i b = (__m256i)_mm512_cvtneps_pbh(v);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
 /* out[r][c] = dot(x[r], w[c]) over n bf16 values (n a multiple of 32) for NR activation rows and 4 weight
  * rows (ws apart): 4 x NR accumulators of vdpbf16ps, each weight and activation vector loaded once per tile. */
 static inline __attribute__((always_inline)) void dot_tile_bf16(const bf16 *w, int64_t ws, const bf16 *const *x,
@@ -208,48 +243,67 @@ static void expert_mlp_bf16_dp(const bf16 *x, const int64_t *expert_ids, const f
         row_token[r] = i / k;
         row_weight[r] = weights[i];
     }
+    /* Tasks read RB contiguous weight rows of one expert (64 where the sizes allow): fewer, longer streams, each
+     * prefetched about 4 KiB (whole 4-row tiles) ahead of its tile. */
+    const int64_t RB_I = I % 64 == 0 ? 64 : 32, RB_H = H % 64 == 0 ? 64 : 32;
+    const int64_t ahead_i = 4 * (1 + 512 / H), ahead_h = 4 * (1 + 512 / I);
     bf16 *hidden = malloc((rows ? rows : 1) * I * sizeof(bf16));
+    float *expert_out = malloc((rows ? rows : 1) * H * sizeof(float));
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2)
     for (int64_t g = 0; g < groups; g++) {
-        for (int64_t jb = 0; jb < I / 16; jb++) {
+        for (int64_t jb = 0; jb < I / RB_I; jb++) {
             int64_t e = group_expert[g], first = start[e], end = start[e] + count[e];
             const bf16 *gate = w13 + e * 2 * I * H, *up = gate + I * H;
             for (int64_t r0 = first; r0 < end; r0 += 4) {
                 int nr = (int)(end - r0 < 4 ? end - r0 : 4);
                 const bf16 *xr[4];
                 for (int r = 0; r < nr; r++) xr[r] = x + row_token[r0 + r] * H;
-                for (int64_t j = jb * 16; j < jb * 16 + 16; j += 4) {
+                for (int64_t j = jb * RB_I; j < (jb + 1) * RB_I; j += 4) {
                     float gv[4][4], uv[4][4];
+                    prefetch_rows(gate + (j + ahead_i) * H, 4 * H);
+                    prefetch_rows(up + (j + ahead_i) * H, 4 * H);
                     dot_tile_bf16_rows(gate + j * H, H, xr, nr, H, gv);
                     dot_tile_bf16_rows(up + j * H, H, xr, nr, H, uv);
-                    for (int r = 0; r < nr; r++)
-                        for (int c = 0; c < 4; c++) {
-                            float gate_bf = bf16_to_f32(f32_to_bf16(gv[r][c]));
-                            float up_bf = bf16_to_f32(f32_to_bf16(uv[r][c]));
-                            hidden[(r0 + r) * I + j + c] = f32_to_bf16(silu(gate_bf) * up_bf);
-                        }
+                    /* SwiGLU on the 16 (row, unit) pairs at once, gate and up rounded to bf16 first */
+                    __m512 gate_v = round_bf16_ps(_mm512_loadu_ps(&gv[0][0]));
+                    __m512 up_v = round_bf16_ps(_mm512_loadu_ps(&uv[0][0]));
+                    __m512 silu_v = _mm512_div_ps(gate_v, _mm512_add_ps(_mm512_set1_ps(1.f),
+                                                                        exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate_v))));
+                    bf16 act[16];
+                    _mm256_storeu_si256((__m256i *)act, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu_v, up_v)));
+                    for (int r = 0; r < nr; r++) memcpy(hidden + (r0 + r) * I + j, act + 4 * r, 4 * sizeof(bf16));
                 }
             }
         }
     }
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t ib = 0; ib < H / 16; ib++) {
-        for (int64_t g = 0; g < groups; g++) {
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2)
+    for (int64_t g = 0; g < groups; g++) {
+        for (int64_t ib = 0; ib < H / RB_H; ib++) {
             int64_t e = group_expert[g], first = start[e], end = start[e] + count[e];
             const bf16 *down = w2 + e * H * I;
             for (int64_t r0 = first; r0 < end; r0 += 4) {
                 int nr = (int)(end - r0 < 4 ? end - r0 : 4);
                 const bf16 *hr[4];
                 for (int r = 0; r < nr; r++) hr[r] = hidden + (r0 + r) * I;
-                for (int64_t i = ib * 16; i < ib * 16 + 16; i += 4) {
+                for (int64_t i = ib * RB_H; i < (ib + 1) * RB_H; i += 4) {
                     float dv[4][4];
+                    prefetch_rows(down + (i + ahead_h) * I, 4 * I);
                     dot_tile_bf16_rows(down + i * I, I, hr, nr, I, dv);
-                    for (int r = 0; r < nr; r++)
-                        for (int c = 0; c < 4; c++) out[row_token[r0 + r] * H + i + c] += row_weight[r0 + r] * dv[r][c];
+                    for (int r = 0; r < nr; r++) memcpy(expert_out + (r0 + r) * H + i, dv[r], 4 * sizeof(float));
                 }
             }
         }
     }
+    /* The weighted combine, each token's rows added in row order (experts ascending): the same sums, in the same
+     * order, whatever the batch and the thread count. */
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t ib = 0; ib < H / 16; ib++)
+        for (int64_t r = 0; r < rows; r++) {
+            float *o = out + row_token[r] * H + ib * 16;
+            __m512 y = _mm512_loadu_ps(expert_out + r * H + ib * 16);
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_mul_ps(_mm512_set1_ps(row_weight[r]), y)));
+        }
+    free(expert_out);
     free(hidden); free(group_expert); free(row_weight); free(row_token); free(start); free(count);
 }
 #endif
@@ -370,24 +424,6 @@ DECODE_TASK(decode_task_bf16, bf16, bf16_to_f32, f32_to_bf16)
 #define DP_MAX_QD 4096
 #define PREFETCH_TOKENS 32
 
-/* e^x for x <= 0 (scores minus their running maximum): n = round(x / ln 2) and r = x - n ln 2 (two-part ln 2),
- * e^r by its degree-7 Taylor polynomial (|r| <= ln 2 / 2: relative error under 1e-8), scaled by 2^n. */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.f / 5040.f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* Ask for the cache lines of up to 16 tokens (within one block) from token t on, `width` elements of each row: the
  * blocks of a sequence lie anywhere in the cache, so the hardware prefetcher cannot run ahead across them. */
 static inline int64_t prefetch_chunk(const bf16 *k_cache, const bf16 *v_cache, const int64_t *table, int64_t t,
@@ -403,15 +439,12 @@ static inline int64_t prefetch_chunk(const bf16 *k_cache, const bf16 *v_cache, c
     return n;
 }
 
-static inline __m512 bf16x16_to_f32(const bf16 *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
 
 /* decode_task_bf16 with the bf16 dot-product instruction (D a multiple of 32, at most DP_MAX_D; the task's query
  * heads times D at most DP_MAX_QD): a chunk is up to 16 tokens of one block, read for all the task's KV heads
  * (whole cache rows when the task has every head: contiguous memory, prefetched ahead); each query head's 16
  * scores are 16 vdpbf16ps chains summed at once (sum16), the softmax update runs on them as one vector
- * (exp_nonpositive), and the values are accumulated in fp32 vectors, rounded to bf16 at the end. */
+ * (exp_ps), and the values are accumulated in fp32 vectors, rounded to bf16 at the end. */
 static void decode_task_bf16_dp(const void *q_, const void *k_cache_, const void *v_cache_, const int64_t *table,
                                 int64_t len, int64_t block_size, int64_t row, int64_t G, int64_t D, float scale,
                                 void *out_, int64_t kv_heads) {
@@ -451,7 +484,7 @@ static void decode_task_bf16_dp(const void *q_, const void *k_cache_, const void
                 __m512 scores = _mm512_mask_mov_ps(_mm512_set1_ps(-1e30f), live,
                                                    _mm512_mul_ps(sum16(dots), _mm512_set1_ps(scale)));
                 float chunk_max = _mm512_reduce_max_ps(scores), m_new = chunk_max > m[h] ? chunk_max : m[h];
-                __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(scores, _mm512_set1_ps(m_new))));
+                __m512 e = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(scores, _mm512_set1_ps(m_new))));
                 float rescale = expf(m[h] - m_new);
                 l[h] = l[h] * rescale + _mm512_reduce_add_ps(e);
                 m[h] = m_new;
