@@ -111,6 +111,9 @@ class ExpertLoad(nn.Module):
             weights = torch.ones_like(flat)
         else:
             weights = token_mask[:, None].expand_as(expert_ids).reshape(-1)
+        if expert_ids.shape[0] == 1:  # a one-token step: dense ops the compiler fuses (scatters fall back to ATen)
+            self._record_one(layer, flat, weights)
+            return
         self.counts[layer].index_add_(0, flat, weights)
         num_experts = self.num_experts
         read = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device).index_fill(0, flat, 1)
@@ -118,6 +121,14 @@ class ExpertLoad(nn.Module):
         self.counts[layer].index_add_(0, column, torch.ones_like(column))
         tokens = weights.view(expert_ids.shape)[:, :1].sum().view(1)
         self.counts[layer].index_add_(0, torch.full_like(tokens, 2 * num_experts + 2), tokens)
+
+    def _record_one(self, layer: int, flat: torch.Tensor, weights: torch.Tensor) -> None:
+        """record() for the k slots of one token, as one add of a row built from one-hot rows."""
+        num_experts = self.num_experts
+        hits = F.one_hot(flat, num_experts + 1)
+        routed = (hits * weights[:, None]).sum(0)
+        read = F.one_hot(hits.amax(0)[:num_experts].sum(), num_experts + 1)
+        self.counts[layer] += torch.cat([routed, read, weights[:1]])
 
     def snapshot(self) -> torch.Tensor:
         """A copy, [layers, experts] int64 on the CPU (one host sync)."""

@@ -207,3 +207,15 @@ def test_a_forward_counts_the_experts_it_read() -> None:
     read = load.experts_read()
     assert read.shape == (2, 7) and read[1, 3] == 1 and read[1, 1] == 1 and read.sum() == 2
     assert load.snapshot()[1].tolist() == [2, 0, 2, 0, 2, 1]
+
+
+@pytest.mark.parametrize("counted", [None, 1, 0], ids=["no-mask", "counted", "masked"])
+def test_a_one_token_step_is_counted_as_a_batch_step_counts_it(counted: int | None) -> None:
+    one, batch = ExpertLoad(num_layers=2, num_experts=8), ExpertLoad(num_layers=2, num_experts=8)
+    ids = torch.tensor([[3, 8, 3, 5]])  # expert 3 twice (a redirect) and a dropped slot (the sentinel, 8)
+    one.record(1, ids, None if counted is None else torch.tensor([counted]))
+    # The same token beside an uncounted copy of itself: the same experts read, the same tokens counted.
+    batch.record(1, ids.repeat(2, 1), torch.tensor([1 if counted is None else counted, 0]))
+    assert torch.equal(one.counts, batch.counts)
+    assert one.snapshot()[1].tolist() == ([0, 0, 0, 2, 0, 1, 0, 0] if counted != 0 else [0] * 8)
+    assert one.experts_read()[1].tolist() == [0, 0, 1, 0, 0, 0, 0, 0, 0]  # one forward that read 2 experts
