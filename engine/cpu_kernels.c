@@ -1,10 +1,12 @@
 /* moe-serve's CPU kernels: the parts of a decode step that torch has no cheap kernel for.
  *
  * expert_mlp: the SwiGLU experts of one MoE layer, run only for the experts that received tokens, each
- *   expert's weights read once for all of its tokens, the weighted combine fused into the down projection.
+ *   expert's weights read once for all of its tokens, then each token's weighted sum over its experts in
+ *   expert order (the same order whatever the batch or thread count).
  * paged_decode_attention: one query token per sequence attending to its paged KV cache, read in place
  *   through the block table (no gather copy), all query heads of a KV head sharing its loads, with an
- *   online softmax.
+ *   online softmax. The bf16 paths use the bf16 dot-product instruction where the CPU has it and prefetch
+ *   what they read next: these kernels wait on memory more than on arithmetic.
  * linear_bf16: the LM head's few-row bf16 product (bf16 weights only, with the bf16 dot-product instruction).
  *
  * Plain C with OpenMP (the same libgomp torch loads), built on first use with -O3 -march=native and called
