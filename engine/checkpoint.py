@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -316,28 +318,36 @@ def read_expert_rows(
     }
     position = {expert: i for i, expert in enumerate(experts)}
     filled: dict[int, set[str]] = {expert: set() for expert in experts}
-    for name, header in _read_headers(weight_files(path)).items():
-        assignment = _assign(spec.model_tensor_name(name))
-        target = stacked.get(assignment.param)
-        if target is None or (assignment.expert is not None and assignment.expert not in position):
-            continue
-        with safe_open(str(header.file), framework="pt", device="cpu") as handle:
+    handles: dict[Path, Any] = {}
+    with ExitStack() as opened:
+        for name, header in _read_headers(weight_files(path)).items():
+            assignment = _assign(spec.model_tensor_name(name))
+            target = stacked.get(assignment.param)
+            if target is None or (assignment.expert is not None and assignment.expert not in position):
+                continue
+            handle = handles.get(header.file)
+            if handle is None:  # each file opened once per call (an open costs ~0.35 ms; a tensor read far less)
+                handle = handles[header.file] = opened.enter_context(safe_open(str(header.file), "pt", device="cpu"))
             if assignment.expert is None:  # fused [E, ...]: only the wanted rows are read
                 rows, want = handle.get_slice(name)[experts], tuple(target.shape)
             else:
                 rows, want = handle.get_tensor(name), _expected_piece_shape(assignment, tuple(target.shape))
-        if tuple(rows.shape) != want:
-            raise CheckpointError(f"{header.file}: tensor {name} has shape {list(rows.shape)}, expected {list(want)}")
-        if not bool(torch.isfinite(rows).all()):
-            raise CheckpointError(f"{header.file}: tensor {name} holds NaN or infinite values; refusing to reload it")
-        if assignment.expert is None:
-            target.copy_(rows)
-            parts = {"down"} if assignment.param.endswith("down_proj") else {"gate", "up"}
-            for expert in experts:
-                filled[expert] |= parts
-        else:
-            _copy_into(target, replace(assignment, expert=position[assignment.expert]), rows)
-            filled[assignment.expert].add(assignment.part)
+            if tuple(rows.shape) != want:
+                raise CheckpointError(
+                    f"{header.file}: tensor {name} has shape {list(rows.shape)}, expected {list(want)}"
+                )
+            if not bool(torch.isfinite(rows).all()):
+                raise CheckpointError(
+                    f"{header.file}: tensor {name} holds NaN or infinite values; refusing to reload it"
+                )
+            if assignment.expert is None:
+                target.copy_(rows)
+                parts = {"down"} if assignment.param.endswith("down_proj") else {"gate", "up"}
+                for expert in experts:
+                    filled[expert] |= parts
+            else:
+                _copy_into(target, replace(assignment, expert=position[assignment.expert]), rows)
+                filled[assignment.expert].add(assignment.part)
     missing = [expert for expert, parts in filled.items() if parts != {"gate", "up", "down"}]
     if missing:
         raise CheckpointError(
