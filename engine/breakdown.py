@@ -251,9 +251,7 @@ def _route(block: SparseMoE, logits: torch.Tensor, token_mask: torch.Tensor, con
     routing = route(logits, block.top_k, block.norm_topk_prob, block.policy, controls, scoring=block.router_scoring)
     if block.record_load is not None:
         block.record_load(block.layer_idx, routing.expert_ids, token_mask)
-    if block.expert_rows is not None:
-        routing = Routing(block.expert_rows[routing.expert_ids], routing.weights)
-    return routing
+    return Routing(block.held_rows(routing.expert_ids), routing.weights)
 
 
 def markdown(rows: list[Breakdown]) -> str:

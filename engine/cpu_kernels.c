@@ -426,21 +426,24 @@ DECODE_TASK(decode_task_bf16, bf16, bf16_to_f32, f32_to_bf16)
 #define DP_MAX_QD 4096
 #define PREFETCH_TOKENS 32
 
-/* Ask for the cache lines of up to 16 tokens (within one block) from token t on, `width` elements of each row: the
- * blocks of a sequence lie anywhere in the cache, so the hardware prefetcher cannot run ahead across them. */
-static inline int64_t prefetch_chunk(const bf16 *k_cache, const bf16 *v_cache, const int64_t *table, int64_t t,
-                                     int64_t len, int64_t block_size, int64_t row, int64_t width) {
-    int64_t offset = t % block_size, n = len - t < 16 ? len - t : 16;
-    n = n < block_size - offset ? n : block_size - offset;
-    const int64_t first = (table[t / block_size] * block_size + offset) * row;
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t d = 0; d < width; d += 32) {
-            _mm_prefetch((const char *)(k_cache + first + i * row + d), _MM_HINT_T0);
-            _mm_prefetch((const char *)(v_cache + first + i * row + d), _MM_HINT_T0);
-        }
-    return n;
+/* The tokens of the chunk that starts at token t: up to 16, within t's block. */
+static inline int chunk_tokens(int64_t t, int64_t len, int64_t block_size) {
+    int64_t n = len - t < 16 ? len - t : 16, left = block_size - t % block_size;
+    return (int)(n < left ? n : left);
 }
 
+/* Ask for the keys and values of the chunk at token t, `width` elements of each row: the blocks of a sequence lie
+ * anywhere in the cache, so the hardware prefetcher cannot run ahead across them. Returns the chunk's tokens. */
+static inline int prefetch_chunk(const bf16 *k_cache, const bf16 *v_cache, const int64_t *table, int64_t t,
+                                 int64_t len, int64_t block_size, int64_t row, int64_t width) {
+    const int n = chunk_tokens(t, len, block_size);
+    const int64_t first = (table[t / block_size] * block_size + t % block_size) * row;
+    for (int i = 0; i < n; i++) {
+        prefetch_rows(k_cache + first + i * row, width);
+        prefetch_rows(v_cache + first + i * row, width);
+    }
+    return n;
+}
 
 /* decode_task_bf16 with the bf16 dot-product instruction (D a multiple of 32, at most DP_MAX_D; the task's query
  * heads times D at most DP_MAX_QD): a chunk is up to 16 tokens of one block, read for all the task's KV heads
@@ -465,12 +468,10 @@ static void decode_task_bf16_dp(const void *q_, const void *k_cache_, const void
     }
     int64_t ahead = 0; /* tokens prefetched so far: kept PREFETCH_TOKENS past the chunk being read */
     for (int64_t t0 = 0; t0 < len;) {
-        int64_t offset = t0 % block_size, left = block_size - offset;
-        int n = (int)(len - t0 < 16 ? len - t0 : 16);
-        n = n < left ? n : (int)left;
+        const int n = chunk_tokens(t0, len, block_size);
         while (ahead < len && ahead < t0 + n + PREFETCH_TOKENS)
             ahead += prefetch_chunk(k_cache, v_cache, table, ahead, len, block_size, row, kv_heads * D);
-        const int64_t first = table[t0 / block_size] * block_size + offset;
+        const int64_t first = table[t0 / block_size] * block_size + t0 % block_size;
         const bf16 *kb = k_cache + first * row, *vb = v_cache + first * row;
         const __mmask16 live = (__mmask16)((1u << n) - 1u);
         for (int64_t kh = 0; kh < kv_heads; kh++) {

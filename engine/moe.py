@@ -310,10 +310,8 @@ def layer_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tens
     """expert_mlp with the experts serving layer `layer` holds now (expert_ids are the router's, original ids)."""
     block = _serving_blocks[layer] if layer < len(_serving_blocks) else None
     assert block is not None, f"layer {layer}: the serving expert op runs inside serving_experts(...)"
-    if block.expert_rows is not None:
-        expert_ids = block.expert_rows[expert_ids]
     experts = block.experts
-    return expert_mlp(x, expert_ids, weights, experts.gate_up_proj, experts.down_proj, block.backend)
+    return expert_mlp(x, block.held_rows(expert_ids), weights, experts.gate_up_proj, experts.down_proj, block.backend)
 
 
 def _layer_experts_shape(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, layer: int) -> torch.Tensor:
@@ -456,6 +454,10 @@ class SparseMoE(nn.Module):
         self.held_experts = ids.cpu()
         self.expert_rows = rows.to(self.gate.weight.device)
 
+    def held_rows(self, expert_ids: torch.Tensor) -> torch.Tensor:
+        """The rows of the held weights that serve the router's expert ids (the ids themselves until a release)."""
+        return expert_ids if self.expert_rows is None else self.expert_rows[expert_ids]
+
     def set_backend(self, backend: str) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown MoE backend {backend!r}; expected one of {BACKENDS}")
@@ -481,9 +483,8 @@ class SparseMoE(nn.Module):
         if serving:
             routed = torch.ops.moe_serve.layer_experts(x, routing.expert_ids, routing.weights, self.layer_idx)
             return self.combine(x, routed)
-        if self.expert_rows is not None:
-            routing = Routing(self.expert_rows[routing.expert_ids], routing.weights)
-        return self.combine(x, dispatch(x, routing, self.experts, self.backend))
+        held = Routing(self.held_rows(routing.expert_ids), routing.weights)
+        return self.combine(x, dispatch(x, held, self.experts, self.backend))
 
     def combine(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
         """The block's output from its input x and its routed experts' fp32 sum: under expert parallelism the

@@ -132,8 +132,8 @@ def test_live_pruning_can_release_experts_and_read_them_back_from_the_checkpoint
         assert live.weight_bytes == full_bytes and live.released_expert_bytes == 0
         for a, b in zip(unpruned, generate(live, PROMPTS, GREEDY), strict=True):
             assert_same(a, b)  # the rows read back serve exactly as the ones loaded at start
-    # The compiled step reads expert weights from the forward context: freeing and reading back recompiles nothing.
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    if not enforce_eager:  # the compiled step reads expert weights from the forward context: nothing recompiled
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_a_release_whose_rows_cannot_be_read_back_changes_nothing(tiny_model: Path, tmp_path: Path) -> None:
