@@ -517,13 +517,15 @@ static void decode_task_bf16_dp(const void *q_, const void *k_cache_, const void
 }
 #endif
 
-/* The tasks: (sequence, group of kv_group KV heads), in parallel when there is enough work. */
-static void decode_attention(DecodeTask task, int64_t kv_group, size_t element, const char *q, const char *k,
+/* The tasks: (sequence, group of kv_group KV heads), in parallel when there is enough work. A group is all of
+ * widest_group heads (whole cache rows: contiguous reads) where the loop runs on one thread or there are enough
+ * sequences to share out; else one KV head per task, so that a small batch still spreads over the threads. */
+static void decode_attention(DecodeTask task, int64_t widest_group, size_t element, const char *q, const char *k,
                              const char *v, char *k_cache, char *v_cache, const int64_t *slots,
                              const int64_t *block_tables, const int64_t *seq_lens, int64_t B, int64_t W,
                              int64_t block_size, int64_t Hq, int64_t Hkv, int64_t D, float scale, char *out,
                              int threads) {
-    int64_t G = Hq / Hkv, row = Hkv * D, work = 0, groups = Hkv / kv_group;
+    int64_t G = Hq / Hkv, row = Hkv * D, work = 0;
     if (k != NULL) {
         for (int64_t b = 0; b < B; b++) {
             memcpy(k_cache + slots[b] * row * element, k + b * row * element, row * element);
@@ -531,7 +533,9 @@ static void decode_attention(DecodeTask task, int64_t kv_group, size_t element, 
         }
     }
     for (int64_t b = 0; b < B; b++) work += seq_lens[b];
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2) if(work * Hq * D > 65536)
+    const int parallel = threads > 1 && work * Hq * D > 65536;
+    const int64_t kv_group = !parallel || B >= 4 * threads ? widest_group : 1, groups = Hkv / kv_group;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2) if(parallel)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t j = 0; j < groups; j++) {
             int64_t heads = (b * Hq + j * kv_group * G) * D * element, column = j * kv_group * D * element;
@@ -555,17 +559,15 @@ void paged_decode_attention_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf
                                  int64_t W, int64_t block_size, int64_t Hq, int64_t Hkv, int64_t D, float scale,
                                  bf16 *out, int threads) {
     DecodeTask task = decode_task_bf16;
-    int64_t kv_group = 1;
+    int64_t widest_group = 1; /* the plain task reads one KV head */
 #if defined(__AVX512BF16__)
     if (D % 32 == 0 && D <= DP_MAX_D && (Hq / Hkv) * D <= DP_MAX_QD) {
         task = decode_task_bf16_dp;
-        /* Whole cache rows per task (contiguous reads) once there are enough sequences to share out; else one
-         * KV head per task, so that a small batch still spreads over the threads. */
-        if (B >= 4 * threads)
-            for (kv_group = Hkv; kv_group > 1 && (Hkv % kv_group || kv_group * Hq / Hkv * D > DP_MAX_QD);) kv_group--;
+        for (widest_group = Hkv; widest_group > 1 && (Hkv % widest_group || widest_group * Hq / Hkv * D > DP_MAX_QD);)
+            widest_group--;
     }
 #endif
-    decode_attention(task, kv_group, sizeof(bf16), (const char *)q, (const char *)k, (const char *)v,
+    decode_attention(task, widest_group, sizeof(bf16), (const char *)q, (const char *)k, (const char *)v,
                      (char *)k_cache, (char *)v_cache, slots, block_tables, seq_lens, B, W, block_size, Hq, Hkv, D,
                      scale, (char *)out, threads);
 }

@@ -44,7 +44,9 @@ def test_expert_mlp_matches_the_reference_dispatch(dtype: torch.dtype, tokens: i
 @pytest.mark.parametrize(
     ("block_size", "lengths"),
     [
-        (16, [1, 16, 17, 130, 300]),  # one token, a full block, a block boundary, many blocks: a task per KV head
+        # One token, a full block, a block boundary, many blocks: on 2 threads a task per KV head (too few
+        # sequences to share out whole rows), on 1 every KV head per task.
+        (16, [1, 16, 17, 130, 300]),
         (8, [1, 8, 9, 16, 17, 33, 130, 160, 3, 64, 100, 7]),  # blocks smaller than a chunk; every KV head per task
         (32, [1, 15, 16, 17, 31, 32, 33, 300, 250, 64]),  # chunk boundaries inside a block
     ],
@@ -69,7 +71,16 @@ def test_paged_decode_attention_matches_sdpa(
     scale = head_dim**-0.5
     cpu = kernels()
     assert cpu is not None
-    out = cpu.paged_decode_attention(q, k_cache, v_cache, tables, lengths, scale, (new_k, new_v, slots))
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for task_threads in (1, 2):
+            torch.set_num_threads(task_threads)
+            outs.append(cpu.paged_decode_attention(q, k_cache, v_cache, tables, lengths, scale, (new_k, new_v, slots)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(outs[0].float(), outs[1].float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+    out = outs[1]
     for b in range(batch):
         keys = k_cache[tables[b]].reshape(-1, kv_heads, head_dim)[: lengths[b]].float()
         values = v_cache[tables[b]].reshape(-1, kv_heads, head_dim)[: lengths[b]].float()
