@@ -22,6 +22,7 @@ next step) and the captured CUDA graphs. Live pruning tables (engine/expert_tabl
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch._inductor.config
 from torch._inductor import select_algorithm
+from torch._inductor.codegen.common import KernelTemplate
 
 from engine.attention import PAGED, PagedStep, paged_step
 from engine.model import MoEForCausalLM
@@ -77,6 +79,13 @@ def _many_token_forward(model: MoEForCausalLM, *inputs: torch.Tensor) -> torch.T
     """The serving forward of every other step."""
     input_ids, positions, token_mask, route_controls, *tables = inputs
     return model(input_ids, positions, PAGED, token_mask, route_controls, (tables[0], tables[1]) if tables else None)
+
+
+def _parse_once(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Inductor's C++ GEMM templates parse their jinja source anew for every kernel they render, though a parsed
+    template renders any number of times: parsed once per source while a graph compiles, both graphs compile
+    2.3-2.9 s sooner here (of ~50 s cold; docs/performance.md, time to ready)."""
+    return functools.cache(parse)
 
 
 def _own_copy(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -133,17 +142,23 @@ class CompiledForward:
     @contextlib.contextmanager
     def _compiling(self, one_token: bool) -> Iterator[None]:
         """Inductor's settings while a graph compiles (patched globally for the call: passed to torch.compile
-        as options, freezing did not take effect), with autotuning's report to stderr off."""
+        as options, freezing did not take effect), with autotuning's report to stderr off and the C++ GEMM
+        templates parsed once (_parse_once)."""
         if self.device.type != "cpu":
             yield
             return
         printing = select_algorithm.PRINT_AUTOTUNE
+        parse = KernelTemplate.__dict__.get("_template_from_string")
         select_algorithm.PRINT_AUTOTUNE = False
+        if isinstance(parse, staticmethod):  # see _parse_once
+            KernelTemplate._template_from_string = staticmethod(_parse_once(parse.__func__))  # type: ignore[method-assign,assignment]
         try:
             with torch._inductor.config.patch({**CPU_OPTIONS, **(ONE_TOKEN_OPTIONS if one_token else {})}):
                 yield
         finally:
             select_algorithm.PRINT_AUTOTUNE = printing
+            if isinstance(parse, staticmethod):
+                KernelTemplate._template_from_string = parse  # type: ignore[method-assign,assignment]
 
     @property
     def uses_cuda_graphs(self) -> bool:
