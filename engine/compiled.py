@@ -162,7 +162,11 @@ class CompiledForward:
 
     @property
     def uses_cuda_graphs(self) -> bool:
-        return not self.enforce_eager and self.device.type == "cuda"
+        """Decode replays CUDA graphs where its expert dispatch is capturable: grouped_mm in bf16 runs without a
+        host sync; in other dtypes it (and the loop backend) reads the group offsets on the host."""
+        return (
+            not self.enforce_eager and self.device.type == "cuda" and self.model.lm_head.weight.dtype == torch.bfloat16
+        )
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         """Hidden states of a step whose attention context is set (engine.attention.paged_step). inputs:
@@ -179,7 +183,15 @@ class CompiledForward:
                     hidden = forward(self.model, *inputs)
                 self._compiled_kinds.add(kind)
                 return hidden
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            try:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return forward(self.model, *inputs)
+            except RuntimeError as exc:  # dynamo refuses to recompile without guards: the call ran nothing
+                if "skip_guard_eval_unsafe" not in str(exc):
+                    raise
+            logger.warning("a %s step's inputs differ from those its graph was compiled for: compiling again",
+                           "one-token" if kind else "many-token")  # fmt: skip
+            with self._compiling(kind):
                 return forward(self.model, *inputs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -255,11 +267,15 @@ class CompiledForward:
             decode_width=1,
             prefills=(),
         )
-        inputs = [x[:tokens].to(self.device) for x in buffers.inputs()]
         with torch.inference_mode(), paged_step(step):
+            # Made as ModelRunner.execute makes a step's inputs (inside inference mode: on CUDA `.to` then gives
+            # inference tensors, which dynamo's guards tell apart from normal ones), so no real step recompiles.
+            inputs = [x[:tokens].to(self.device) for x in buffers.inputs()]
             self(*inputs)
 
+    @torch.inference_mode()
     def _capture_ladder(self, say: Callable[[str], None]) -> None:
+        """The static buffers (inference tensors, as a real step's inputs are) and a CUDA graph per ladder size."""
         largest = self.ladder[-1]
         self._static = {
             name: torch.zeros(largest, dtype=torch.long, device=self.device)
