@@ -9,9 +9,9 @@ of the model (embeddings, norms, projections, RoPE, routing, the expert-load cou
 graphs, compiled separately: one for one-token steps (batch-1 decode, where fixed costs rule) and one with a
 symbolic token count for every other step, decode or prefill. On CPU both run as inductor's fused C++, frozen
 (weights as constants, prepacked) with their GEMMs autotuned among inductor's C++ GEMM templates, which nearly
-halved a batch-1 step here and cut a batch-8 step by a fifth. On CUDA, decode-only steps are padded up to the
-next size of a ladder and replayed from CUDA graphs captured at warm-up (the step's metadata lives in static
-device buffers that every replay reads).
+halved a batch-1 step here and cut a batch-8 step by a fifth; the one-token graph has a C++ wrapper. On CUDA
+in bf16, decode-only steps are padded up to the next size of a ladder and replayed from CUDA graphs captured at
+warm-up (the step's metadata lives in static device buffers that every replay reads).
 
 Compiled artifacts are cached by inductor under $MOE_SERVE_CACHE/inductor (engine/paths.py), so a restart
 compiles from cache.

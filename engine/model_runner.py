@@ -3,8 +3,8 @@
 A step's tokens are laid out decodes first (one row per sequence), then prefill chunks, in buffers allocated
 once for the largest step, so building a step writes into numpy views instead of creating tensors from lists.
 The forward is the model itself (`enforce_eager`) or its compiled form (engine/compiled.py): on CPU one
-graph with a symbolic token count serves every step; on CUDA, decode-only steps are padded to the next size
-of a ladder and replayed from CUDA graphs.
+graph with a symbolic token count serves every step (and one more for one-token steps); on CUDA in bf16,
+decode-only steps are padded to the next size of a ladder and replayed from CUDA graphs.
 """
 
 from __future__ import annotations
