@@ -162,10 +162,12 @@ class CompiledForward:
 
     @property
     def uses_cuda_graphs(self) -> bool:
-        """Decode replays CUDA graphs where its expert dispatch is capturable: grouped_mm in bf16 runs without a
-        host sync; in other dtypes it (and the loop backend) reads the group offsets on the host."""
+        """Whether warm-up captures decode as CUDA graphs: on CUDA where every layer's expert dispatch is
+        capturable (SparseMoE.dispatch_syncs_host)."""
         return (
-            not self.enforce_eager and self.device.type == "cuda" and self.model.lm_head.weight.dtype == torch.bfloat16
+            not self.enforce_eager
+            and self.device.type == "cuda"
+            and not any(block is not None and block.dispatch_syncs_host for block in self.moe_blocks)
         )
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -200,7 +202,7 @@ class CompiledForward:
 
     def replays(self, num_decodes: int) -> bool:
         """Whether a decode-only step of this many sequences runs from a captured CUDA graph."""
-        return self.uses_cuda_graphs and bool(self._graphs) and num_decodes <= self.ladder[-1]
+        return bool(self._graphs) and num_decodes <= self.ladder[-1]  # captured only where uses_cuda_graphs
 
     def replay_decode(self, buffers: StepBuffers, num_decodes: int) -> torch.Tensor:
         """Copy the step's decode rows into the static buffers (padding the rest), replay the graph of the next
@@ -319,7 +321,7 @@ class CompiledForward:
     def experts_moved(self) -> None:
         """Expert weights were freed or read back: CUDA graphs captured their old addresses, so they are captured
         again now (the compiled graphs read the weights from the forward context and stay)."""
-        if self.uses_cuda_graphs and self._graphs:
+        if self._graphs:
             self._graphs.clear()
             self._capture_ladder(logger.info)
 

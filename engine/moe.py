@@ -458,6 +458,13 @@ class SparseMoE(nn.Module):
         """The rows of the held weights that serve the router's expert ids (the ids themselves until a release)."""
         return expert_ids if self.expert_rows is None else self.expert_rows[expert_ids]
 
+    @property
+    def dispatch_syncs_host(self) -> bool:
+        """Whether the dispatch reads device data on the host (so a CUDA graph cannot capture it): the loop
+        backend reads the group offsets, and so does grouped_mm outside bf16."""
+        w13 = self.experts.gate_up_proj
+        return w13.dtype != torch.bfloat16 or _loops(self.backend, w13)
+
     def set_backend(self, backend: str) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown MoE backend {backend!r}; expected one of {BACKENDS}")

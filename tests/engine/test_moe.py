@@ -219,3 +219,13 @@ def test_a_one_token_step_is_counted_as_a_batch_step_counts_it(counted: int | No
     assert torch.equal(one.counts, batch.counts)
     assert one.snapshot()[1].tolist() == ([0, 0, 0, 2, 0, 1, 0, 0] if counted != 0 else [0] * 8)
     assert one.experts_read()[1].tolist() == [0, 0, 1, 0, 0, 0, 0, 0, 0]  # one forward that read 2 experts
+
+
+def test_only_grouped_bf16_dispatch_is_free_of_host_syncs() -> None:
+    """What decides whether decode may run from CUDA graphs (engine.compiled): grouped_mm in bf16 only."""
+    block = moe_block()
+    assert block.dispatch_syncs_host  # fp32: grouped_mm's fallback reads the offsets on the host
+    block.to(torch.bfloat16)
+    assert not block.dispatch_syncs_host
+    block.set_backend("loop")
+    assert block.dispatch_syncs_host
