@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence as SequenceOf
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from tqdm import tqdm
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.outputs import RequestOutput
 from engine.routing import RoutingPolicy
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.tokenizer import ModelTokenizer
 
 Prompt = str | list[int]
@@ -42,12 +43,15 @@ class LLM:
         sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (strings or token-id lists); results come back in input order."""
+        """Generate for every prompt (strings or token-id lists); results come back in input order. The engine
+        builds each request's output once, when it finishes (RequestOutputKind.FINAL_ONLY, as vLLM's LLM does)."""
         batch = _as_prompt_list(prompts)
         params = sampling_params or SamplingParams()
         per_prompt = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(batch):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(batch)} prompts")
+        final_only = {id(p): replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in per_prompt}
+        per_prompt = [final_only[id(p)] for p in per_prompt]
         ids = []
         try:
             for prompt, prompt_params in zip(batch, per_prompt):

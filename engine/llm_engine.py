@@ -27,7 +27,7 @@ from engine.model_runner import ModelRunner, cuda_kv_cache_budget, kv_cache_bloc
 from engine.moe import PendingSnapshot, select_backend
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.routing import RoutingPolicy
-from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.sampling_params import InvalidRequestError, RequestOutputKind, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.stop_strings import StopStrings
@@ -383,10 +383,18 @@ class LLMEngine:
                     self.scheduler.finish(seq, "stop")
             elif not isinstance(seq.stop_reason, str):
                 seq.output_text = seq.detokenizer.text
-        outputs = [self._request_output(rid, now) for rid in touched]
-        for out in outputs:
-            if out.finished:
-                del self.requests[out.request_id]
+        outputs = []
+        for request_id in touched:
+            request = self.requests[request_id]
+            metrics = request.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+            finished = all(seq.is_finished for seq in request.seqs)
+            if finished or request.seqs[0].params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                outputs.append(self._request_output(request_id, now))
+            if finished:
+                del self.requests[request_id]
         return outputs
 
     @staticmethod
@@ -407,9 +415,6 @@ class LLMEngine:
     def _request_output(self, request_id: str, now: float) -> RequestOutput:
         request = self.requests[request_id]
         metrics = request.metrics
-        if metrics.first_token_time is None:
-            metrics.first_token_time = now
-        metrics.last_token_time = now
         completions = []
         for seq in request.seqs:
             text = seq.output_text

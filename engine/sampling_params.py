@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 from engine.token_routing import TokenRouting
 
@@ -18,6 +19,15 @@ class InvalidRequestError(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class RequestOutputKind(Enum):
+    """Which step outputs a request gets (vLLM's names): CUMULATIVE, its whole output so far after every step
+    that advanced it (streaming, the server); FINAL_ONLY, only the finished one (offline generate, which reads
+    nothing else: building an output per sequence per step cost a batch-32 decode step 4%, docs/performance.md)."""
+
+    CUMULATIVE = 0
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -43,6 +53,7 @@ class SamplingParams:
     # Teacher forcing: emit these tokens instead of sampling (at most max_tokens of them), so `logprobs` score a
     # reference continuation as decode steps compute it, batch-mates and decode-time routing included.
     forced_tokens: list[int] | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

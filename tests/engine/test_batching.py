@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 
 from engine import LLM, LLMEngine, ModelConfig, RoutingPolicy, SamplingParams
 from engine.llm_engine import EngineConfig
+from engine.outputs import RequestOutput
+from engine.sampling_params import RequestOutputKind
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
@@ -180,3 +183,21 @@ def test_the_engines_memory_peak_is_its_own_not_its_parents() -> None:
     assert inherited >= 1 << 30  # what the gauge used to report
     assert own < 900 << 20  # torch imported, nothing else
     del held
+
+
+def test_final_only_requests_get_one_output_equal_to_the_cumulative_ones_last(tiny_model: Path) -> None:
+    engine = LLMEngine(tiny_model, EngineConfig(dtype="float32", device="cpu", max_model_len=128))
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=["zz"])
+    final_only = replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+    prompt = prompts(1)[0]
+    engine.add_request("cumulative", prompt, params)
+    engine.add_request("final", prompt, final_only)
+    seen: dict[str, list[RequestOutput]] = {"cumulative": [], "final": []}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            seen[output.request_id].append(output)
+    assert len(seen["cumulative"]) == 12 and len(seen["final"]) == 1 and seen["final"][0].finished
+    last, final = seen["cumulative"][-1], seen["final"][0]
+    assert final.outputs == last.outputs and len(final.outputs[0].token_ids) == 12
+    assert final.metrics is not None and last.metrics is not None
+    assert final.metrics.first_token_time is not None and final.metrics.first_token_time < final.metrics.finished_time  # type: ignore[operator]
