@@ -34,6 +34,7 @@ from engine.decoding import start_decoding
 from engine.llm_engine import LLMEngine
 from engine.model import Attention, DecoderLayer, MoEForCausalLM, rotary_cos_sin
 from engine.moe import SparseMoE, dispatch
+from engine.projections import project
 from engine.routing import Routing, route
 from engine.sampling_params import SamplingParams
 
@@ -160,17 +161,19 @@ def _clocks_on(engine: LLMEngine, clock: PartClock) -> Iterator[None]:
 
 @contextmanager
 def _kernels_clocked(cpu: Any, clock: PartClock) -> Iterator[None]:
-    """Clock the CPU kernels' calls (inside the compiled forward's ops) as the attention core and expert GEMMs."""
+    """Clock the CPU kernels' calls (inside the compiled forward's ops) as the attention core, the expert GEMMs
+    and the dense projections."""
     if cpu is None:
         yield
         return
-    attention, experts = cpu.paged_decode_attention, cpu.expert_mlp
+    attention, experts, projections = cpu.paged_decode_attention, cpu.expert_mlp, cpu.linears
     cpu.paged_decode_attention = clock.wrap("attention core (kernel)", attention)
     cpu.expert_mlp = clock.wrap("expert GEMMs (kernel)", experts)
+    cpu.linears = clock.wrap("dense projections (kernel)", projections)
     try:
         yield
     finally:
-        del cpu.paged_decode_attention, cpu.expert_mlp
+        del cpu.paged_decode_attention, cpu.expert_mlp, cpu.linears
 
 
 class _CompiledPartsForward:
@@ -227,7 +230,7 @@ class _EagerPartsForward:
             q, k, v = run("dense projections", _qkv, attn, h)
             q, k, v = run("rope + qk norm", attn.heads, q, k, v, rope)
             out = run("attention core", torch.ops.moe_serve.paged_attention, q, k, v, attn.layer_idx, attn.scale)
-            proj = run("dense projections", attn.o_proj, out.reshape(x.shape[0], -1))
+            (proj,) = run("dense projections", project, out.reshape(x.shape[0], -1), (attn.o_proj,))
             x = run("norms + residuals", torch.add, x, proj)
             h = run("norms + residuals", layer.post_attention_layernorm, x)
             mlp = layer.mlp
@@ -242,8 +245,8 @@ class _EagerPartsForward:
         return run("norms + residuals", model.model.norm, x)
 
 
-def _qkv(attn: Attention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+def _qkv(attn: Attention, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return project(h, (attn.q_proj, attn.k_proj, attn.v_proj))
 
 
 def _route(block: SparseMoE, logits: torch.Tensor, token_mask: torch.Tensor, controls: torch.Tensor) -> Routing:

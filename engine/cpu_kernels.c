@@ -7,7 +7,8 @@
  *   through the block table (no gather copy), all query heads of a KV head sharing its loads, with an
  *   online softmax. The bf16 paths use the bf16 dot-product instruction where the CPU has it and prefetch
  *   what they read next: these kernels wait on memory more than on arithmetic.
- * linear_bf16: the LM head's few-row bf16 product (bf16 weights only, with the bf16 dot-product instruction).
+ * linears_bf16: few-row bf16 products sharing an input (the attention projections, the LM head), with the bf16
+ *   dot-product instruction.
  *
  * Plain C with OpenMP (the same libgomp torch loads), built on first use with -O3 -march=native and called
  * through ctypes (engine/cpu_kernels.py). Weights and caches may be float32 or bfloat16; activations and
@@ -310,31 +311,50 @@ static void expert_mlp_bf16_dp(const bf16 *x, const int64_t *expert_ids, const f
 }
 #endif
 
-/* out[T, N] = x[T, K] w[N, K]^T, bf16 products accumulated in fp32 and rounded to bf16 (as torch's bf16 linear
- * rounds its output): the LM head of a decode step, where torch's
- * bf16 GEMM takes ~100 us for a 1 x 256 x 4096 product on this CPU. Parallel over blocks of 16 weight rows, each
- * 4-row tile read once for every group of up to 4 activation rows. Returns 0 (nothing written) when this CPU or
- * these shapes (K a multiple of 32, N of 16) do not fit it. */
-int linear_bf16(const bf16 *x, const bf16 *w, int64_t T, int64_t K, int64_t N, float *out, int threads) {
+/* out[T, sum N_i] = x[T, K] [ws[0]; ws[1]; ...]^T for `count` (<= 8) weights [N_i, K] sharing one input (a
+ * layer's q, k and v projections, the LM head), each weight's columns after the last's: bf16 products accumulated in fp32 and rounded to bf16, as torch's bf16 linear rounds
+ * its output, stored as bf16 (out_bf16) or as fp32 holding the bf16 value (the LM head's logits). Parallel over
+ * (chunk of 64 activation rows, block of 16 weight rows) across all the weights, each 4-row weight tile read once
+ * for every group of up to 4 activation rows; torch's bf16 GEMMs and inductor's C++ GEMM template measured 2-4x
+ * slower on these few-row, narrow products here. Returns 0 (nothing written) when this CPU or these shapes (K a
+ * multiple of 32, every N of 16) do not fit it. */
+int linears_bf16(const bf16 *x, int64_t T, int64_t K, int64_t count, const bf16 *const *ws, const int64_t *ns,
+                 void *out, int out_bf16, int threads) {
 #if defined(__AVX512BF16__)
-    if (K % 32 != 0 || N % 16 != 0) return 0;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t nb = 0; nb < N / 16; nb++) {
-        for (int64_t n = nb * 16; n < nb * 16 + 16; n += 4) {
-            for (int64_t r0 = 0; r0 < T; r0 += 4) {
-                int nr = (int)(T - r0 < 4 ? T - r0 : 4);
-                const bf16 *xr[4];
-                for (int r = 0; r < nr; r++) xr[r] = x + (r0 + r) * K;
-                float o[4][4];
-                dot_tile_bf16_rows(w + n * K, K, xr, nr, K, o);
-                for (int r = 0; r < nr; r++)
-                    for (int c = 0; c < 4; c++) out[(r0 + r) * N + n + c] = bf16_to_f32(f32_to_bf16(o[r][c]));
+    if (K % 32 != 0 || count < 1 || count > 8) return 0;
+    int64_t first_block[9] = {0};
+    for (int64_t i = 0; i < count; i++) {
+        if (ns[i] % 16 != 0) return 0;
+        first_block[i + 1] = first_block[i] + ns[i] / 16;
+    }
+    const int64_t blocks = first_block[count], chunks = (T + 63) / 64, width = first_block[count] * 16;
+    #pragma omp parallel for schedule(static) num_threads(threads) collapse(2)
+    for (int64_t tc = 0; tc < chunks; tc++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            int64_t i = 0;
+            while (b >= first_block[i + 1]) i++;
+            const int64_t n0 = (b - first_block[i]) * 16, col = b * 16 - n0;
+            const int64_t t_end = (tc + 1) * 64 < T ? (tc + 1) * 64 : T;
+            for (int64_t n = n0; n < n0 + 16; n += 4) {
+                for (int64_t r0 = tc * 64; r0 < t_end; r0 += 4) {
+                    int nr = (int)(t_end - r0 < 4 ? t_end - r0 : 4);
+                    const bf16 *xr[4];
+                    for (int r = 0; r < nr; r++) xr[r] = x + (r0 + r) * K;
+                    float o[4][4];
+                    dot_tile_bf16_rows(ws[i] + n * K, K, xr, nr, K, o);
+                    for (int r = 0; r < nr; r++)
+                        for (int c = 0; c < 4; c++) {
+                            bf16 v = f32_to_bf16(o[r][c]);
+                            if (out_bf16) ((bf16 *)out)[(r0 + r) * width + col + n + c] = v;
+                            else ((float *)out)[(r0 + r) * width + col + n + c] = bf16_to_f32(v);
+                        }
+                }
             }
         }
     }
     return 1;
 #else
-    (void)x; (void)w; (void)T; (void)K; (void)N; (void)out; (void)threads;
+    (void)x; (void)T; (void)K; (void)count; (void)ws; (void)ns; (void)out; (void)out_bf16; (void)threads;
     return 0;
 #endif
 }

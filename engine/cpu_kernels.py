@@ -17,8 +17,9 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,8 +51,8 @@ class CpuKernels:
             attention = getattr(self.lib, f"paged_decode_attention_{dtype}")
             attention.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR] + [_I64] * 6 + [_F32, _PTR, _INT]
             attention.restype = None
-        self.lib.linear_bf16.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR, _INT]
-        self.lib.linear_bf16.restype = _INT
+        self.lib.linears_bf16.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _INT, _INT]
+        self.lib.linears_bf16.restype = _INT
 
     def expert_mlp(
         self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
@@ -70,12 +71,33 @@ class CpuKernels:
         """x [T, K] @ weight [N, K].T for bf16 x and weight (contiguous): fp32 holding bf16-rounded values, as
         torch's bf16 linear then .float() gives; None where the kernel does not fit (another dtype, this CPU,
         these shapes), for the caller's torch fallback."""
-        if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        return self._linears(x, (weight,), torch.float32)
+
+    def linears(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """x @ [w.T for w in weights] side by side, [T, sum of N] in bf16 (as torch's bf16 linear rounds), one
+        call for all of them: x [T, K] and each w [N, K] bf16 and contiguous; None where the kernel does not
+        fit."""
+        return self._linears(x, weights, torch.bfloat16)
+
+    def _linears(
+        self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], out_dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        if x.dtype != torch.bfloat16 or any(w.dtype != torch.bfloat16 for w in weights):
             return None
-        out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-        done = self.lib.linear_bf16(x.data_ptr(), weight.data_ptr(), x.shape[0], x.shape[1], weight.shape[0],
-                                    out.data_ptr(), torch.get_num_threads())  # fmt: skip
+        pointers, widths, width = self._weight_arrays(tuple((w.data_ptr(), w.shape[0]) for w in weights))
+        out = torch.empty(x.shape[0], width, dtype=out_dtype)
+        done = self.lib.linears_bf16(x.data_ptr(), x.shape[0], x.shape[1], len(weights), pointers, widths,
+                                     out.data_ptr(), out_dtype == torch.bfloat16, torch.get_num_threads())  # fmt: skip
         return out if done else None
+
+    @staticmethod
+    @lru_cache(maxsize=1024)
+    def _weight_arrays(weights: tuple[tuple[int, int], ...]) -> tuple[Any, Any, int]:
+        """The C arrays of weight addresses and widths, made once per set of weights (a layer's serve every
+        step; the arrays hold only the key's own values, so a reused address cannot make one stale)."""
+        pointers = (_PTR * len(weights))(*(pointer for pointer, _ in weights))
+        widths = (_I64 * len(weights))(*(width for _, width in weights))
+        return pointers, widths, sum(width for _, width in weights)
 
     def paged_decode_attention(
         self,

@@ -19,6 +19,7 @@ from engine.config import ModelConfig
 from engine.cpu_kernels import kernels
 from engine.expert_tables import ExpertTables
 from engine.moe import DenseMLP, ExpertLoad, RoutingObserver, SparseMoE
+from engine.projections import project
 from engine.routing import LiveExperts, RoutingPolicy
 
 # Up to this many rows, the CPU kernel computes bf16 logits faster than torch's linear (equal at 32 rows).
@@ -81,9 +82,10 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> torch.Tensor:
-        q, k, v = self.heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), rope)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = self.heads(q, k, v, rope)
         out = attend(q, k, v, meta, self.layer_idx, self.scale)
-        return self.o_proj(out.reshape(x.shape[0], -1))
+        return project(out.reshape(x.shape[0], -1), (self.o_proj,))[0]
 
     def heads(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]

@@ -30,6 +30,7 @@ from torch import nn
 from engine.choices import BACKENDS
 from engine.cpu_kernels import SUFFIX, kernels
 from engine.op_library import define_op
+from engine.projections import project
 from engine.routing import ROUTER_SCORES, LiveExperts, Routing, RoutingPolicy, route
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, (self.gate_proj, self.up_proj))
+        return project(F.silu(gate) * up, (self.down_proj,))[0]
 
 
 class Experts(nn.Module):

@@ -1,6 +1,6 @@
 """The CPU kernels against torch's reference ops: the expert MLP against the sorted grouped and loop dispatch,
 paged decode attention against SDPA over gathered blocks, in fp32 (1e-5) and bf16, the bf16 LM-head product
-against torch's linear; and an engine without the
+and the several-weight projections against torch's linear; and an engine without the
 kernels (no compiler, or MOE_SERVE_CPU_KERNELS=0) generates the same tokens through torch's ops."""
 
 from __future__ import annotations
@@ -123,6 +123,22 @@ def test_linear_matches_torch_in_bf16_and_declines_what_it_cannot_do(rows: int) 
     assert torch.equal(got, got.bfloat16().float())  # rounded to bf16, as torch's bf16 linear is
     assert cpu.linear(x.float(), weight.float()) is None  # fp32: torch's GEMM
     assert cpu.linear(x, weight[:40]) is None  # 40 output rows: not a multiple of 16
+
+
+@pytest.mark.skipif("avx512_bf16" not in Path("/proc/cpuinfo").read_text(), reason="no bf16 dot-product instruction")
+@pytest.mark.parametrize("rows", [2, 5, 70])
+def test_linears_compute_weights_sharing_an_input_side_by_side(rows: int) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 64, generator=generator).bfloat16()
+    weights = tuple(torch.randn(n, 64, generator=generator).bfloat16() for n in (48, 16, 32))
+    cpu = kernels()
+    assert cpu is not None
+    got = cpu.linears(x, weights)
+    assert got is not None and got.dtype == torch.bfloat16 and got.shape == (rows, 96)
+    reference = torch.cat([x.float() @ w.float().T for w in weights], dim=-1)
+    assert torch.allclose(got.float(), reference, atol=0.1, rtol=2e-2)
+    assert cpu.linears(x, (weights[0], weights[1][:8])) is None  # 8 output rows: not a multiple of 16
+    assert cpu.linears(x[:, :48].contiguous(), tuple(w[:, :48].contiguous() for w in weights)) is None  # K = 48
 
 
 def test_an_engine_without_the_kernels_generates_the_same_tokens(

@@ -1,0 +1,55 @@
+"""Dense projections that share an input (a layer's q, k and v; an MLP's gate and up), as one op.
+
+Serving a bf16 model on a CPU with bf16 dot products, a decode step's projections are few-row, narrow GEMMs:
+inductor's C++ GEMM template ran them at 20-50 GFLOP/s here and torch's bf16 linear not much faster, where the
+CPU kernel (engine/cpu_kernels.c, linears_bf16) reaches 100-150 and reads the shared input once for all of
+them (docs/performance.md). The `moe_serve::dense_linears` op picks per call: the kernel up to KERNEL_ROWS
+rows, torch's linear above (prefill, where torch's blocked GEMM is faster), so one compiled graph serves both.
+Elsewhere (training, other dtypes, CUDA, no kernels) the layers run as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.cpu_kernels import kernels
+from engine.op_library import define_op
+
+# Up to this many rows the kernel beats torch's bf16 linear on these shapes; above it torch's wins.
+KERNEL_ROWS = 64
+
+
+def dense_linears(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """x [T, K] times every weight [N_i, K] (transposed), side by side: [T, sum of N_i] in x's dtype."""
+    cpu = kernels() if x.device.type == "cpu" and x.shape[0] <= KERNEL_ROWS else None
+    out = cpu.linears(x.contiguous(), tuple(weights)) if cpu is not None else None
+    if out is not None:
+        return out
+    return torch.cat([F.linear(x, w) for w in weights], dim=-1)
+
+
+def _dense_linears_shape(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
+
+
+define_op("dense_linears(Tensor x, Tensor[] weights) -> Tensor", dense_linears, _dense_linears_shape)
+
+
+def project(x: torch.Tensor, layers: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
+    """Each layer applied to x [T, K]: through the dense_linears op where the CPU kernel may serve it (bf16
+    weights on a CPU, no gradients; the op falls back to torch where the kernel is missing), else layer by
+    layer."""
+    weights = [layer.weight for layer in layers]
+    if (
+        x.device.type != "cpu"
+        or x.shape[0] == 1  # a batch-1 step: the op's call from the C++-wrapped graph costs more than it saves
+        or x.dtype != torch.bfloat16
+        or torch.is_grad_enabled()
+        or any(w.dtype != torch.bfloat16 or not w.is_contiguous() for w in weights)
+    ):
+        return tuple(layer(x) for layer in layers)
+    out = torch.ops.moe_serve.dense_linears(x, weights)
+    parts = out.split([w.shape[0] for w in weights], dim=-1)
+    return tuple(part if layer.bias is None else part + layer.bias for part, layer in zip(parts, layers))

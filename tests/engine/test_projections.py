@@ -1,0 +1,48 @@
+"""project: a layer's projections sharing an input, through the dense_linears op where the CPU kernel serves
+them (bf16, no gradients, more than one row), equal to the layers applied one by one within bf16 rounding, on
+both sides of the op's kernel/torch switch; and untouched layers elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from engine.cpu_kernels import kernels
+from engine.projections import KERNEL_ROWS, project
+
+
+def layers(bias: bool) -> tuple[nn.Linear, ...]:
+    torch.manual_seed(0)
+    return tuple(nn.Linear(64, n, bias=bias).bfloat16() for n in (64, 32, 32))
+
+
+@pytest.mark.skipif(kernels() is None, reason="no C compiler: the CPU kernels cannot be built")
+@pytest.mark.parametrize("rows", [3, KERNEL_ROWS + 5])
+@pytest.mark.parametrize("bias", [False, True])
+def test_projections_equal_the_layers_one_by_one(rows: int, bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    qkv = layers(bias)
+    x = torch.randn(rows, 64).bfloat16()
+    cpu, calls = kernels(), []
+    linears = cpu.linears
+    monkeypatch.setattr(cpu, "linears", lambda *args: calls.append(args) or linears(*args))
+    with torch.inference_mode():
+        got = project(x, qkv)
+        expected = tuple(layer(x) for layer in qkv)
+    assert len(calls) == (1 if rows <= KERNEL_ROWS else 0)  # above KERNEL_ROWS the op runs torch's linear
+    for a, b in zip(got, expected, strict=True):
+        assert a.shape == b.shape and a.dtype == torch.bfloat16
+        assert torch.allclose(a.float(), b.float(), atol=0.05, rtol=2e-2)
+
+
+def test_one_row_training_and_fp32_run_the_layers_themselves() -> None:
+    qkv = layers(bias=True)
+    with torch.inference_mode():
+        one_row = torch.randn(1, 64).bfloat16()
+        assert all(torch.equal(a, layer(one_row)) for a, layer in zip(project(one_row, qkv), qkv))
+    x = torch.randn(4, 64).bfloat16()
+    trained = project(x, qkv)  # gradients on: autograd through the layers
+    assert all(t.requires_grad and torch.equal(t, layer(x)) for t, layer in zip(trained, qkv))
+    fp32 = tuple(layer.float() for layer in qkv)
+    with torch.inference_mode():
+        assert all(torch.equal(a, layer(x.float())) for a, layer in zip(project(x.float(), fp32), fp32))
