@@ -178,11 +178,14 @@ static inline __m512 bf16x16_to_f32(const bf16 *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* Ask for the cache lines of n bf16 values from p on: a weight stream's next rows, ahead of the tile being read
- * (the stream's first rows come from a new expert, where the hardware prefetcher has no history; prefetching
- * also measured faster within a stream: 1.3-1.6x for the expert kernel on weights streamed from memory). */
+/* Ask for the cache lines of n bf16 values from p on, into L2: a weight stream's next rows, ahead of the tile
+ * being read, and a task's first rows when it starts (they come from a new expert, where the hardware prefetcher
+ * has no history); the next chunk of a paged KV cache, whose blocks lie anywhere. Into L2, not L1: L1's few miss
+ * buffers, filled by prefetches, stalled the kernels' own loads; on weights and caches streamed from memory the
+ * expert kernel measured 1.4-1.8x faster at batch 8 and 32 and the attention kernel 1.2-1.5x at batch 1-32 than
+ * with the same prefetches into L1 (docs/performance.md). */
 static inline void prefetch_rows(const bf16 *p, int64_t n) {
-    for (int64_t i = 0; i < n; i += 32) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
+    for (int64_t i = 0; i < n; i += 32) _mm_prefetch((const char *)(p + i), _MM_HINT_T1);
 }
 
 /* Each lane rounded to bf16 (to nearest even) and back to fp32. */
@@ -247,7 +250,7 @@ static void expert_mlp_bf16_dp(const bf16 *x, const int64_t *expert_ids, const f
         row_weight[r] = weights[i];
     }
     /* Tasks read RB contiguous weight rows of one expert (64 where the sizes allow): fewer, longer streams, each
-     * prefetched about 4 KiB (whole 4-row tiles) ahead of its tile. */
+     * prefetched about 4-6 KiB (whole 4-row tiles) ahead of its tile, from the task's first rows on. */
     const int64_t RB_I = I % 64 == 0 ? 64 : 32, RB_H = H % 64 == 0 ? 64 : 32;
     const int64_t ahead_i = 4 * (1 + 512 / H), ahead_h = 4 * (1 + 512 / I);
     bf16 *hidden = malloc((rows ? rows : 1) * I * sizeof(bf16));
@@ -257,14 +260,18 @@ static void expert_mlp_bf16_dp(const bf16 *x, const int64_t *expert_ids, const f
         for (int64_t jb = 0; jb < I / RB_I; jb++) {
             int64_t e = group_expert[g], first = start[e], end = start[e] + count[e];
             const bf16 *gate = w13 + e * 2 * I * H, *up = gate + I * H;
+            prefetch_rows(gate + jb * RB_I * H, ahead_i * H);
+            prefetch_rows(up + jb * RB_I * H, ahead_i * H);
             for (int64_t r0 = first; r0 < end; r0 += 4) {
                 int nr = (int)(end - r0 < 4 ? end - r0 : 4);
                 const bf16 *xr[4];
                 for (int r = 0; r < nr; r++) xr[r] = x + row_token[r0 + r] * H;
                 for (int64_t j = jb * RB_I; j < (jb + 1) * RB_I; j += 4) {
                     float gv[4][4], uv[4][4];
-                    prefetch_rows(gate + (j + ahead_i) * H, 4 * H);
-                    prefetch_rows(up + (j + ahead_i) * H, 4 * H);
+                    if (r0 == first) { /* later row groups find the task's rows in cache */
+                        prefetch_rows(gate + (j + ahead_i) * H, 4 * H);
+                        prefetch_rows(up + (j + ahead_i) * H, 4 * H);
+                    }
                     dot_tile_bf16_rows(gate + j * H, H, xr, nr, H, gv);
                     dot_tile_bf16_rows(up + j * H, H, xr, nr, H, uv);
                     /* SwiGLU on the 16 (row, unit) pairs at once, gate and up rounded to bf16 first */
@@ -284,13 +291,14 @@ static void expert_mlp_bf16_dp(const bf16 *x, const int64_t *expert_ids, const f
         for (int64_t ib = 0; ib < H / RB_H; ib++) {
             int64_t e = group_expert[g], first = start[e], end = start[e] + count[e];
             const bf16 *down = w2 + e * H * I;
+            prefetch_rows(down + ib * RB_H * I, ahead_h * I);
             for (int64_t r0 = first; r0 < end; r0 += 4) {
                 int nr = (int)(end - r0 < 4 ? end - r0 : 4);
                 const bf16 *hr[4];
                 for (int r = 0; r < nr; r++) hr[r] = hidden + (r0 + r) * I;
                 for (int64_t i = ib * RB_H; i < (ib + 1) * RB_H; i += 4) {
                     float dv[4][4];
-                    prefetch_rows(down + (i + ahead_h) * I, 4 * I);
+                    if (r0 == first) prefetch_rows(down + (i + ahead_h) * I, 4 * I);
                     dot_tile_bf16_rows(down + i * I, I, hr, nr, I, dv);
                     for (int r = 0; r < nr; r++) memcpy(expert_out + (r0 + r) * H + i, dv[r], 4 * sizeof(float));
                 }
@@ -335,7 +343,9 @@ int linears_bf16(const bf16 *x, int64_t T, int64_t K, int64_t count, const bf16 
             while (b >= first_block[i + 1]) i++;
             const int64_t n0 = (b - first_block[i]) * 16, col = b * 16 - n0;
             const int64_t t_end = (tc + 1) * 64 < T ? (tc + 1) * 64 : T;
+            prefetch_rows(ws[i] + n0 * K, 16 * K); /* this block's rows, and the next block's as it runs */
             for (int64_t n = n0; n < n0 + 16; n += 4) {
+                if (n0 + 16 < ns[i]) prefetch_rows(ws[i] + (n + 16) * K, 4 * K);
                 for (int64_t r0 = tc * 64; r0 < t_end; r0 += 4) {
                     int nr = (int)(t_end - r0 < 4 ? t_end - r0 : 4);
                     const bf16 *xr[4];
