@@ -223,6 +223,15 @@ static void dot_tile_bf16_rows(const bf16 *w, int64_t ws, const bf16 *const *x, 
     }
 }
 
+/* The weight rows of one expert a task reads (n, a multiple of 32, rows in all): the most of 256, 128, 64 and 32
+ * that divides n and still leaves two tasks per thread. Longer streams read memory faster: whole 256-row experts
+ * measured 1.14x faster than 64-row tasks at batch 32 on two threads, weights streamed from memory. */
+static int64_t rows_per_task(int64_t n, int64_t groups, int threads) {
+    int64_t rows = 256;
+    while (rows > 32 && (n % rows != 0 || groups * (n / rows) < 2 * threads)) rows /= 2;
+    return rows;
+}
+
 /* expert_mlp in bf16 with the CPU's bf16 dot-product instruction (H and I multiples of 32): the same grouping
  * and parallel split as EXPERT_MLP, products of bf16 pairs accumulated in fp32; the SwiGLU activations are
  * rounded to bf16 before the down projection, as torch's bf16 experts round them. */
@@ -249,9 +258,9 @@ static void expert_mlp_bf16_dp(const bf16 *x, const int64_t *expert_ids, const f
         row_token[r] = i / k;
         row_weight[r] = weights[i];
     }
-    /* Tasks read RB contiguous weight rows of one expert (64 where the sizes allow): fewer, longer streams, each
-     * prefetched about 4-6 KiB (whole 4-row tiles) ahead of its tile, from the task's first rows on. */
-    const int64_t RB_I = I % 64 == 0 ? 64 : 32, RB_H = H % 64 == 0 ? 64 : 32;
+    /* Tasks read RB contiguous weight rows of one expert (rows_per_task): few, long streams, each prefetched about
+     * 4-6 KiB (whole 4-row tiles) ahead of its tile, from the task's first rows on. */
+    const int64_t RB_I = rows_per_task(I, groups, threads), RB_H = rows_per_task(H, groups, threads);
     const int64_t ahead_i = 4 * (1 + 512 / H), ahead_h = 4 * (1 + 512 / I);
     bf16 *hidden = malloc((rows ? rows : 1) * I * sizeof(bf16));
     float *expert_out = malloc((rows ? rows : 1) * H * sizeof(float));
