@@ -23,6 +23,7 @@ _EXPORTS = {
     "Logprob": "engine.outputs",
     "ModelConfig": "engine.config",
     "RequestOutput": "engine.outputs",
+    "RequestOutputKind": "engine.sampling_params",
     "RouterBalancing": "engine.config",
     "RoutingPolicy": "engine.routing",
     "SamplingParams": "engine.sampling_params",
@@ -38,6 +39,7 @@ __all__ = [
     "Logprob",
     "ModelConfig",
     "RequestOutput",
+    "RequestOutputKind",
     "RouterBalancing",
     "RoutingPolicy",
     "SamplingParams",
@@ -50,7 +52,7 @@ if TYPE_CHECKING:
     from engine.llm_engine import EngineConfig, LLMEngine
     from engine.outputs import CompletionOutput, Logprob, RequestOutput
     from engine.routing import RoutingPolicy
-    from engine.sampling_params import InvalidRequestError, SamplingParams
+    from engine.sampling_params import InvalidRequestError, RequestOutputKind, SamplingParams
     from engine.token_routing import TokenRouting
 
 

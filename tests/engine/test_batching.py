@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import LLM, LLMEngine, ModelConfig, RoutingPolicy, SamplingParams
+from engine import LLM, LLMEngine, ModelConfig, RequestOutputKind, RoutingPolicy, SamplingParams
 from engine.llm_engine import EngineConfig
 from engine.outputs import RequestOutput
-from engine.sampling_params import RequestOutputKind
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
