@@ -329,12 +329,13 @@ static void expert_mlp_bf16_dp(const bf16 *x, const int64_t *expert_ids, const f
 #endif
 
 /* out[T, sum N_i] = x[T, K] [ws[0]; ws[1]; ...]^T for `count` (<= 8) weights [N_i, K] sharing one input (a
- * layer's q, k and v projections, the LM head), each weight's columns after the last's: bf16 products accumulated in fp32 and rounded to bf16, as torch's bf16 linear rounds
- * its output, stored as bf16 (out_bf16) or as fp32 holding the bf16 value (the LM head's logits). Parallel over
- * (chunk of 64 activation rows, block of 16 weight rows) across all the weights, each 4-row weight tile read once
- * for every group of up to 4 activation rows; torch's bf16 GEMMs and inductor's C++ GEMM template measured 2-4x
- * slower on these few-row, narrow products here. Returns 0 (nothing written) when this CPU or these shapes (K a
- * multiple of 32, every N of 16) do not fit it. */
+ * layer's q, k and v projections, the LM head), each weight's columns after the last's. bf16 products are
+ * accumulated in fp32 and rounded to bf16, as torch's bf16 linear rounds its output, and stored as bf16
+ * (out_bf16) or as fp32 holding the bf16 value (the LM head's logits). Parallel over (chunk of 64 activation rows,
+ * block of 16 weight rows) across all the weights, each 4-row weight tile read once for every group of up to 4
+ * activation rows, the next rows prefetched. Up to 64 rows inductor's C++ GEMM template measured 2-3x slower here,
+ * torch's bf16 linear slower or equal (docs/performance.md). Returns 0 (nothing written) when this CPU or these
+ * shapes (K a multiple of 32, every N of 16) do not fit it. */
 int linears_bf16(const bf16 *x, int64_t T, int64_t K, int64_t count, const bf16 *const *ws, const int64_t *ns,
                  void *out, int out_bf16, int threads) {
 #if defined(__AVX512BF16__)
