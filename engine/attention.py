@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.cpu_kernels import SUFFIX, kernels
+from engine.native_ops import StepContext, native_ops, native_ops_loaded
 from engine.op_library import define_op
 
 
@@ -70,17 +71,26 @@ class PagedStep:
 
 
 _current_step: PagedStep | None = None
+_native_context: StepContext | None = None  # what the C++ op reads of _current_step (engine/native_ops.py)
 
 
 @contextmanager
 def paged_step(step: PagedStep) -> Iterator[None]:
-    """The forward context: paged attention reads this step's metadata and caches inside the block."""
-    global _current_step
-    previous, _current_step = _current_step, step
+    """The forward context: paged attention reads this step's metadata and caches inside the block (and so does
+    its C++ twin, engine/native_ops.py, on the CPU)."""
+    global _current_step, _native_context
+    native = native_ops()
+    previous, previous_context = _current_step, _native_context
+    _current_step = step
+    if native is not None:
+        _native_context = native.step_context(step)
+        native.set_step_context(_native_context)
     try:
         yield
     finally:
-        _current_step = previous
+        _current_step, _native_context = previous, previous_context
+        if native is not None:
+            native.set_step_context(previous_context)
 
 
 def attend(
@@ -93,6 +103,8 @@ def attend(
         gqa = q.shape[1] != k.shape[1]
         out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(q.shape)
+    if q.device.type == "cpu" and native_ops_loaded():
+        return torch.ops.moe_serve.cpu_paged_attention(q, k, v, layer, scale)
     return torch.ops.moe_serve.paged_attention(q, k, v, layer, scale)
 
 

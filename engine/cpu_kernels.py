@@ -131,6 +131,24 @@ class CpuKernels:
 _lock = threading.Lock()
 
 
+def build_library(compiler: str, source: Path, flags: list[str], key: str = "") -> Path:
+    """source compiled by compiler with flags into a shared library under $MOE_SERVE_CACHE/kernels/<hash>/, the
+    hash over the source, the flags, the compiler's version, this CPU's flags and `key`; built once, then found.
+    Raises OSError or CalledProcessError (with the compiler's stderr) when the build fails."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    digest = hashlib.sha256("\n".join([source.read_text(), " ".join(flags), version, _cpu_flags(), key]).encode())
+    library = cache_root() / "kernels" / digest.hexdigest()[:16] / source.with_suffix(".so").name
+    with _lock:
+        if not library.is_file():
+            library.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+                built = Path(scratch) / library.name
+                subprocess.run([compiler, str(source), "-o", str(built), *flags], check=True, capture_output=True,
+                               text=True)  # fmt: skip
+                built.replace(library)  # atomic: a concurrent start sees all of it or none
+    return library
+
+
 @cache
 def kernels() -> CpuKernels | None:
     """The CPU kernels, built if needed; None (logged once) when they cannot be built here."""
@@ -141,18 +159,7 @@ def kernels() -> CpuKernels | None:
         logger.warning("no C compiler found: the CPU kernels are off, torch's ops are used instead")
         return None
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-        key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
-        library = cache_root() / "kernels" / key.hexdigest()[:16] / "cpu_kernels.so"
-        with _lock:
-            if not library.is_file():
-                library.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
-                    built = Path(scratch) / library.name
-                    subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True,
-                                   capture_output=True, text=True)  # fmt: skip
-                    built.replace(library)  # atomic: a concurrent start sees all of it or none
-        return CpuKernels(library)
+        return CpuKernels(build_library(compiler, SOURCE, [*FLAGS, "-lm"]))
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else exc
         logger.warning("the CPU kernels could not be built (%s): torch's ops are used instead", detail)

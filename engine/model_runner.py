@@ -18,6 +18,7 @@ import torch
 from engine.attention import DenseCausal, PagedStep, PrefillChunk, paged_step
 from engine.compiled import CompiledForward
 from engine.model import MoEForCausalLM
+from engine.native_ops import native_ops
 from engine.sampler import sample, token_logprobs
 from engine.scheduler import ModelRunnerOutput, ScheduledSequence, SchedulerOutput
 from engine.token_routing import NUM_CONTROLS
@@ -118,6 +119,8 @@ class ModelRunner:
         max_blocks = -(-max_model_len // block_size)
         self.max_tokens = max(max_num_batched_tokens, max_num_seqs)
         self.buffers = StepBuffers(self.max_tokens, max_num_seqs, max_blocks, pin=self.device.type == "cuda")
+        if self.device.type == "cpu":
+            native_ops()  # built (or found) and registered now, before the forward is traced
         self.forward = CompiledForward(model, self.kv_caches, max_num_seqs, max_blocks, enforce_eager)
 
     @torch.inference_mode()

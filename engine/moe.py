@@ -29,6 +29,7 @@ from torch import nn
 
 from engine.choices import BACKENDS
 from engine.cpu_kernels import SUFFIX, kernels
+from engine.native_ops import ExpertContext, native_ops, native_ops_loaded
 from engine.op_library import define_op
 from engine.projections import project
 from engine.routing import ROUTER_SCORES, LiveExperts, Routing, RoutingPolicy, route
@@ -295,17 +296,26 @@ def dispatch(x: torch.Tensor, routing: Routing, experts: Experts, backend: str =
 
 # The serving forward's MoE blocks by decoder-layer index (None for dense layers), set by serving_experts.
 _serving_blocks: Sequence[SparseMoE | None] = ()
+_native_context: ExpertContext | None = None  # what the C++ op reads of _serving_blocks (engine/native_ops.py)
 
 
 @contextmanager
 def serving_experts(blocks: Sequence[SparseMoE | None]) -> Iterator[None]:
-    """The forward context of a serving step: layer_experts reads each layer's experts from `blocks`."""
-    global _serving_blocks
-    previous, _serving_blocks = _serving_blocks, blocks
+    """The forward context of a serving step: layer_experts reads each layer's experts from `blocks` (and so does
+    its C++ twin, engine/native_ops.py, on the CPU)."""
+    global _serving_blocks, _native_context
+    native = native_ops()
+    previous, previous_context = _serving_blocks, _native_context
+    _serving_blocks = blocks
+    if native is not None:
+        _native_context = native.expert_context(blocks)
+        native.set_expert_context(_native_context)
     try:
         yield
     finally:
-        _serving_blocks = previous
+        _serving_blocks, _native_context = previous, previous_context
+        if native is not None:
+            native.set_expert_context(previous_context)
 
 
 def layer_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, layer: int) -> torch.Tensor:
@@ -490,7 +500,9 @@ class SparseMoE(nn.Module):
         if self.observer is not None:
             self.observer(self, x, router_logits, routing)
         if serving:
-            routed = torch.ops.moe_serve.layer_experts(x, routing.expert_ids, routing.weights, self.layer_idx)
+            ops = torch.ops.moe_serve
+            experts = ops.cpu_layer_experts if x.device.type == "cpu" and native_ops_loaded() else ops.layer_experts
+            routed = experts(x, routing.expert_ids, routing.weights, self.layer_idx)
             return self.combine(x, routed)
         held = Routing(self.held_rows(routing.expert_ids), routing.weights)
         return self.combine(x, dispatch(x, held, self.experts, self.backend))

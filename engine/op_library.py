@@ -25,3 +25,10 @@ def define_op(schema: str, kernel: Callable[..., torch.Tensor], fake: Callable[.
     for device in ("CPU", "CUDA"):
         _LIBRARY.impl(name, kernel, device)
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIBRARY)
+
+
+def define_native_op(schema: str, fake: Callable[..., torch.Tensor]) -> None:
+    """Define `moe_serve::<schema>` with only the fake implementation torch.compile traces; its kernels are
+    registered in C++ (engine/native_ops.cpp)."""
+    _LIBRARY.define(schema)
+    torch.library.register_fake(f"{NAMESPACE}::{schema.split('(', 1)[0]}", fake, lib=_LIBRARY)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from engine import LLM, SamplingParams
 from engine.cpu_kernels import kernels
 from engine.moe import _dispatch_sorted
+from engine.native_ops import native_ops
 
 pytestmark = pytest.mark.skipif(kernels() is None, reason="no C compiler: the CPU kernels cannot be built")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -104,9 +105,11 @@ def test_block_tables_too_short_for_the_batch_are_refused() -> None:
 def without_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("MOE_SERVE_CPU_KERNELS", "0")
     kernels.cache_clear()
+    native_ops.cache_clear()  # the C++ ops run the kernels: off with them
     yield
     monkeypatch.delenv("MOE_SERVE_CPU_KERNELS")
     kernels.cache_clear()
+    native_ops.cache_clear()
 
 
 @pytest.mark.skipif("avx512_bf16" not in Path("/proc/cpuinfo").read_text(), reason="no bf16 dot-product instruction")
@@ -148,7 +151,7 @@ def test_an_engine_without_the_kernels_generates_the_same_tokens(
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
     with_kernels = LLM(tiny_model, dtype="float32", max_model_len=128).generate(prompts, params, use_tqdm=False)
     request.getfixturevalue("without_kernels")
-    assert kernels() is None
+    assert kernels() is None and native_ops() is None
     reference = LLM(tiny_model, dtype="float32", max_model_len=128).generate(prompts, params, use_tqdm=False)
     for a, b in zip(with_kernels, reference, strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids

@@ -1,0 +1,209 @@
+// The CPU kernels of moe-serve's two serving ops, registered in C++ on torch's dispatcher (engine/native_ops.py).
+//
+// A compiled decode step calls `moe_serve::cpu_paged_attention` and `moe_serve::cpu_layer_experts` once per layer.
+// Served by Python, each call crossed from the graph's C++ into the interpreter (about 10 us, with a batch-1
+// kernel of 5-20 us); served here, the dispatcher calls these boxed functions directly. They read what the
+// Python ops read from the forward context (the step's paged metadata, each layer's caches and experts) from two
+// plain structs that engine/native_ops.py fills and points at (set_step_context, set_expert_context), and run
+// the kernels of cpu_kernels.c through the table given to moe_serve_native_init. What they do not serve (steps
+// with prefill chunks, other dtypes or layouts, another MoE backend) goes to the Python ops, the reference, through
+// the dispatcher: the same answer, the old cost. Only torch's stable C ABI is used (shim.h), so this builds in
+// about two seconds.
+#include <torch/csrc/stable/c/shim.h>
+#include <torch/csrc/stable/stableivalue_conversions.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace {
+
+// A stack slot as a value (tensors as handles, float arguments as doubles) and back.
+template <typename T>
+T to(StableIValue value) {
+    return torch::stable::detail::to<T>(value);
+}
+StableIValue from(AtenTensorHandle tensor) { return torch::stable::detail::from<AtenTensorHandle>(tensor); }
+
+// Filled by engine/native_ops.py (ctypes structures of the same layout).
+struct StepContext {
+    int64_t num_decodes;  // the step's decode rows; -1 when it has prefill chunks
+    int64_t table_width;  // columns of block_tables
+    int64_t block_size, kv_heads, head_dim, num_layers;
+    int32_t dtype;  // the caches': 0 float32, 1 bfloat16
+    int32_t threads;
+    const int64_t *slots, *block_tables, *seq_lens;
+    void *const *k_caches;
+    void *const *v_caches;
+};
+
+struct LayerExperts {
+    const void *w13, *w2;  // [E, 2I, H] and [E, H, I], contiguous; null: the layer is not served here
+    const int64_t *rows;   // router id -> row of w13/w2 (num_ids entries), or null where ids are rows
+    int64_t num_ids, num_rows, hidden, intermediate;
+    int32_t dtype;  // 0 float32, 1 bfloat16
+};
+
+struct ExpertContext {
+    int64_t num_layers;
+    const LayerExperts *layers;
+};
+
+using ExpertFn = void (*)(const void *, const int64_t *, const float *, int64_t, int64_t, int64_t, int64_t, int64_t,
+                          const void *, const void *, float *, int);
+using AttentionFn = void (*)(const void *, const void *, const void *, void *, void *, const int64_t *,
+                             const int64_t *, const int64_t *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                             float, void *, int);
+
+ExpertFn expert_fns[2];
+AttentionFn attention_fns[2];
+const StepContext *step_context = nullptr;
+const ExpertContext *expert_context = nullptr;
+std::atomic<int64_t> served[4];  // attention here, attention by the reference, experts here, experts by the reference
+
+int32_t dtype_code(AtenTensorHandle t) {
+    int32_t dtype;
+    aoti_torch_get_dtype(t, &dtype);
+    return dtype == aoti_torch_dtype_float32() ? 0 : dtype == aoti_torch_dtype_bfloat16() ? 1 : -1;
+}
+
+int32_t torch_dtype(int32_t code) { return code == 0 ? aoti_torch_dtype_float32() : aoti_torch_dtype_bfloat16(); }
+
+// Whether t is a contiguous CPU tensor of `dim` dimensions (sizes into `sizes`) in dtype `code`.
+bool plain(AtenTensorHandle t, int64_t dim, int32_t code, const int64_t **sizes) {
+    int64_t ndim;
+    int32_t device;
+    bool contiguous;
+    aoti_torch_get_dim(t, &ndim);
+    aoti_torch_get_device_type(t, &device);
+    aoti_torch_is_contiguous(t, &contiguous);
+    if (ndim != dim || device != aoti_torch_device_type_cpu() || !contiguous || dtype_code(t) != code) return false;
+    aoti_torch_get_sizes(t, const_cast<int64_t **>(sizes));
+    return true;
+}
+
+void *data(AtenTensorHandle t) {
+    void *p;
+    aoti_torch_get_data_ptr(t, &p);
+    return p;
+}
+
+// A new contiguous CPU tensor of the given sizes (two or three of them) in dtype `code`.
+AtenTensorHandle empty(int64_t ndim, const int64_t *sizes, int32_t code) {
+    int64_t strides[3];
+    strides[ndim - 1] = 1;
+    for (int64_t d = ndim - 1; d > 0; d--) strides[d - 1] = strides[d] * sizes[d];
+    AtenTensorHandle out;
+    aoti_torch_empty_strided(ndim, sizes, strides, torch_dtype(code), aoti_torch_device_type_cpu(), 0, &out);
+    return out;
+}
+
+// The reference op on the same stack (it takes the inputs' handles and leaves its output in stack[0]).
+void by_reference(const char *op, StableIValue *stack, std::atomic<int64_t> *count) {
+    count->fetch_add(1, std::memory_order_relaxed);
+    torch_call_dispatcher(op, "", stack, TORCH_ABI_VERSION);
+}
+
+void release(StableIValue *stack, int tensors) {
+    for (int i = 0; i < tensors; i++) aoti_torch_delete_tensor_object(to<AtenTensorHandle>(stack[i]));
+}
+
+// cpu_paged_attention(Tensor q, Tensor k, Tensor v, int layer, float scale) -> Tensor
+void paged_attention(StableIValue *stack, uint64_t, uint64_t) {
+    auto q = to<AtenTensorHandle>(stack[0]), k = to<AtenTensorHandle>(stack[1]), v = to<AtenTensorHandle>(stack[2]);
+    const int64_t layer = to<int64_t>(stack[3]);
+    const StepContext *c = step_context;
+    const int64_t *qs, *ks, *vs;
+    if (c == nullptr || c->num_decodes < 0 || layer < 0 || layer >= c->num_layers || !plain(q, 3, c->dtype, &qs) ||
+        !plain(k, 3, c->dtype, &ks) || !plain(v, 3, c->dtype, &vs) || qs[0] != c->num_decodes || ks[0] != qs[0] ||
+        vs[0] != qs[0] || ks[1] != c->kv_heads || vs[1] != c->kv_heads || qs[2] != c->head_dim ||
+        ks[2] != c->head_dim || vs[2] != c->head_dim || qs[1] % c->kv_heads != 0) {
+        by_reference("moe_serve::paged_attention", stack, &served[1]);
+        return;
+    }
+    AtenTensorHandle out = empty(3, qs, c->dtype);
+    attention_fns[c->dtype](data(q), data(k), data(v), c->k_caches[layer], c->v_caches[layer], c->slots,
+                            c->block_tables, c->seq_lens, qs[0], c->table_width, c->block_size, qs[1], c->kv_heads,
+                            c->head_dim, static_cast<float>(to<double>(stack[4])), data(out), c->threads);
+    release(stack, 3);
+    stack[0] = from(out);
+    served[0].fetch_add(1, std::memory_order_relaxed);
+}
+
+// cpu_layer_experts(Tensor x, Tensor expert_ids, Tensor weights, int layer) -> Tensor
+void layer_experts(StableIValue *stack, uint64_t, uint64_t) {
+    auto x = to<AtenTensorHandle>(stack[0]), ids = to<AtenTensorHandle>(stack[1]);
+    auto weights = to<AtenTensorHandle>(stack[2]);
+    const int64_t layer = to<int64_t>(stack[3]);
+    const ExpertContext *c = expert_context;
+    const LayerExperts *e = c != nullptr && layer >= 0 && layer < c->num_layers ? &c->layers[layer] : nullptr;
+    const int64_t *xs, *is, *ws;
+    if (e == nullptr || e->w13 == nullptr || !plain(x, 2, e->dtype, &xs) || xs[1] != e->hidden ||
+        !plain(weights, 2, 0, &ws) || ws[0] != xs[0]) {
+        by_reference("moe_serve::layer_experts", stack, &served[3]);
+        return;
+    }
+    int64_t ndim, numel;
+    int32_t device, dtype;
+    bool contiguous;
+    aoti_torch_get_dim(ids, &ndim);
+    aoti_torch_get_device_type(ids, &device);
+    aoti_torch_is_contiguous(ids, &contiguous);
+    aoti_torch_get_dtype(ids, &dtype);
+    aoti_torch_get_numel(ids, &numel);
+    aoti_torch_get_sizes(ids, const_cast<int64_t **>(&is));
+    if (ndim != 2 || device != aoti_torch_device_type_cpu() || !contiguous || dtype != aoti_torch_dtype_int64() ||
+        is[0] != xs[0] || is[1] != ws[1]) {
+        by_reference("moe_serve::layer_experts", stack, &served[3]);
+        return;
+    }
+    const int64_t tokens = xs[0], top_k = is[1];
+    const int64_t *expert_ids = static_cast<const int64_t *>(data(ids));
+    int64_t *mapped = nullptr;
+    if (e->rows != nullptr) {  // released experts: router ids -> held rows, anything else a dropped slot
+        mapped = static_cast<int64_t *>(std::malloc(sizeof(int64_t) * (numel ? numel : 1)));
+        for (int64_t i = 0; i < numel; i++) {
+            const int64_t id = expert_ids[i];
+            mapped[i] = id >= 0 && id < e->num_ids ? e->rows[id] : e->num_rows;
+        }
+        expert_ids = mapped;
+    }
+    const int64_t sizes[2] = {tokens, e->hidden};
+    AtenTensorHandle out = empty(2, sizes, 0);
+    std::memset(data(out), 0, sizeof(float) * tokens * e->hidden);
+    expert_fns[e->dtype](data(x), expert_ids, static_cast<const float *>(data(weights)), tokens, top_k, e->num_rows,
+                         e->hidden, e->intermediate, e->w13, e->w2, static_cast<float *>(data(out)),
+                         step_context != nullptr ? step_context->threads : 1);
+    std::free(mapped);
+    release(stack, 3);
+    stack[0] = from(out);
+    served[2].fetch_add(1, std::memory_order_relaxed);
+}
+
+}  // namespace
+
+extern "C" {
+
+// The kernels of cpu_kernels.c (float32 then bfloat16 of each), and the ops' registration on the CPU key.
+int moe_serve_native_init(void *attention_f32, void *attention_bf16, void *experts_f32, void *experts_bf16) {
+    attention_fns[0] = reinterpret_cast<AttentionFn>(attention_f32);
+    attention_fns[1] = reinterpret_cast<AttentionFn>(attention_bf16);
+    expert_fns[0] = reinterpret_cast<ExpertFn>(experts_f32);
+    expert_fns[1] = reinterpret_cast<ExpertFn>(experts_bf16);
+    static TorchLibraryHandle library = nullptr;
+    if (library != nullptr) return 0;
+    if (aoti_torch_library_init_impl("moe_serve", "CPU", __FILE__, __LINE__, &library) != AOTI_TORCH_SUCCESS ||
+        torch_library_impl(library, "cpu_paged_attention", paged_attention, TORCH_ABI_VERSION) !=
+            AOTI_TORCH_SUCCESS ||
+        torch_library_impl(library, "cpu_layer_experts", layer_experts, TORCH_ABI_VERSION) != AOTI_TORCH_SUCCESS)
+        return 1;
+    return 0;
+}
+
+void moe_serve_set_step_context(const StepContext *context) { step_context = context; }
+void moe_serve_set_expert_context(const ExpertContext *context) { expert_context = context; }
+void moe_serve_served(int64_t *out) {
+    for (int i = 0; i < 4; i++) out[i] = served[i].load(std::memory_order_relaxed);
+}
+}

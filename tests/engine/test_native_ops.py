@@ -1,0 +1,138 @@
+"""The C++ serving ops (engine/native_ops.cpp) against what they replace: paged decode attention against SDPA
+over the written cache, the routed experts against the sorted reference dispatch (also after experts were
+released, and with a row map), what they leave to the Python ops (prefill chunks, another MoE backend) served by
+those, and an engine's decode steps served in C++."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import LLM, SamplingParams
+from engine.attention import PagedStep, PrefillChunk, paged_step
+from engine.moe import SparseMoE, _dispatch_sorted, serving_experts
+from engine.native_ops import native_ops
+
+pytestmark = pytest.mark.skipif(native_ops() is None, reason="no C/C++ compiler: the C++ serving ops cannot be built")
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def served() -> dict[str, int]:
+    ops = native_ops()
+    assert ops is not None
+    return ops.served()
+
+
+def grew(before: dict[str, int]) -> dict[str, int]:
+    return {name: count - before[name] for name, count in served().items()}
+
+
+def paged_caches(
+    dtype: torch.dtype, layers: int, blocks: int, block_size: int, kv_heads: int, head_dim: int
+) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(layers + blocks)
+    shape = (2, blocks, block_size, kv_heads, head_dim)
+    return [torch.randn(shape, generator=generator).to(dtype) for _ in range(layers)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_writes_the_new_keys_and_attends_over_the_cache(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(3)
+    block_size, q_heads, kv_heads, head_dim, width = 8, 4, 2, 32, 4
+    lengths = torch.tensor([1, 8, 9, 30])
+    batch = len(lengths)
+    caches = paged_caches(dtype, 2, batch * width + 1, block_size, kv_heads, head_dim)
+    tables = torch.randperm(batch * width, generator=generator).view(batch, width)
+    last = lengths - 1
+    slots = tables[torch.arange(batch), last // block_size] * block_size + last % block_size
+    q = torch.randn(batch, q_heads, head_dim, generator=generator).to(dtype)
+    k = torch.randn(batch, kv_heads, head_dim, generator=generator).to(dtype)
+    v = torch.randn(batch, kv_heads, head_dim, generator=generator).to(dtype)
+    step = PagedStep(caches, slots, batch, tables, lengths, width, ())
+    before = served()
+    with torch.inference_mode(), paged_step(step):
+        out = torch.ops.moe_serve.cpu_paged_attention(q, k, v, 1, head_dim**-0.5)
+    assert grew(before)["attention"] == 1 and grew(before)["attention_reference"] == 0
+    k_cache, v_cache = caches[1][0], caches[1][1]
+    for b in range(batch):
+        keys = k_cache[tables[b]].reshape(-1, kv_heads, head_dim)[: lengths[b]].float()
+        values = v_cache[tables[b]].reshape(-1, kv_heads, head_dim)[: lengths[b]].float()
+        assert torch.equal(keys[-1], k[b].float()) and torch.equal(values[-1], v[b].float())  # written first
+        expected = F.scaled_dot_product_attention(
+            q[b].float()[:, None, :], keys.transpose(0, 1), values.transpose(0, 1), scale=head_dim**-0.5,
+            enable_gqa=True,
+        )[:, 0]  # fmt: skip
+        assert torch.allclose(out[b].float(), expected, atol=TOLERANCE[dtype] * 4, rtol=TOLERANCE[dtype])
+
+
+def test_a_step_with_a_prefill_chunk_is_served_by_the_python_op() -> None:
+    generator = torch.Generator().manual_seed(5)
+    block_size, heads, head_dim = 8, 2, 16
+    caches = paged_caches(torch.float32, 1, 4, block_size, heads, head_dim)
+    # One decode row (a sequence of 3 tokens in block 0), then a 5-token prompt in blocks 1 and 2.
+    slots = torch.tensor([2, 8, 9, 10, 11, 12])
+    tables, lengths = torch.tensor([[0]]), torch.tensor([3])
+    step = PagedStep(caches, slots, 1, tables, lengths, 1, (PrefillChunk(1, 5, 5, torch.tensor([1, 2])),))
+    q, k, v = (torch.randn(6, heads, head_dim, generator=generator) for _ in range(3))
+    before = served()
+    with torch.inference_mode(), paged_step(step):
+        reference = torch.ops.moe_serve.paged_attention(q, k, v, 0, 0.25)
+        out = torch.ops.moe_serve.cpu_paged_attention(q, k, v, 0, 0.25)
+    assert grew(before)["attention_reference"] == 1 and grew(before)["attention"] == 0
+    assert torch.equal(out, reference)
+
+
+def moe_block(dtype: torch.dtype, experts: int = 8, hidden: int = 64, width: int = 32) -> SparseMoE:
+    block = SparseMoE(0, hidden, experts, 2, width, norm_topk_prob=True)
+    generator = torch.Generator().manual_seed(experts)
+    with torch.no_grad():
+        for weight in (block.experts.gate_up_proj, block.experts.down_proj):
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
+    block.experts.requires_grad_(False)
+    return block.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routed_experts_match_the_reference_dispatch_also_after_a_release(dtype: torch.dtype) -> None:
+    block = moe_block(dtype)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 64, generator=generator).to(dtype)
+    ids = torch.tensor([[0, 3], [7, 1], [3, 3], [5, 8], [2, 6]])  # 8: a dropped slot
+    weights = torch.rand(5, 2, generator=generator)
+    for keep in (None, torch.tensor([True, False, True, True, False, True, False, True])):
+        if keep is not None:
+            block.release_experts(keep)  # experts 1, 4 and 6 go: their slots are dropped
+        w13, w2 = block.experts.gate_up_proj, block.experts.down_proj
+        expected = _dispatch_sorted(x.float(), block.held_rows(ids), weights, w13.float(), w2.float(), loop=True)
+        before = served()
+        with torch.inference_mode(), serving_experts([block]):
+            got = torch.ops.moe_serve.cpu_layer_experts(x, ids, weights, 0)
+        assert grew(before)["experts"] == 1
+        assert torch.allclose(got, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_another_moe_backend_is_served_by_the_python_op() -> None:
+    block = moe_block(torch.float32)
+    block.set_backend("loop")
+    x, ids, weights = torch.randn(3, 64), torch.tensor([[0, 1], [2, 3], [4, 5]]), torch.rand(3, 2)
+    before = served()
+    with torch.inference_mode(), serving_experts([block]):
+        got = torch.ops.moe_serve.cpu_layer_experts(x, ids, weights, 0)
+        reference = torch.ops.moe_serve.layer_experts(x, ids, weights, 0)
+    assert grew(before)["experts_reference"] == 1 and grew(before)["experts"] == 0
+    assert torch.equal(got, reference)
+
+
+def test_an_engines_decode_steps_are_served_in_cpp(tiny_model: Path) -> None:
+    llm = LLM(tiny_model, dtype="float32", max_model_len=128)
+    layers = llm.engine.model.config.num_layers
+    moe_layers = sum(isinstance(layer.mlp, SparseMoE) for layer in llm.engine.model.model.layers)
+    before = served()
+    llm.generate([[3, 14, 15, 92, 65, 35]], SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+                 use_tqdm=False)  # fmt: skip
+    counts = grew(before)
+    assert counts["attention"] == 8 * layers and counts["attention_reference"] == layers  # the prefill
+    assert moe_layers and counts["experts"] == 9 * moe_layers and counts["experts_reference"] == 0
