@@ -70,15 +70,13 @@ int32_t dtype_code(AtenTensorHandle t) {
 
 int32_t torch_dtype(int32_t code) { return code == 0 ? aoti_torch_dtype_float32() : aoti_torch_dtype_bfloat16(); }
 
-// Whether t is a contiguous CPU tensor of `dim` dimensions (sizes into `sizes`) in dtype `code`.
+// Whether t is a CPU tensor of `dim` dimensions (sizes into `sizes`) in dtype `code`.
 bool plain(AtenTensorHandle t, int64_t dim, int32_t code, const int64_t **sizes) {
     int64_t ndim;
     int32_t device;
-    bool contiguous;
     aoti_torch_get_dim(t, &ndim);
     aoti_torch_get_device_type(t, &device);
-    aoti_torch_is_contiguous(t, &contiguous);
-    if (ndim != dim || device != aoti_torch_device_type_cpu() || !contiguous || dtype_code(t) != code) return false;
+    if (ndim != dim || device != aoti_torch_device_type_cpu() || dtype_code(t) != code) return false;
     aoti_torch_get_sizes(t, const_cast<int64_t **>(sizes));
     return true;
 }
@@ -105,6 +103,23 @@ void by_reference(const char *op, StableIValue *stack, std::atomic<int64_t> *cou
     torch_call_dispatcher(op, "", stack, TORCH_ABI_VERSION);
 }
 
+// t where it is contiguous, else a contiguous copy (also left in *copy, for the caller to delete): a view of
+// a wider projection output, as the many-token graph passes q, k and v.
+AtenTensorHandle dense(AtenTensorHandle t, int64_t ndim, const int64_t *sizes, int32_t code, AtenTensorHandle *copy) {
+    bool contiguous;
+    aoti_torch_is_contiguous(t, &contiguous);
+    *copy = nullptr;
+    if (contiguous) return t;
+    *copy = empty(ndim, sizes, code);
+    aoti_torch_copy_(*copy, t, false);
+    return *copy;
+}
+
+void release_copies(AtenTensorHandle *copies, int count) {
+    for (int i = 0; i < count; i++)
+        if (copies[i] != nullptr) aoti_torch_delete_tensor_object(copies[i]);
+}
+
 void release(StableIValue *stack, int tensors) {
     for (int i = 0; i < tensors; i++) aoti_torch_delete_tensor_object(to<AtenTensorHandle>(stack[i]));
 }
@@ -122,10 +137,14 @@ void paged_attention(StableIValue *stack, uint64_t, uint64_t) {
         by_reference("moe_serve::paged_attention", stack, &served[1]);
         return;
     }
-    AtenTensorHandle out = empty(3, qs, c->dtype);
+    AtenTensorHandle out = empty(3, qs, c->dtype), copies[3];
+    q = dense(q, 3, qs, c->dtype, &copies[0]);
+    k = dense(k, 3, ks, c->dtype, &copies[1]);
+    v = dense(v, 3, vs, c->dtype, &copies[2]);
     attention_fns[c->dtype](data(q), data(k), data(v), c->k_caches[layer], c->v_caches[layer], c->slots,
                             c->block_tables, c->seq_lens, qs[0], c->table_width, c->block_size, qs[1], c->kv_heads,
                             c->head_dim, static_cast<float>(to<double>(stack[4])), data(out), c->threads);
+    release_copies(copies, 3);
     release(stack, 3);
     stack[0] = from(out);
     served[0].fetch_add(1, std::memory_order_relaxed);
@@ -172,10 +191,14 @@ void layer_experts(StableIValue *stack, uint64_t, uint64_t) {
     const int64_t sizes[2] = {tokens, e->hidden};
     AtenTensorHandle out = empty(2, sizes, 0);
     std::memset(data(out), 0, sizeof(float) * tokens * e->hidden);
+    AtenTensorHandle copies[2];
+    x = dense(x, 2, xs, e->dtype, &copies[0]);
+    weights = dense(weights, 2, ws, 0, &copies[1]);
     expert_fns[e->dtype](data(x), expert_ids, static_cast<const float *>(data(weights)), tokens, top_k, e->num_rows,
                          e->hidden, e->intermediate, e->w13, e->w2, static_cast<float *>(data(out)),
                          step_context != nullptr ? step_context->threads : 1);
     std::free(mapped);
+    release_copies(copies, 2);
     release(stack, 3);
     stack[0] = from(out);
     served[2].fetch_add(1, std::memory_order_relaxed);

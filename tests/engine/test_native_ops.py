@@ -39,7 +39,8 @@ def paged_caches(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_writes_the_new_keys_and_attends_over_the_cache(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "views-of-one-projection"])
+def test_decode_attention_writes_the_new_keys_and_attends_over_the_cache(dtype: torch.dtype, fused: bool) -> None:
     generator = torch.Generator().manual_seed(3)
     block_size, q_heads, kv_heads, head_dim, width = 8, 4, 2, 32, 4
     lengths = torch.tensor([1, 8, 9, 30])
@@ -48,9 +49,13 @@ def test_decode_attention_writes_the_new_keys_and_attends_over_the_cache(dtype: 
     tables = torch.randperm(batch * width, generator=generator).view(batch, width)
     last = lengths - 1
     slots = tables[torch.arange(batch), last // block_size] * block_size + last % block_size
-    q = torch.randn(batch, q_heads, head_dim, generator=generator).to(dtype)
-    k = torch.randn(batch, kv_heads, head_dim, generator=generator).to(dtype)
-    v = torch.randn(batch, kv_heads, head_dim, generator=generator).to(dtype)
+    qkv = torch.randn(batch, (q_heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
+    q, k, v = (
+        part.view(batch, -1, head_dim) for part in qkv.split([q_heads * head_dim, *[kv_heads * head_dim] * 2], 1)
+    )
+    if not fused:  # else strided rows, as the many-token graph passes them
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    assert q.is_contiguous() != fused
     step = PagedStep(caches, slots, batch, tables, lengths, width, ())
     before = served()
     with torch.inference_mode(), paged_step(step):
