@@ -4,8 +4,10 @@ per-round ratios is printed (this VM drifts 10-30% within minutes; alternating p
 
 `python -m engine.step_ab OTHER_CHECKOUT [--this CHECKOUT] [--model models/tiny-simbal] [--dtype bfloat16]`
 `[--batch-sizes 1,8,32] [--rounds 3] [--threads 2] [--enforce-eager] [--this-config K=V] [--other-config K=V]`
+`[--this-env NAME=VALUE] [--other-env NAME=VALUE]`
 (--this defaults to this checkout; the config options set EngineConfig fields of one side, a JSON value each,
-so `python -m engine.step_ab . --this-config live_pruning=true` times one checkout with and without a setting)
+so `python -m engine.step_ab . --this-config live_pruning=true` times one checkout with and without a setting;
+the env options set an environment variable for one side's process, e.g. `--other-env MOE_SERVE_NATIVE_OPS=0`)
 
 OTHER_CHECKOUT is typically an earlier commit's worktree (`git worktree add /tmp/base REF`). The measuring code
 uses only the engine API every checkout since the compiled path has (LLMEngine, EngineConfig, warm_up, step):
@@ -54,9 +56,10 @@ print(json.dumps(result))
 """
 
 
-def measure(checkout: Path, settings: dict[str, object]) -> dict[int, float]:
-    """Median decode step ms per batch size, measured by `checkout`'s engine in a fresh process."""
-    env = {**os.environ, "PYTHONPATH": str(checkout)}
+def measure(checkout: Path, settings: dict[str, object], variables: dict[str, str] | None = None) -> dict[int, float]:
+    """Median decode step ms per batch size, measured by `checkout`'s engine in a fresh process (with these
+    environment variables set)."""
+    env = {**os.environ, **(variables or {}), "PYTHONPATH": str(checkout)}
     done = subprocess.run(
         [sys.executable, "-c", MEASURE, json.dumps(settings)],
         cwd=checkout,
@@ -82,6 +85,17 @@ def engine_config(items: list[str]) -> dict[str, object]:
     return config
 
 
+def environment(items: list[str]) -> dict[str, str]:
+    """Environment variables from NAME=VALUE items (SystemExit naming a malformed one)."""
+    variables = {}
+    for item in items:
+        name, equals, value = item.partition("=")
+        if not name or not equals:
+            raise SystemExit(f"engine.step_ab: {item!r} is not NAME=VALUE (e.g. MOE_SERVE_NATIVE_OPS=0)")
+        variables[name] = value
+    return variables
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.step_ab", description=__doc__.split("\n\n")[0])
     parser.add_argument("other", type=Path, help="the other checkout (a worktree of another commit)")
@@ -94,18 +108,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     for side in ("this", "other"):
         parser.add_argument(f"--{side}-config", action="append", default=[], metavar="FIELD=JSON")
+        parser.add_argument(f"--{side}-env", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     settings = {"model": str(args.model.resolve()), "dtype": args.dtype, "batch_sizes": batches,
                 "threads": args.threads, "enforce_eager": args.enforce_eager}  # fmt: skip
     sides = {"this": args.this.resolve(), "other": args.other.resolve()}
     configs = {"this": engine_config(args.this_config), "other": engine_config(args.other_config)}
+    variables = {"this": environment(args.this_env), "other": environment(args.other_env)}
     samples: dict[str, list[dict[int, float]]] = {name: [] for name in sides}
     for round_ in range(args.rounds):
         # A B, then B A: whichever side runs second in a pair measured faster here, so the order alternates too.
         for name, checkout in list(sides.items())[:: 1 if round_ % 2 == 0 else -1]:
-            progress(f"round {round_ + 1}/{args.rounds}: {name} ({checkout}) {configs[name] or ''}")
-            samples[name].append(measure(checkout, {**settings, "config": configs[name]}))
+            progress(
+                f"round {round_ + 1}/{args.rounds}: {name} ({checkout}) {configs[name] or ''} {variables[name] or ''}"
+            )
+            samples[name].append(measure(checkout, {**settings, "config": configs[name]}, variables[name]))
     print(f"decode step ms, {args.dtype}, {args.threads} threads, {args.rounds} alternating rounds")
     print("\n| batch | this (median) | other (median) | other / this, median of rounds | range |")
     print("|---:|---:|---:|---:|---:|")

@@ -1,5 +1,5 @@
-"""engine.step_ab against itself (one side with an EngineConfig setting): both sides measured in their own
-processes, a ratio per batch size."""
+"""engine.step_ab against itself (one side with an EngineConfig setting, the other with an environment variable):
+both sides measured in their own processes, a ratio per batch size."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def test_a_checkout_against_itself_prints_a_ratio_per_batch(
 ) -> None:
     checkout = Path(__file__).resolve().parents[2]
     main([str(checkout), "--model", str(tiny_model), "--dtype", "float32", "--batch-sizes", "1,2", "--rounds", "2",
-          "--threads", "1", "--enforce-eager", "--this-config", "live_pruning=true"])  # fmt: skip
+          "--threads", "1", "--enforce-eager", "--this-config", "live_pruning=true", "--other-env",
+          "MOE_SERVE_NATIVE_OPS=0"])  # fmt: skip
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
     assert len(rows) == 2
     assert all(float(row.split("|")[4].strip().removesuffix("x")) > 0 for row in rows)
@@ -26,3 +27,5 @@ def test_a_checkout_against_itself_prints_a_ratio_per_batch(
 def test_a_malformed_config_item_is_refused_naming_it() -> None:
     with pytest.raises(SystemExit, match="'live_pruning' is not FIELD=JSON"):
         main([".", "--this-config", "live_pruning"])
+    with pytest.raises(SystemExit, match="'MOE_SERVE_NATIVE_OPS' is not NAME=VALUE"):
+        main([".", "--other-env", "MOE_SERVE_NATIVE_OPS"])
