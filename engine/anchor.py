@@ -61,8 +61,11 @@ def llama_cpp(workdir: Path, gguf: str, batch: int, threads: int) -> float:
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     row = next(
-        line for line in run.stdout.splitlines() if line.startswith("|") and line.split("|")[3].strip() == str(batch)
+        (line for line in run.stdout.splitlines() if line.startswith("|") and line.split("|")[3].strip() == str(batch)),
+        None,
     )
+    if row is None:
+        raise RuntimeError(f"llama-batched-bench printed no row for batch {batch} ({gguf}):\n{run.stdout[-2000:]}")
     return float(row.split("|")[8])  # S_TG t/s
 
 

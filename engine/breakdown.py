@@ -34,9 +34,13 @@ from engine.decoding import start_decoding
 from engine.llm_engine import LLMEngine
 from engine.model import Attention, DecoderLayer, MoEForCausalLM, rotary_cos_sin
 from engine.moe import SparseMoE, dispatch
+from engine.native_ops import NativeOps, native_ops
 from engine.projections import project
 from engine.routing import Routing, route
 from engine.sampling_params import SamplingParams
+
+# The kernels' parts, whether the C++ ops (engine/native_ops.py) or the Python ones call them.
+NATIVE_PARTS = ("attention core (kernel)", "expert GEMMs (kernel)")
 
 
 @dataclass
@@ -148,7 +152,7 @@ def _clocks_on(engine: LLMEngine, clock: PartClock) -> Iterator[None]:
             runner.forward = _EagerPartsForward(model, clock)  # type: ignore[assignment]
             yield
         else:
-            runner.forward = _CompiledPartsForward(forward, clock)  # type: ignore[assignment]
+            runner.forward = _CompiledPartsForward(forward, clock, native_ops() if cpu is not None else None)  # type: ignore[assignment]
             with _kernels_clocked(cpu, clock):
                 yield
     finally:
@@ -167,8 +171,8 @@ def _kernels_clocked(cpu: Any, clock: PartClock) -> Iterator[None]:
         yield
         return
     attention, experts, projections = cpu.paged_decode_attention, cpu.expert_mlp, cpu.linears
-    cpu.paged_decode_attention = clock.wrap("attention core (kernel)", attention)
-    cpu.expert_mlp = clock.wrap("expert GEMMs (kernel)", experts)
+    cpu.paged_decode_attention = clock.wrap(NATIVE_PARTS[0], attention)
+    cpu.expert_mlp = clock.wrap(NATIVE_PARTS[1], experts)
     cpu.linears = clock.wrap("dense projections (kernel)", projections)
     try:
         yield
@@ -177,10 +181,11 @@ def _kernels_clocked(cpu: Any, clock: PartClock) -> Iterator[None]:
 
 
 class _CompiledPartsForward:
-    """The compiled forward, clocked whole; the kernels inside it are clocked separately and subtracted."""
+    """The compiled forward, clocked whole; the kernels inside it are clocked separately and subtracted (those
+    the C++ ops call, engine/native_ops.py, by the ops' own clocks)."""
 
-    def __init__(self, forward: Any, clock: PartClock) -> None:
-        self.forward, self.clock = forward, clock
+    def __init__(self, forward: Any, clock: PartClock, native: NativeOps | None) -> None:
+        self.forward, self.clock, self.native = forward, clock, native
         self.enforce_eager = False
 
     def replays(self, num_decodes: int) -> bool:
@@ -195,9 +200,16 @@ class _CompiledPartsForward:
         )
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            self.native.clock_kernels(True)
+            native_before = self.native.kernel_seconds()
         before = sum(self.clock._step.values())
         start = time.perf_counter()
         hidden = self.forward(*inputs)
+        if self.native is not None:
+            self.native.clock_kernels(False)
+            for part, seconds, earlier in zip(NATIVE_PARTS, self.native.kernel_seconds(), native_before):
+                self.clock._step[part] += seconds - earlier
         inner = sum(self.clock._step.values()) - before  # the kernels clocked inside
         self.clock._step["compiled graph (dense parts fused) + op glue"] += time.perf_counter() - start - inner
         return hidden

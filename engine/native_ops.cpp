@@ -13,6 +13,7 @@
 #include <torch/csrc/stable/stableivalue_conversions.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -61,6 +62,21 @@ AttentionFn attention_fns[2];
 const StepContext *step_context = nullptr;
 const ExpertContext *expert_context = nullptr;
 std::atomic<int64_t> served[4];  // attention here, attention by the reference, experts here, experts by the reference
+// With clocking on (engine/breakdown.py), the seconds the two kernels took, in the engine's thread.
+std::atomic<bool> clocking{false};
+double kernel_seconds[2];
+
+// Times a kernel call into kernel_seconds[part] while clocking is on.
+template <typename Call>
+void clocked(int part, Call call) {
+    if (!clocking.load(std::memory_order_relaxed)) {
+        call();
+        return;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    call();
+    kernel_seconds[part] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
 
 int32_t dtype_code(AtenTensorHandle t) {
     int32_t dtype;
@@ -141,9 +157,12 @@ void paged_attention(StableIValue *stack, uint64_t, uint64_t) {
     q = dense(q, 3, qs, c->dtype, &copies[0]);
     k = dense(k, 3, ks, c->dtype, &copies[1]);
     v = dense(v, 3, vs, c->dtype, &copies[2]);
-    attention_fns[c->dtype](data(q), data(k), data(v), c->k_caches[layer], c->v_caches[layer], c->slots,
-                            c->block_tables, c->seq_lens, qs[0], c->table_width, c->block_size, qs[1], c->kv_heads,
-                            c->head_dim, static_cast<float>(to<double>(stack[4])), data(out), c->threads);
+    clocked(0, [&] {
+        attention_fns[c->dtype](data(q), data(k), data(v), c->k_caches[layer], c->v_caches[layer], c->slots,
+                                c->block_tables, c->seq_lens, qs[0], c->table_width, c->block_size, qs[1],
+                                c->kv_heads, c->head_dim, static_cast<float>(to<double>(stack[4])), data(out),
+                                c->threads);
+    });
     release_copies(copies, 3);
     release(stack, 3);
     stack[0] = from(out);
@@ -194,9 +213,11 @@ void layer_experts(StableIValue *stack, uint64_t, uint64_t) {
     AtenTensorHandle copies[2];
     x = dense(x, 2, xs, e->dtype, &copies[0]);
     weights = dense(weights, 2, ws, 0, &copies[1]);
-    expert_fns[e->dtype](data(x), expert_ids, static_cast<const float *>(data(weights)), tokens, top_k, e->num_rows,
-                         e->hidden, e->intermediate, e->w13, e->w2, static_cast<float *>(data(out)),
-                         step_context != nullptr ? step_context->threads : 1);
+    clocked(1, [&] {
+        expert_fns[e->dtype](data(x), expert_ids, static_cast<const float *>(data(weights)), tokens, top_k,
+                             e->num_rows, e->hidden, e->intermediate, e->w13, e->w2, static_cast<float *>(data(out)),
+                             step_context != nullptr ? step_context->threads : 1);
+    });
     std::free(mapped);
     release_copies(copies, 2);
     release(stack, 3);
@@ -226,6 +247,8 @@ int moe_serve_native_init(void *attention_f32, void *attention_bf16, void *exper
 
 void moe_serve_set_step_context(const StepContext *context) { step_context = context; }
 void moe_serve_set_expert_context(const ExpertContext *context) { expert_context = context; }
+void moe_serve_clock_kernels(int on) { clocking.store(on != 0); }
+void moe_serve_kernel_seconds(double *out) { std::memcpy(out, kernel_seconds, sizeof(kernel_seconds)); }
 void moe_serve_served(int64_t *out) {
     for (int i = 0; i < 4; i++) out[i] = served[i].load(std::memory_order_relaxed);
 }

@@ -122,6 +122,16 @@ class NativeOps:
         return {"attention": counts[0], "attention_reference": counts[1], "experts": counts[2],
                 "experts_reference": counts[3]}  # fmt: skip
 
+    def clock_kernels(self, on: bool) -> None:
+        """Time the kernels the C++ ops call (engine/breakdown.py reads kernel_seconds around each forward)."""
+        self.lib.moe_serve_clock_kernels(int(on))
+
+    def kernel_seconds(self) -> tuple[float, float]:
+        """Seconds in the attention and the expert kernel while clocked, since the process started."""
+        seconds = (ctypes.c_double * 2)()
+        self.lib.moe_serve_kernel_seconds(seconds)
+        return seconds[0], seconds[1]
+
     def step_context(self, step: PagedStep) -> StepContext:
         """What cpu_paged_attention reads of a step (decode rows; -1 when the step has prefill chunks, which
         the reference serves). It holds the arrays it points at; the caller keeps it alive while it is set."""
