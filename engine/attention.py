@@ -79,7 +79,7 @@ def paged_step(step: PagedStep) -> Iterator[None]:
     """The forward context: paged attention reads this step's metadata and caches inside the block (and so does
     its C++ twin, engine/native_ops.py, on the CPU)."""
     global _current_step, _native_context
-    native = native_ops()
+    native = native_ops() if step.kv_caches[0].device.type == "cpu" else None
     previous, previous_context = _current_step, _native_context
     _current_step = step
     if native is not None:
