@@ -216,7 +216,7 @@ void layer_experts(StableIValue *stack, uint64_t, uint64_t) {
     clocked(1, [&] {
         expert_fns[e->dtype](data(x), expert_ids, static_cast<const float *>(data(weights)), tokens, top_k,
                              e->num_rows, e->hidden, e->intermediate, e->w13, e->w2, static_cast<float *>(data(out)),
-                             step_context != nullptr ? step_context->threads : 1);
+                             step_context != nullptr && step_context->threads > 0 ? step_context->threads : 1);
     });
     std::free(mapped);
     release_copies(copies, 2);

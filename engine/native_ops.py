@@ -152,7 +152,7 @@ class NativeOps:
             and tables.is_contiguous()
         )
         if not decode_only or tables is None or lens is None:
-            return StepContext(num_decodes=-1)
+            return StepContext(num_decodes=-1, threads=torch.get_num_threads())  # the experts' kernel reads threads
         return StepContext(
             step.num_decodes, tables.shape[1], cache.shape[2], cache.shape[3], cache.shape[4], len(caches),
             DTYPES[cache.dtype], torch.get_num_threads(), step.slot_mapping.data_ptr(), tables.data_ptr(),
