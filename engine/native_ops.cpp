@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 namespace {
 
@@ -114,9 +116,11 @@ AtenTensorHandle empty(int64_t ndim, const int64_t *sizes, int32_t code) {
 }
 
 // The reference op on the same stack (it takes the inputs' handles and leaves its output in stack[0]).
+// A failure there (its message logged by torch) is raised to the caller as a RuntimeError naming the op.
 void by_reference(const char *op, StableIValue *stack, std::atomic<int64_t> *count) {
     count->fetch_add(1, std::memory_order_relaxed);
-    torch_call_dispatcher(op, "", stack, TORCH_ABI_VERSION);
+    if (torch_call_dispatcher(op, "", stack, TORCH_ABI_VERSION) != AOTI_TORCH_SUCCESS)
+        throw std::runtime_error(std::string(op) + " failed (its error is logged above)");
 }
 
 // t where it is contiguous, else a contiguous copy (also left in *copy, for the caller to delete): a view of

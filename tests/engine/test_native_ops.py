@@ -90,6 +90,12 @@ def test_a_step_with_a_prefill_chunk_is_served_by_the_python_op() -> None:
     assert torch.equal(out, reference)
 
 
+def test_a_failure_of_the_python_op_it_hands_a_call_to_is_raised() -> None:
+    q = torch.randn(1, 2, 16)
+    with pytest.raises(RuntimeError, match="moe_serve::paged_attention failed"):
+        torch.ops.moe_serve.cpu_paged_attention(q, q, q, 0, 1.0)  # outside paged_step: the Python op asserts
+
+
 def moe_block(dtype: torch.dtype, experts: int = 8, hidden: int = 64, width: int = 32) -> SparseMoE:
     block = SparseMoE(0, hidden, experts, 2, width, norm_topk_prob=True)
     generator = torch.Generator().manual_seed(experts)
