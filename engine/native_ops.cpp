@@ -80,21 +80,16 @@ void clocked(int part, Call call) {
     kernel_seconds[part] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-int32_t dtype_code(AtenTensorHandle t) {
-    int32_t dtype;
-    aoti_torch_get_dtype(t, &dtype);
-    return dtype == aoti_torch_dtype_float32() ? 0 : dtype == aoti_torch_dtype_bfloat16() ? 1 : -1;
-}
-
 int32_t torch_dtype(int32_t code) { return code == 0 ? aoti_torch_dtype_float32() : aoti_torch_dtype_bfloat16(); }
 
-// Whether t is a CPU tensor of `dim` dimensions (sizes into `sizes`) in dtype `code`.
-bool plain(AtenTensorHandle t, int64_t dim, int32_t code, const int64_t **sizes) {
+// Whether t is a CPU tensor of `dim` dimensions (sizes into `sizes`) in torch's dtype `dtype`.
+bool plain(AtenTensorHandle t, int64_t dim, int32_t dtype, const int64_t **sizes) {
     int64_t ndim;
-    int32_t device;
+    int32_t device, actual;
     aoti_torch_get_dim(t, &ndim);
     aoti_torch_get_device_type(t, &device);
-    if (ndim != dim || device != aoti_torch_device_type_cpu() || dtype_code(t) != code) return false;
+    aoti_torch_get_dtype(t, &actual);
+    if (ndim != dim || device != aoti_torch_device_type_cpu() || actual != dtype) return false;
     aoti_torch_get_sizes(t, const_cast<int64_t **>(sizes));
     return true;
 }
@@ -150,8 +145,9 @@ void paged_attention(StableIValue *stack, uint64_t, uint64_t) {
     const int64_t layer = to<int64_t>(stack[3]);
     const StepContext *c = step_context;
     const int64_t *qs, *ks, *vs;
-    if (c == nullptr || c->num_decodes < 0 || layer < 0 || layer >= c->num_layers || !plain(q, 3, c->dtype, &qs) ||
-        !plain(k, 3, c->dtype, &ks) || !plain(v, 3, c->dtype, &vs) || qs[0] != c->num_decodes || ks[0] != qs[0] ||
+    const int32_t dtype = c != nullptr ? torch_dtype(c->dtype) : 0;
+    if (c == nullptr || c->num_decodes < 0 || layer < 0 || layer >= c->num_layers || !plain(q, 3, dtype, &qs) ||
+        !plain(k, 3, dtype, &ks) || !plain(v, 3, dtype, &vs) || qs[0] != c->num_decodes || ks[0] != qs[0] ||
         vs[0] != qs[0] || ks[1] != c->kv_heads || vs[1] != c->kv_heads || qs[2] != c->head_dim ||
         ks[2] != c->head_dim || vs[2] != c->head_dim || qs[1] % c->kv_heads != 0) {
         by_reference("moe_serve::paged_attention", stack, &served[1]);
@@ -181,25 +177,16 @@ void layer_experts(StableIValue *stack, uint64_t, uint64_t) {
     const ExpertContext *c = expert_context;
     const LayerExperts *e = c != nullptr && layer >= 0 && layer < c->num_layers ? &c->layers[layer] : nullptr;
     const int64_t *xs, *is, *ws;
-    if (e == nullptr || e->w13 == nullptr || !plain(x, 2, e->dtype, &xs) || xs[1] != e->hidden ||
-        !plain(weights, 2, 0, &ws) || ws[0] != xs[0]) {
+    bool ids_contiguous;
+    aoti_torch_is_contiguous(ids, &ids_contiguous);
+    if (e == nullptr || e->w13 == nullptr || !plain(x, 2, torch_dtype(e->dtype), &xs) || xs[1] != e->hidden ||
+        !plain(weights, 2, aoti_torch_dtype_float32(), &ws) || ws[0] != xs[0] || !ids_contiguous ||
+        !plain(ids, 2, aoti_torch_dtype_int64(), &is) || is[0] != xs[0] || is[1] != ws[1]) {
         by_reference("moe_serve::layer_experts", stack, &served[3]);
         return;
     }
-    int64_t ndim, numel;
-    int32_t device, dtype;
-    bool contiguous;
-    aoti_torch_get_dim(ids, &ndim);
-    aoti_torch_get_device_type(ids, &device);
-    aoti_torch_is_contiguous(ids, &contiguous);
-    aoti_torch_get_dtype(ids, &dtype);
+    int64_t numel;
     aoti_torch_get_numel(ids, &numel);
-    aoti_torch_get_sizes(ids, const_cast<int64_t **>(&is));
-    if (ndim != 2 || device != aoti_torch_device_type_cpu() || !contiguous || dtype != aoti_torch_dtype_int64() ||
-        is[0] != xs[0] || is[1] != ws[1]) {
-        by_reference("moe_serve::layer_experts", stack, &served[3]);
-        return;
-    }
     const int64_t tokens = xs[0], top_k = is[1];
     const int64_t *expert_ids = static_cast<const int64_t *>(data(ids));
     int64_t *mapped = nullptr;
