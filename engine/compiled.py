@@ -1,23 +1,22 @@
 """The serving forward: the model eager (`enforce_eager`, the reference), or compiled with torch.compile.
 
-What the compiler cannot trace, because its work depends on the step's data, sits behind two custom ops, one
-node each per layer: paged attention (engine/attention.py) and the expert dispatch (engine/moe.py). Both read
-what they serve from the forward context, not from graph constants: the KV caches, and the layer's expert
-weights (`serving_experts`, set around every call here), so live pruning that releases and reads back experts
-recompiles nothing (on CUDA the captured graphs, which hold the weights' addresses, are captured again). The rest
-of the model (embeddings, norms, projections, RoPE, routing, the expert-load counters) becomes a graph. Two
-graphs, compiled separately: one for one-token steps (batch-1 decode, where fixed costs rule) and one with a
-symbolic token count for every other step, decode or prefill. On CPU both run as inductor's fused C++, frozen
-(weights as constants, prepacked) with their GEMMs autotuned among inductor's C++ GEMM templates, which nearly
-halved a batch-1 step here and cut a batch-8 step by a fifth; the one-token graph has a C++ wrapper. On CUDA
-in bf16, decode-only steps are padded up to the next size of a ladder and replayed from CUDA graphs captured at
-warm-up (the step's metadata lives in static device buffers that every replay reads).
+What the compiler cannot trace, because its work depends on the step's data, sits behind two custom ops, one node
+each per layer: paged attention (engine/attention.py) and the expert dispatch (engine/moe.py). Both read what they
+serve from the forward context, not from graph constants: the KV caches, and the layer's expert weights
+(`serving_experts`, set around every call here), so live pruning that releases and reads back experts recompiles
+nothing (on CUDA the captured graphs, which hold the weights' addresses, are captured again). The rest of the model
+(embeddings, norms, projections, RoPE, routing, the expert-load counters) becomes a graph. Two graphs, compiled
+separately: one for one-token steps (batch-1 decode, where fixed costs rule) and one with a symbolic token count for
+every other step, decode or prefill; once compiled, each is called as inductor returned it, without torch.compile's
+frame machinery (engine/direct_graph.py). On CPU both run as inductor's fused C++, frozen (weights as constants,
+prepacked) with their GEMMs autotuned among inductor's C++ GEMM templates, which nearly halved a batch-1 step here
+and cut a batch-8 step by a fifth; the one-token graph has a C++ wrapper. On CUDA in bf16, decode-only steps are
+padded up to the next size of a ladder and replayed from CUDA graphs captured at warm-up (the step's metadata lives
+in static device buffers that every replay reads).
 
-Compiled artifacts are cached by inductor under $MOE_SERVE_CACHE/inductor (engine/paths.py), so a restart
-compiles from cache.
-Routing policies are traced into the graph: changing them drops the compiled graphs (they recompile on the
-next step) and the captured CUDA graphs. Live pruning tables (engine/expert_tables.py) are graph inputs instead.
-"""
+Compiled artifacts are cached by inductor under $MOE_SERVE_CACHE/inductor (engine/paths.py), so a restart compiles
+from cache. Routing policies are traced into the graph: changing them drops the compiled graphs (they recompile on
+the next step) and the captured CUDA graphs. Live pruning tables (engine/expert_tables.py) are graph inputs instead."""
 
 from __future__ import annotations
 
@@ -37,6 +36,7 @@ from torch._inductor import select_algorithm
 from torch._inductor.codegen.common import KernelTemplate
 
 from engine.attention import PAGED, PagedStep, paged_step
+from engine.direct_graph import DirectGraph, GraphCatcher
 from engine.model import MoEForCausalLM
 from engine.moe import SparseMoE, serving_experts
 from engine.token_routing import NUM_CONTROLS, PADDING_ROW
@@ -117,6 +117,9 @@ class CompiledForward:
         self.device = model.lm_head.weight.device
         self.enforce_eager = enforce_eager
         self._compiled: dict[bool, Callable[..., torch.Tensor]] = {}
+        self._catchers: dict[bool, GraphCatcher] = {}
+        # The compiled graphs, called without dynamo's frame machinery (engine/direct_graph.py).
+        self._direct: dict[bool, DirectGraph] = {}
         self.ladder = [s for s in CUDA_GRAPH_SIZES if s <= max_num_seqs]
         if self.ladder and self.ladder[-1] < max_num_seqs:
             self.ladder.append(max_num_seqs)
@@ -134,18 +137,36 @@ class CompiledForward:
 
     def _compile(self) -> None:
         """The two graphs, keyed by whether the step has one token; each compiles on its first call."""
+        self._catchers = {True: GraphCatcher(), False: GraphCatcher()}
+        self._direct = {}
         self._compiled = {
-            True: torch.compile(_own_copy(_one_token_forward), dynamic=False, fullgraph=True),
-            False: torch.compile(_own_copy(_many_token_forward), dynamic=True, fullgraph=True),
-        }
+            True: torch.compile(_own_copy(_one_token_forward), dynamic=False, fullgraph=True, backend=self._catchers[True]),
+            False: torch.compile(_own_copy(_many_token_forward), dynamic=True, fullgraph=True, backend=self._catchers[False]),
+        }  # fmt: skip
+
+    def _compile_call(self, kind: bool, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """A call through torch.compile that may compile: the graph it compiles is then called directly."""
+        catcher = self._catchers[kind]
+        catcher.inputs, catcher.caught = inputs, None
+        try:
+            with self._compiling(kind):
+                hidden = self._compiled[kind](self.model, *inputs)
+        finally:
+            catcher.inputs = None
+        if catcher.caught is not None:
+            self._direct[kind] = catcher.caught
+        self._compiled_kinds.add(kind)
+        return hidden
 
     @contextlib.contextmanager
     def _compiling(self, one_token: bool) -> Iterator[None]:
-        """Inductor's settings while a graph compiles (patched globally for the call: passed to torch.compile
-        as options, freezing did not take effect), with autotuning's report to stderr off and the C++ GEMM
-        templates parsed once (_parse_once)."""
+        """Settings while a graph compiles: module floats (norm epsilons) as constants, not graph inputs; on the
+        CPU inductor's settings (patched globally for the call: passed to torch.compile as options, freezing did
+        not take effect), with autotuning's report to stderr off and the C++ GEMM templates parsed once
+        (_parse_once)."""
         if self.device.type != "cpu":
-            yield
+            with torch._dynamo.config.patch(specialize_float=True):
+                yield
             return
         printing = select_algorithm.PRINT_AUTOTUNE
         parse = KernelTemplate.__dict__.get("_template_from_string")
@@ -153,12 +174,20 @@ class CompiledForward:
         if isinstance(parse, staticmethod):  # see _parse_once
             KernelTemplate._template_from_string = staticmethod(_parse_once(parse.__func__))  # type: ignore[method-assign,assignment]
         try:
-            with torch._inductor.config.patch({**CPU_OPTIONS, **(ONE_TOKEN_OPTIONS if one_token else {})}):
+            with (
+                torch._dynamo.config.patch(specialize_float=True),
+                torch._inductor.config.patch({**CPU_OPTIONS, **(ONE_TOKEN_OPTIONS if one_token else {})}),
+            ):
                 yield
         finally:
             select_algorithm.PRINT_AUTOTUNE = printing
             if isinstance(parse, staticmethod):
                 KernelTemplate._template_from_string = parse  # type: ignore[method-assign,assignment]
+
+    @property
+    def direct_kinds(self) -> set[bool]:
+        """The graphs (by whether the step has one token) called without torch.compile's frame machinery."""
+        return set(self._direct)
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -179,22 +208,20 @@ class CompiledForward:
             if not self._compiled:
                 return _many_token_forward(self.model, *inputs)
             kind = inputs[0].shape[0] == 1
-            forward = self._compiled[kind]
+            direct = self._direct.get(kind)
+            if direct is not None and direct.accepts(inputs):
+                return direct(inputs)
             if kind not in self._compiled_kinds:
-                with self._compiling(kind):
-                    hidden = forward(self.model, *inputs)
-                self._compiled_kinds.add(kind)
-                return hidden
+                return self._compile_call(kind, inputs)
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return forward(self.model, *inputs)
+                    return self._compiled[kind](self.model, *inputs)
             except RuntimeError as exc:  # dynamo refuses to recompile without guards: the call ran nothing
                 if "skip_guard_eval_unsafe" not in str(exc):
                     raise
             logger.warning("a %s step's inputs differ from those its graph was compiled for: compiling again",
                            "one-token" if kind else "many-token")  # fmt: skip
-            with self._compiling(kind):
-                return forward(self.model, *inputs)
+            return self._compile_call(kind, inputs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """compute_logits of the rows given (fp32). Eager in every mode: compiled, it measured no faster."""

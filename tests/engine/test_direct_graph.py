@@ -1,0 +1,73 @@
+"""A graph dynamo traced, called without dynamo: its inputs taken from the forward's inputs (tensors and their
+symbolic sizes), refused for inputs unlike those it was traced for, and not offered when the graph reads
+anything else. The graphs here run as dynamo's FX modules (no inductor, so the test is quick); the engine's
+compiled graphs are checked against eager in tests/engine/test_compiled.py."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+
+import torch
+
+from engine.direct_graph import DirectGraph, direct_graph
+
+
+def caught(forward: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], dynamic: bool) -> DirectGraph | None:
+    """What direct_graph makes of the graph dynamo traces from forward(None, *inputs)."""
+    graphs: list[DirectGraph | None] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[object]) -> Callable[..., object]:
+        graphs.append(direct_graph(gm, gm.forward, inputs))
+        return gm.forward
+
+    fresh = types.FunctionType(forward.__code__.replace(), forward.__globals__)  # a code object dynamo has not seen
+    torch.compile(fresh, backend=backend, dynamic=dynamic, fullgraph=True)(None, *inputs)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+def gather_scaled(model: object, *inputs: torch.Tensor) -> torch.Tensor:
+    ids, table = inputs
+    return table[ids].sum(-1) * ids.shape[0]
+
+
+def test_a_dynamic_graph_takes_tensors_and_their_sizes_from_the_inputs() -> None:
+    table = torch.arange(40.0).reshape(10, 4)
+    graph = caught(gather_scaled, (torch.tensor([1, 2, 3]), table), dynamic=True)
+    assert graph is not None
+    assert any(dim >= 0 for _, dim in graph.slots)  # the token count is a graph input of its own
+    for ids in (torch.tensor([4, 0, 9, 9, 2, 7]), torch.tensor([5, 6])):
+        assert graph.accepts((ids, table))
+        assert torch.equal(graph((ids, table)), gather_scaled(None, ids, table))
+    assert not graph.accepts((torch.tensor([1.0, 2.0]), table))  # another dtype
+    assert not graph.accepts((torch.tensor([[1, 2]]), table))  # another rank
+    assert not graph.accepts((torch.tensor([1, 2]),))  # an input missing
+
+
+def test_a_static_graph_refuses_other_sizes() -> None:
+    table = torch.arange(40.0).reshape(10, 4)
+    graph = caught(gather_scaled, (torch.tensor([1, 2, 3]), table), dynamic=False)
+    assert graph is not None
+    assert all(dim < 0 for _, dim in graph.slots)
+    ids = torch.tensor([7, 8, 9])
+    assert graph.accepts((ids, table)) and torch.equal(graph((ids, table)), gather_scaled(None, ids, table))
+    assert not graph.accepts((torch.tensor([1, 2]), table))
+    assert not graph.accepts((ids, table[:5]))
+
+
+WEIGHT = torch.ones(4, 2)
+
+
+def reads_a_global(model: object, *inputs: torch.Tensor) -> torch.Tensor:
+    return inputs[0] @ WEIGHT
+
+
+def two_outputs(model: object, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return inputs[0] + 1, inputs[0] * 2
+
+
+def test_no_direct_call_for_a_graph_reading_more_than_its_inputs_or_returning_more() -> None:
+    x = torch.ones(3, 4)
+    assert caught(reads_a_global, (x,), dynamic=False) is None  # the weight is a graph input too
+    assert caught(two_outputs, (x,), dynamic=False) is None  # type: ignore[arg-type]
