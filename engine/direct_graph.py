@@ -54,7 +54,8 @@ class DirectGraph:
 
 
 def _slot(node: torch.fx.Node) -> tuple[int, int] | None:
-    """Where a graph input comes from, if it is one of the forward's inputs or one of their sizes."""
+    """Where a graph input comes from, if it is one of the forward's inputs or one of their sizes (read from the
+    source dynamo records on each placeholder; a graph without that record is never called directly)."""
     graph_arg = node.meta.get("grapharg")
     source = getattr(graph_arg, "source", None)
     if source is None:
@@ -72,17 +73,18 @@ def direct_graph(
     """How to call `fn`, compiled from `gm` while the forward ran on `inputs`; None if the graph takes anything
     else (a module attribute, a global) or returns more than the hidden states."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    slots = [_slot(node) for node in placeholders]
+    found = [_slot(node) for node in placeholders]
+    slots = [slot for slot in found if slot is not None]
     outputs = gm.graph.output_node().args[0]
-    if any(slot is None for slot in slots) or not isinstance(outputs, (tuple, list)) or len(outputs) != 1:
+    if len(slots) != len(found) or not isinstance(outputs, (tuple, list)) or len(outputs) != 1:
         return None
     shapes: dict[int, tuple[int | None, ...]] = {i: tuple(x.shape) for i, x in enumerate(inputs)}
-    for node, (i, dim) in zip(placeholders, slots):  # type: ignore[misc]
+    for node, (i, dim) in zip(placeholders, slots):
         traced = node.meta.get("example_value")
         if dim < 0 and isinstance(traced, torch.Tensor):  # the sizes the graph left symbolic are free
             shapes[i] = tuple(None if isinstance(size, torch.SymInt) else int(size) for size in traced.shape)
     signature = tuple((x.dtype, shapes[i]) for i, x in enumerate(inputs))
-    return DirectGraph(fn, tuple(slots), signature)  # type: ignore[arg-type]
+    return DirectGraph(fn, tuple(slots), signature)
 
 
 class GraphCatcher:
