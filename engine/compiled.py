@@ -96,6 +96,25 @@ def _own_copy(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tenso
     return types.FunctionType(code, forward.__globals__, forward.__name__, forward.__defaults__, forward.__closure__)
 
 
+@contextlib.contextmanager
+def _cpu_settings(one_token: bool) -> Iterator[None]:
+    """Inductor's settings while a CPU graph compiles (patched globally for the call: passed to torch.compile as
+    options, freezing did not take effect), with autotuning's report to stderr off and the C++ GEMM templates
+    parsed once (_parse_once)."""
+    printing = select_algorithm.PRINT_AUTOTUNE
+    parse = KernelTemplate.__dict__.get("_template_from_string")
+    select_algorithm.PRINT_AUTOTUNE = False
+    if isinstance(parse, staticmethod):  # see _parse_once
+        KernelTemplate._template_from_string = staticmethod(_parse_once(parse.__func__))  # type: ignore[method-assign,assignment]
+    try:
+        with torch._inductor.config.patch({**CPU_OPTIONS, **(ONE_TOKEN_OPTIONS if one_token else {})}):
+            yield
+    finally:
+        select_algorithm.PRINT_AUTOTUNE = printing
+        if isinstance(parse, staticmethod):
+            KernelTemplate._template_from_string = parse  # type: ignore[method-assign,assignment]
+
+
 class CompiledForward:
     """Calls the model's serving forward: compiled unless enforce_eager, CUDA graphs for decode on CUDA.
 
@@ -160,29 +179,11 @@ class CompiledForward:
 
     @contextlib.contextmanager
     def _compiling(self, one_token: bool) -> Iterator[None]:
-        """Settings while a graph compiles: module floats (norm epsilons) as constants, not graph inputs; on the
-        CPU inductor's settings (patched globally for the call: passed to torch.compile as options, freezing did
-        not take effect), with autotuning's report to stderr off and the C++ GEMM templates parsed once
-        (_parse_once)."""
-        if self.device.type != "cpu":
-            with torch._dynamo.config.patch(specialize_float=True):
-                yield
-            return
-        printing = select_algorithm.PRINT_AUTOTUNE
-        parse = KernelTemplate.__dict__.get("_template_from_string")
-        select_algorithm.PRINT_AUTOTUNE = False
-        if isinstance(parse, staticmethod):  # see _parse_once
-            KernelTemplate._template_from_string = staticmethod(_parse_once(parse.__func__))  # type: ignore[method-assign,assignment]
-        try:
-            with (
-                torch._dynamo.config.patch(specialize_float=True),
-                torch._inductor.config.patch({**CPU_OPTIONS, **(ONE_TOKEN_OPTIONS if one_token else {})}),
-            ):
-                yield
-        finally:
-            select_algorithm.PRINT_AUTOTUNE = printing
-            if isinstance(parse, staticmethod):
-                KernelTemplate._template_from_string = parse  # type: ignore[method-assign,assignment]
+        """Settings while a graph compiles: module floats (norm epsilons) as constants, not graph inputs, and on
+        the CPU inductor's (_cpu_settings)."""
+        cpu = _cpu_settings(one_token) if self.device.type == "cpu" else contextlib.nullcontext()
+        with torch._dynamo.config.patch(specialize_float=True), cpu:
+            yield
 
     @property
     def direct_kinds(self) -> set[bool]:

@@ -22,7 +22,9 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from engine.bench import progress
 
@@ -73,27 +75,19 @@ def measure(checkout: Path, settings: dict[str, object], variables: dict[str, st
     return {int(batch): ms for batch, ms in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
-def engine_config(items: list[str]) -> dict[str, object]:
-    """EngineConfig fields from FIELD=JSON items (SystemExit naming a malformed one)."""
-    config = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        try:
-            config[name] = json.loads(value)
-        except json.JSONDecodeError:
-            raise SystemExit(f"engine.step_ab: {item!r} is not FIELD=JSON (e.g. live_pruning=true)") from None
-    return config
-
-
-def environment(items: list[str]) -> dict[str, str]:
-    """Environment variables from NAME=VALUE items (SystemExit naming a malformed one)."""
-    variables = {}
+def assignments(items: list[str], form: str, parse: Callable[[str], Any] = str) -> dict[str, Any]:
+    """NAME=VALUE items as a dict, each value through `parse` (SystemExit naming a malformed item and `form`)."""
+    parsed = {}
     for item in items:
         name, equals, value = item.partition("=")
-        if not name or not equals:
-            raise SystemExit(f"engine.step_ab: {item!r} is not NAME=VALUE (e.g. MOE_SERVE_NATIVE_OPS=0)")
-        variables[name] = value
-    return variables
+        try:
+            if name and equals:
+                parsed[name] = parse(value)
+                continue
+        except ValueError:  # json.JSONDecodeError is one
+            pass
+        raise SystemExit(f"engine.step_ab: {item!r} is not {form}")
+    return parsed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,8 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = {"model": str(args.model.resolve()), "dtype": args.dtype, "batch_sizes": batches,
                 "threads": args.threads, "enforce_eager": args.enforce_eager}  # fmt: skip
     sides = {"this": args.this.resolve(), "other": args.other.resolve()}
-    configs = {"this": engine_config(args.this_config), "other": engine_config(args.other_config)}
-    variables = {"this": environment(args.this_env), "other": environment(args.other_env)}
+    config_form, env_form = "FIELD=JSON (e.g. live_pruning=true)", "NAME=VALUE (e.g. MOE_SERVE_NATIVE_OPS=0)"
+    configs = {
+        "this": assignments(args.this_config, config_form, json.loads),
+        "other": assignments(args.other_config, config_form, json.loads),
+    }
+    variables = {"this": assignments(args.this_env, env_form), "other": assignments(args.other_env, env_form)}
     samples: dict[str, list[dict[int, float]]] = {name: [] for name in sides}
     for round_ in range(args.rounds):
         # A B, then B A: whichever side runs second in a pair measured faster here, so the order alternates too.
