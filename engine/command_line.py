@@ -4,7 +4,14 @@ the flag. Torch-free, so `--help` answers at once."""
 from __future__ import annotations
 
 import argparse
+import os
 from importlib import metadata
+
+
+def eager_by_default() -> bool:
+    """Whether an engine runs its model eagerly when neither --enforce-eager nor EngineConfig.enforce_eager says
+    so: $MOE_SERVE_ENFORCE_EAGER=1 (the tests set it; compiled otherwise)."""
+    return os.environ.get("MOE_SERVE_ENFORCE_EAGER", "0") == "1"
 
 
 def version() -> str:

@@ -9,6 +9,7 @@ and callers use torch's ops, the reference the kernels are tested against.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import logging
 import os
@@ -134,33 +135,44 @@ _lock = threading.Lock()
 def build_library(compiler: str, source: Path, flags: list[str], key: str = "") -> Path:
     """source compiled by compiler with flags into a shared library under $MOE_SERVE_CACHE/kernels/<hash>/, the
     hash over the source, the flags, the compiler's version, this CPU's flags and `key`; built once, then found.
-    Raises OSError or CalledProcessError (with the compiler's stderr) when the build fails."""
+    Threads and processes building the same library wait for the first (a file lock beside it), so the server
+    can start a build early (engine/prebuild.py) that its engine process then finds. Raises OSError or
+    CalledProcessError (with the compiler's stderr) when the build fails."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     digest = hashlib.sha256("\n".join([source.read_text(), " ".join(flags), version, _cpu_flags(), key]).encode())
     library = cache_root() / "kernels" / digest.hexdigest()[:16] / source.with_suffix(".so").name
-    with _lock:
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with _lock, open(library.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or with the process
         if not library.is_file():
-            library.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
                 built = Path(scratch) / library.name
                 subprocess.run([compiler, str(source), "-o", str(built), *flags], check=True, capture_output=True,
                                text=True)  # fmt: skip
-                built.replace(library)  # atomic: a concurrent start sees all of it or none
+                built.replace(library)  # atomic: a reader sees all of it or none
     return library
+
+
+def build_kernels() -> Path | None:
+    """The kernels' library, built if needed (the half of kernels() that compiles); None where they are off (no
+    C compiler, MOE_SERVE_CPU_KERNELS=0). Raises as build_library does."""
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if os.environ.get("MOE_SERVE_CPU_KERNELS", "1") == "0" or compiler is None:
+        return None
+    return build_library(compiler, SOURCE, [*FLAGS, "-lm"])
 
 
 @cache
 def kernels() -> CpuKernels | None:
     """The CPU kernels, built if needed; None (logged once) when they cannot be built here."""
-    if os.environ.get("MOE_SERVE_CPU_KERNELS", "1") == "0":
-        return None
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        logger.warning("no C compiler found: the CPU kernels are off, torch's ops are used instead")
-        return None
     try:
-        return CpuKernels(build_library(compiler, SOURCE, [*FLAGS, "-lm"]))
+        library = build_kernels()
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else exc
         logger.warning("the CPU kernels could not be built (%s): torch's ops are used instead", detail)
         return None
+    if library is None:
+        if os.environ.get("MOE_SERVE_CPU_KERNELS", "1") != "0":
+            logger.warning("no C compiler found: the CPU kernels are off, torch's ops are used instead")
+        return None
+    return CpuKernels(library)

@@ -7,7 +7,6 @@ has_unfinished_requests); `LLM` wraps it for offline batches.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -18,6 +17,7 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.checkpoint import load_model, read_expert_rows
+from engine.command_line import eager_by_default
 from engine.config import CheckpointError, ModelConfig
 from engine.device import peak_rss_bytes, resolve_device, resolve_dtype
 from engine.engine_stats import EngineStats
@@ -26,6 +26,7 @@ from engine.limits import check_request
 from engine.model_runner import ModelRunner, cuda_kv_cache_budget, kv_cache_blocks
 from engine.moe import PendingSnapshot, select_backend
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.prebuild import start_prebuild
 from engine.routing import RoutingPolicy
 from engine.sampling_params import InvalidRequestError, RequestOutputKind, SamplingParams
 from engine.scheduler import Scheduler
@@ -57,7 +58,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # vLLM's name: run the model eagerly instead of compiling it (engine/compiled.py); eager is the reference.
     # Default: $MOE_SERVE_ENFORCE_EAGER, else compiled.
-    enforce_eager: bool = field(default_factory=lambda: os.environ.get("MOE_SERVE_ENFORCE_EAGER", "0") == "1")
+    enforce_eager: bool = field(default_factory=eager_by_default)
     # The pruning seam at load: per-MoE-layer routing policies, installed before the KV cache is sized; with
     # release_unrouted_experts, the weights of experts no policy can reach are freed first.
     routing_policies: dict[int, RoutingPolicy] = field(default_factory=dict)
@@ -124,6 +125,8 @@ class LLMEngine:
             )
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":  # while the model loads and its forward is traced (engine/prebuild.py)
+            start_prebuild("cpu", probe_compiler=not config.enforce_eager)
         self.model = load_model(path, self.dtype, self.device, model_config, config.expert_shard)
         self.model.set_moe_backend(
             select_backend(config.moe_backend, model_config.hidden_size, model_config.moe_intermediate_size, self.dtype)

@@ -203,17 +203,27 @@ def native_ops_loaded() -> bool:
     return _loaded
 
 
+def build_native_ops() -> Path | None:
+    """The C++ ops' library, built if needed (the half of native_ops() that compiles); None where they are off
+    (no C++ compiler, MOE_SERVE_NATIVE_OPS=0). Raises as build_library does."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if os.environ.get("MOE_SERVE_NATIVE_OPS", "1") == "0" or compiler is None:
+        return None
+    return build_library(compiler, SOURCE, FLAGS, key=torch.__version__)
+
+
 @cache
 def native_ops() -> NativeOps | None:
     """The C++ serving ops, built and registered on first use; None (logged once) where they cannot be."""
     global _loaded, _defined
     _loaded = False
     cpu = kernels()
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if os.environ.get("MOE_SERVE_NATIVE_OPS", "1") == "0" or cpu is None or compiler is None:
+    if cpu is None:
         return None
     try:
-        library = build_library(compiler, SOURCE, FLAGS, key=torch.__version__)
+        library = build_native_ops()
+        if library is None:
+            return None
         if not _defined:  # once per process, though a test may load the ops again (native_ops.cache_clear)
             define_native_op(
                 "cpu_paged_attention(Tensor q, Tensor k, Tensor v, int layer, float scale) -> Tensor",
