@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import os
 import queue
 import threading
@@ -52,7 +51,7 @@ from server.engine_messages import (
     StepDone,
     ToEngine,
 )
-from server.engine_process import run_engine
+from server.engine_start import EngineProcess
 from server.output_delta import apply_delta
 
 logger = logging.getLogger(__name__)
@@ -168,8 +167,9 @@ class RequestStream:
 class AsyncEngine:
     """Serves many concurrent requests from one continuously batching engine in its own process.
 
-    The constructor starts the process and returns once the model is loaded (raising CheckpointError or
-    ValueError, with the engine's message, if it cannot be); `ready` is set once warm-up has run. At most
+    The constructor starts the process (or runs the one given, started earlier: server/engine_start.py) and
+    returns once the model is loaded (raising CheckpointError or ValueError, with the engine's message, if it
+    cannot be); `ready` is set once warm-up has run. At most
     `capacity` sequences (a request with n has n per prompt) are admitted at once: max_num_seqs in the batch
     plus max_queue waiting. A request that needs more than that can never run (InvalidRequestError); one that
     does not fit now gets QueueFullError.
@@ -186,6 +186,7 @@ class AsyncEngine:
         load_timeout: float = 600.0,
         heartbeat_timeout: float = 10.0,
         ranks_from_launcher: bool = False,
+        process: EngineProcess | None = None,
     ) -> None:
         self.config = config = config or EngineConfig()
         self.max_queue = max_queue
@@ -217,11 +218,10 @@ class AsyncEngine:
             Ready: self._on_ready,
         }
         self.compile_seconds = self.warmup_seconds = 0.0
-        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        self._conn, child = context.Pipe()
+        started = process or EngineProcess()
+        self._conn, self._process = started.conn, started.process
         log_level = logging.getLogger().getEffectiveLevel()
-        args = (
-            child,
+        arguments = (
             str(model),
             config,
             warmup,
@@ -231,9 +231,7 @@ class AsyncEngine:
             log_level,
             ranks_from_launcher,
         )
-        self._process = context.Process(target=run_engine, args=args, name="moe-serve-engine", daemon=True)
-        self._process.start()
-        child.close()
+        started.run(*arguments)
         try:
             self.info = self._wait_loaded(load_timeout)
             # What the HTTP side needs of the model, read here too (small files, no weights).

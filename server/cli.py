@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from engine.command_line import command_parser, positive_int
+from engine.command_line import command_parser, eager_by_default, positive_int
 from engine.config import DEFAULT_MODEL_DIR, CheckpointError
+from engine.prebuild import start_prebuild
+from server.engine_start import EngineProcess
 from server.http_protocol import HEADER_TIMEOUT_S, bounded_protocol
 from server.request_limits import RequestLimits, flag
 from server.serving_config import resolve_serving
@@ -257,6 +259,9 @@ def serve(args: argparse.Namespace, ranks_from_launcher: bool = False) -> int:
     """Serve until stopped: 0 on a clean stop, 1 on a start-up error or a dead engine. ranks_from_launcher:
     the other expert-parallel ranks are started by torchrun and join through its environment (server/
     torchrun_rank.py) instead of being spawned here."""
+    compiles = not (args.enforce_eager or eager_by_default())
+    start_prebuild(args.device, probe_compiler=compiles, precompile_headers=compiles)  # engine/prebuild.py
+    engine_process = EngineProcess()  # imports the engine while this process imports the server (its docstring)
     from corpus.splits import CorpusError
     from pruning.serving import LivePruning
     from server.app import build_app
@@ -267,8 +272,10 @@ def serve(args: argparse.Namespace, ranks_from_launcher: bool = False) -> int:
     try:
         listener = bind(args.host, args.port)  # before any expensive work: a port in use is reported at once
     except OSError as exc:
+        engine_process.stop()
         print(f"moe-serve: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    engine = None
     try:
         resolved_serving = resolve_serving(args)
         config, pruning, plan = resolved_serving.config, resolved_serving.pruning, resolved_serving.plan
@@ -281,6 +288,7 @@ def serve(args: argparse.Namespace, ranks_from_launcher: bool = False) -> int:
             threads=args.threads,
             heartbeat_timeout=args.engine_health_timeout,
             ranks_from_launcher=ranks_from_launcher,
+            process=engine_process,
         )
         settings = ServerSettings(
             model_name=args.served_model_name or args.model.resolve().name,
@@ -305,6 +313,8 @@ def serve(args: argparse.Namespace, ranks_from_launcher: bool = False) -> int:
         )
     except (CheckpointError, ValueError, RuntimeError, CorpusError) as exc:
         listener.close()
+        if engine is None:  # never told to run (AsyncEngine stops a process that failed to load)
+            engine_process.stop()
         print(f"moe-serve: error: {exc}", file=sys.stderr)
         return 1
     logging.getLogger("moe_serve").info(startup_summary(engine, settings, args))

@@ -59,11 +59,11 @@ from server.engine_messages import (
     ToEngine,
 )
 from server.engine_rank import WorkerRanks, start_rank
+from server.engine_start import PROCESS_NAME
 from server.lockstep import LockstepLeader
 from server.output_delta import DeltaEncoder
 
 logger = logging.getLogger(__name__)
-PROCESS_NAME = "moe-serve-engine"  # what ps shows (as "moe-serve-engin": the kernel keeps 15 bytes)
 # gloo's error when a rank's process is gone (its sockets closed), however that rank was started.
 LOST_PEER = re.compile(r"Connection (?:closed|reset) by peer")
 PEER_ADDRESS = re.compile(r"\[[^\]]+\]:\d+")

@@ -1,0 +1,20 @@
+"""The engine process started before the server knows what to run (server/engine_start.py): one never told to run
+ends, whether the server stops it or just goes away."""
+
+from __future__ import annotations
+
+from server.engine_start import EngineProcess
+
+
+def test_an_engine_process_never_told_to_run_ends_when_stopped() -> None:
+    started = EngineProcess()
+    started.stop()
+    assert not started.process.is_alive() and started.process.exitcode is not None
+
+
+def test_an_engine_process_whose_server_closed_the_pipe_exits_by_itself() -> None:
+    """What the server's exit does to it: it finishes importing, finds the pipe closed and returns (status 0)."""
+    started = EngineProcess()
+    started.conn.close()
+    started.process.join(120)
+    assert started.process.exitcode == 0
