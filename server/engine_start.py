@@ -28,7 +28,10 @@ class EngineProcess:
         child.close()
 
     def run(self, *arguments: Any) -> None:
-        self.conn.send(arguments)
+        try:
+            self.conn.send(arguments)
+        except (BrokenPipeError, ConnectionResetError):  # it died importing: waiting on the pipe reports its status
+            pass
 
     def stop(self) -> None:
         """End a process never told to run (it has only imported): killed, nothing of it to keep."""

@@ -3,6 +3,8 @@ ends, whether the server stops it or just goes away."""
 
 from __future__ import annotations
 
+import pytest
+
 from server.engine_start import EngineProcess
 
 
@@ -18,3 +20,15 @@ def test_an_engine_process_whose_server_closed_the_pipe_exits_by_itself() -> Non
     started.conn.close()
     started.process.join(120)
     assert started.process.exitcode == 0
+
+
+def test_running_an_engine_process_that_died_leaves_the_report_to_the_wait_for_it() -> None:
+    """A process that died before its arguments came (a broken install): run() does not raise; the server's wait
+    on the pipe then finds it closed and reports the exit status (server/async_engine.py)."""
+    started = EngineProcess()
+    started.process.kill()
+    started.process.join()
+    started.run("model", None)
+    assert started.conn.poll(5)
+    with pytest.raises(EOFError):
+        started.conn.recv()
