@@ -10,7 +10,8 @@ separately: one for one-token steps (batch-1 decode, where fixed costs rule) and
 every other step, decode or prefill; once compiled, each is called as inductor returned it, without torch.compile's
 frame machinery (engine/direct_graph.py). On CPU both run as inductor's fused C++, frozen (weights as constants,
 prepacked) with their GEMMs autotuned among inductor's C++ GEMM templates, which nearly halved a batch-1 step here
-and cut a batch-8 step by a fifth; the one-token graph has a C++ wrapper. On CUDA in bf16, decode-only steps are
+and cut a batch-8 step by a fifth; the one-token graph has a C++ wrapper, whose g++ build (7-10 s of one core)
+runs in the background at warm-up while the many-token graph compiles. On CUDA in bf16, decode-only steps are
 padded up to the next size of a ladder and replayed from CUDA graphs captured at warm-up (the step's metadata lives
 in static device buffers that every replay reads).
 
@@ -28,6 +29,7 @@ import shutil
 import time
 import types
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -269,9 +271,17 @@ class CompiledForward:
         say = progress or (lambda message: logger.info(message))
         start = time.perf_counter()
         say(f"compiling the forward ({self.device.type}); cached under {os.environ['TORCHINDUCTOR_CACHE_DIR']}")
-        for tokens in (1, 2)[: buffers.seq_lens.shape[0]]:  # decode rows: at most max_num_seqs of them
-            self._dummy_step(buffers, tokens)
-            say(f"compiled a {tokens}-token step ({time.perf_counter() - start:.1f} s)")
+        # The one-token graph's C++ wrapper builds while the many-token graph compiles (GraphCatcher.builds).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-serve-wrapper-build") as builds:
+            self._catchers[True].builds = builds
+            try:
+                for tokens in (1, 2)[: buffers.seq_lens.shape[0]]:  # decode rows: at most max_num_seqs of them
+                    self._dummy_step(buffers, tokens)
+                    say(f"compiled a {tokens}-token step ({time.perf_counter() - start:.1f} s)")
+                for build in self._catchers[True].pending:
+                    build.result()
+            finally:
+                self._catchers[True].builds, self._catchers[True].pending = None, []
         if self.uses_cuda_graphs:
             self._capture_ladder(say)
         seconds = time.perf_counter() - start

@@ -13,12 +13,15 @@ hold by construction of the step's inputs (engine/model_runner.py: contiguous ro
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._inductor.codecache import CppWrapperCodeCache
 from torch._inductor.compile_fx import compile_fx
 
 # How dynamo names a graph input taken from the forward's `*inputs`: the tensor, or one of its sizes.
@@ -89,16 +92,52 @@ def direct_graph(
 
 class GraphCatcher:
     """A torch.compile backend: inductor's compile_fx, which also keeps a graph it compiles while `inputs` (the
-    forward's, for the call that compiles) is set as a DirectGraph, `caught`."""
+    forward's, for the call that compiles) is set as a DirectGraph, `caught`.
+
+    With `builds` set (an executor), a graph's C++ wrapper (the one-token graph's, engine/compiled.py) is built
+    there instead of in the call that compiles, whose own run of the graph is then eager (the traced graph):
+    warm-up goes on to compile the other graph in Python while g++ builds the first one's wrapper (7-8 s of
+    one core here). `pending` holds those builds; a call of the compiled graph before they finish waits.
+    """
 
     def __init__(self) -> None:
         self.inputs: Sequence[torch.Tensor] | None = None
         self.caught: DirectGraph | None = None
+        self.builds: Executor | None = None
+        self.pending: list[Future[None]] = []
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        fn = compile_fx(gm, example_inputs)
+        with contextlib.nullcontext() if self.builds is None else _wrapper_builds_on(self.builds, self.pending):
+            fn = compile_fx(gm, example_inputs)
         if not callable(fn):  # compile_fx's other results are for AOT export, which this never asks for
             raise TypeError(f"inductor returned {type(fn).__name__}, not a callable graph")
         if self.inputs is not None:
             self.caught = direct_graph(gm, fn, self.inputs)
-        return fn
+        if not self.pending:
+            return fn
+        pending = tuple(self.pending)
+        return lambda *args: (fn if all(build.done() for build in pending) else gm)(*args)
+
+
+@contextlib.contextmanager
+def _wrapper_builds_on(builds: Executor, pending: list[Future[None]]) -> Iterator[None]:
+    """Inductor's C++ wrappers loaded lazily: built on `builds` (each build's future appended to `pending`), loaded
+    on the first call (inductor's own asynchronous form of the load, which its kernels use)."""
+    own = CppWrapperCodeCache.__dict__.get("load_pybinding")  # the class inherits it (torch 2.13)
+
+    def submit(build: Callable[[], None]) -> Future[None]:
+        pending.append(builds.submit(build))
+        return pending[-1]
+
+    def load_later(cls: type[CppWrapperCodeCache], *args: Any, **kwargs: Any) -> Callable[..., Any]:
+        entry = cls.load_pybinding_async(*args, **{**kwargs, "submit_fn": submit})
+        return lambda *call_args: entry()(*call_args)
+
+    CppWrapperCodeCache.load_pybinding = classmethod(load_later)  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        if own is None:
+            delattr(CppWrapperCodeCache, "load_pybinding")
+        else:
+            CppWrapperCodeCache.load_pybinding = own  # type: ignore[method-assign]

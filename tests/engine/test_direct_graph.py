@@ -1,16 +1,23 @@
 """A graph dynamo traced, called without dynamo: its inputs taken from the forward's inputs (tensors and their
 symbolic sizes), refused for inputs unlike those it was traced for, and not offered when the graph reads
-anything else. The graphs here run as dynamo's FX modules (no inductor, so the test is quick); the engine's
-compiled graphs are checked against eager in tests/engine/test_compiled.py."""
+anything else. The graphs here run as dynamo's FX modules (no inductor, so the test is quick), but one: a C++
+wrapper built in the background, which the call that compiled it does not wait for. The engine's compiled graphs
+are checked against eager in tests/engine/test_compiled.py."""
 
 from __future__ import annotations
 
+import threading
 import types
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import pytest
 import torch
+import torch._inductor.config
+from torch._inductor.codecache import CppWrapperCodeCache
 
-from engine.direct_graph import DirectGraph, direct_graph
+from engine.direct_graph import DirectGraph, GraphCatcher, direct_graph
 
 
 def caught(forward: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], dynamic: bool) -> DirectGraph | None:
@@ -71,3 +78,29 @@ def test_no_direct_call_for_a_graph_reading_more_than_its_inputs_or_returning_mo
     x = torch.ones(3, 4)
     assert caught(reads_a_global, (x,), dynamic=False) is None  # the weight is a graph input too
     assert caught(two_outputs, (x,), dynamic=False) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.slow  # inductor compiles a C++ wrapper (g++)
+def test_a_wrapper_built_in_the_background_leaves_the_compiling_call_eager_until_it_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # nothing built before: the build must run
+    catcher, gate = GraphCatcher(), threading.Event()
+    fresh = types.FunctionType(gather_scaled.__code__.replace(), gather_scaled.__globals__)
+    compiled = torch.compile(fresh, backend=catcher, dynamic=False, fullgraph=True)
+    table, ids = torch.arange(40.0).reshape(10, 4), torch.tensor([1, 2, 3])
+    with ThreadPoolExecutor(max_workers=1) as builds, torch._inductor.config.patch(cpp_wrapper=True):
+        builds.submit(gate.wait, 300)  # the wrapper's build queues behind this until the gate opens
+        catcher.builds, catcher.inputs = builds, (ids, table)
+        try:
+            first = compiled(None, ids, table)  # compiles; its own run is eager: the build has not started
+            assert len(catcher.pending) == 1 and not catcher.pending[0].done()
+            assert "load_pybinding" not in CppWrapperCodeCache.__dict__  # inductor's own loader is back
+        finally:
+            gate.set()
+        catcher.pending[0].result()
+    assert torch.equal(first, gather_scaled(None, ids, table))
+    assert catcher.caught is not None
+    other = torch.tensor([9, 0, 4])
+    assert torch.equal(catcher.caught((other, table)), gather_scaled(None, other, table))  # the built wrapper
+    assert torch.equal(compiled(None, other, table), gather_scaled(None, other, table))
