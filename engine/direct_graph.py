@@ -96,7 +96,7 @@ class GraphCatcher:
 
     With `builds` set (an executor), a graph's C++ wrapper (the one-token graph's, engine/compiled.py) is built
     there instead of in the call that compiles, whose own run of the graph is then eager (the traced graph):
-    warm-up goes on to compile the other graph in Python while g++ builds the first one's wrapper (7-8 s of
+    warm-up goes on to compile the other graph in Python while g++ builds the first one's wrapper (7-10 s of
     one core here). `pending` holds those builds; a call of the compiled graph before they finish waits.
     """
 

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ours, server_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = parser.parse_args(ours)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, not {args.rounds}")
     for checkout in (args.this, args.other):
         if not (checkout / "server" / "cli.py").is_file():
             parser.error(f"{checkout} is not a moe-serve checkout (no server/cli.py)")

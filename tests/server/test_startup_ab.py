@@ -27,9 +27,12 @@ def test_a_checkout_against_itself_prints_seconds_and_a_ratio_per_round(
     assert recorded["start"] == "fresh" and len(recorded["this"]) == len(recorded["other"]) == 1
 
 
-def test_a_directory_that_is_not_a_checkout_is_refused_naming_it(
+def test_a_directory_that_is_not_a_checkout_or_no_rounds_is_refused_naming_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
     assert f"{tmp_path} is not a moe-serve checkout" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(CHECKOUT), "--rounds", "0"])
+    assert "--rounds must be at least 1, not 0" in capsys.readouterr().err
