@@ -132,6 +132,7 @@ class WorkerRanks:
             process.start()
             self.processes.append(process)
         self.stopping = False
+        self._reaping = threading.Lock()
 
     def expect_exit(self) -> None:
         """The workers are about to be told to exit: their ending is not a failure."""
@@ -155,9 +156,10 @@ class WorkerRanks:
         return None if dead is None else self.describe(dead)
 
     def describe(self, process: BaseProcess) -> str:
-        process.join(1)
+        """How a worker ended. One thread at a time reaps it: the watcher and the engine's own error path may
+        both ask, and a second waitpid racing the first gets no status ("exited (status None)", seen in CI)."""
+        code = self._reap(process, 1.0)
         rank = self.processes.index(process) + 1
-        code = process.exitcode
         status = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"status {code}"
         return f"expert-parallel engine rank {rank} (pid {process.pid}) exited ({status})"
 
@@ -165,11 +167,16 @@ class WorkerRanks:
         """Wait for workers told to exit, kill those that do not, and remove the store."""
         self.expect_exit()
         for process in self.processes:
-            process.join(timeout)
-            if process.is_alive():
+            if self._reap(process, timeout) is None:
                 process.kill()
-                process.join()
+                self._reap(process, None)
         self.remove_store()
+
+    def _reap(self, process: BaseProcess, timeout: float | None) -> int | None:
+        """Join a worker (up to timeout seconds) and return its exit code, None while it runs."""
+        with self._reaping:
+            process.join(timeout)
+            return process.exitcode
 
     def remove_store(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
