@@ -107,7 +107,7 @@ class GraphCatcher:
         self.pending: list[Future[None]] = []
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        with contextlib.nullcontext() if self.builds is None else _wrapper_builds_on(self.builds, self.pending):
+        with _wrapper_loads(self.builds, self.pending):
             fn = compile_fx(gm, example_inputs)
         if not callable(fn):  # compile_fx's other results are for AOT export, which this never asks for
             raise TypeError(f"inductor returned {type(fn).__name__}, not a callable graph")
@@ -119,21 +119,41 @@ class GraphCatcher:
         return lambda *args: (fn if all(build.done() for build in pending) else gm)(*args)
 
 
+# A line of the C++ wrapper's header naming one of the graph's constants, ending in the id of the tensor object.
+_CONSTANT_LINE = re.compile(r"^(// \w+ device\(type='\w+'.*) [0-9a-f]+$", re.MULTILINE)
+
+
+def _without_constant_ids(code: str) -> str:
+    """A C++ wrapper's source without the ids of its constants' tensor objects. Inductor writes them into the
+    header so that its code cache keeps graphs with different constants apart; the C++ never reads a constant of
+    its own (the Python side passes them all in on every call, with the inputs), so without the ids the same
+    graph's wrapper is the same source, and g++'s build (7-10 s of one core) is found in the cache from the
+    second compile on: a restart, another engine in the process."""
+    return _CONSTANT_LINE.sub(r"\1", code)
+
+
 @contextlib.contextmanager
-def _wrapper_builds_on(builds: Executor, pending: list[Future[None]]) -> Iterator[None]:
-    """Inductor's C++ wrappers loaded lazily: built on `builds` (each build's future appended to `pending`), loaded
-    on the first call (inductor's own asynchronous form of the load, which its kernels use)."""
+def _wrapper_loads(builds: Executor | None, pending: list[Future[None]]) -> Iterator[None]:
+    """Inductor's C++ wrappers loaded from their source without constant ids (`_without_constant_ids`); with
+    `builds`, lazily: built on `builds` (each build's future appended to `pending`), loaded on the first call
+    (inductor's own asynchronous form of the load, which its kernels use)."""
     own = CppWrapperCodeCache.__dict__.get("load_pybinding")  # the class inherits it (torch 2.13)
 
     def submit(build: Callable[[], None]) -> Future[None]:
+        assert builds is not None
         pending.append(builds.submit(build))
         return pending[-1]
 
-    def load_later(cls: type[CppWrapperCodeCache], *args: Any, **kwargs: Any) -> Callable[..., Any]:
-        entry = cls.load_pybinding_async(*args, **{**kwargs, "submit_fn": submit})
+    def load(
+        cls: type[CppWrapperCodeCache], argtypes: Sequence[str], main_code: str, **kwargs: Any
+    ) -> Callable[..., Any]:
+        main_code = _without_constant_ids(main_code)
+        if builds is None:
+            return cls.load_pybinding_async(argtypes, main_code, **kwargs)()
+        entry = cls.load_pybinding_async(argtypes, main_code, **{**kwargs, "submit_fn": submit})
         return lambda *call_args: entry()(*call_args)
 
-    CppWrapperCodeCache.load_pybinding = classmethod(load_later)  # type: ignore[method-assign,assignment]
+    CppWrapperCodeCache.load_pybinding = classmethod(load)  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:

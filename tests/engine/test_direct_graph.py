@@ -104,3 +104,32 @@ def test_a_wrapper_built_in_the_background_leaves_the_compiling_call_eager_until
     other = torch.tensor([9, 0, 4])
     assert torch.equal(catcher.caught((other, table)), gather_scaled(None, other, table))  # the built wrapper
     assert torch.equal(compiled(None, other, table), gather_scaled(None, other, table))
+
+
+def scaled_linear(model: torch.nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    return model(inputs[0]) * 2.0
+
+
+@pytest.mark.slow  # inductor compiles a C++ wrapper (g++)
+def test_a_second_graph_like_the_first_but_for_its_weights_reuses_the_built_wrapper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frozen weights are constants of the graph; inductor names each constant's tensor object in its C++
+    wrapper's source, which would make every compile of the same graph a g++ build of its own."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    x = torch.randn(3, 32)
+    results, built = [], []
+    options = {"cpp_wrapper": True, "freezing": True}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(32, 16).eval()
+        fresh = types.FunctionType(scaled_linear.__code__.replace(), scaled_linear.__globals__)
+        with torch.no_grad(), torch._inductor.config.patch(options):
+            compiled = torch.compile(fresh, backend=GraphCatcher(), dynamic=False, fullgraph=True)
+            results.append((compiled(model, x), scaled_linear(model, x)))
+            results.append((compiled(model, x + 1), scaled_linear(model, x + 1)))
+        built.append(sorted(tmp_path.rglob("*.main.so")))
+    assert len(built[0]) == 1 and built[1] == built[0]  # one wrapper, built once
+    for got, expected in results:  # each graph computes with its own weights
+        torch.testing.assert_close(got, expected)
+    assert not torch.allclose(results[0][1], results[2][1])  # and they differ
