@@ -30,5 +30,7 @@ def cache_root() -> Path:
 
 
 def use_inductor_cache() -> None:
-    """Point inductor's cache at cache_root()/inductor unless the user chose one (it reads the variable once)."""
+    """Point inductor's cache at cache_root()/inductor unless the user chose one (it reads the variable once).
+    Child processes inherit the variable, as they would without this: inductor writes it into os.environ itself
+    when it first uses its cache, so a child meant to have a cache of its own must drop it."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))

@@ -49,7 +49,9 @@ class Side:
         self.runs += 1
         run = self.work / (self.name if self.start == "warm" else f"{self.name}-{self.runs}")
         env = {**os.environ, "PYTHONPATH": str(self.checkout), "MOE_SERVE_CACHE": str(run / "cache")}
-        env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # set in this process by importing the engine: the server's own
+        # Inductor's cache directory is in this process's environment (engine.paths sets it, and inductor writes
+        # it back on first use): each server derives its own from its $MOE_SERVE_CACHE instead.
+        env.pop("TORCHINDUCTOR_CACHE_DIR", None)
         if self.start == "fresh":
             (run / "tmp").mkdir(parents=True, exist_ok=True)
             env["TMPDIR"] = str(run / "tmp")
