@@ -39,7 +39,8 @@ from engine.sampling_params import SamplingParams
 from engine.token_routing import TokenRouting
 from pruning.cache import cached_plan
 from pruning.data import split_windows
-from pruning.serving import PruningSettings
+from pruning.serving import resolve
+from pruning.settings import PruningSettings
 from pruning.spec import CalibrationSpec, PlanSpec
 
 
@@ -114,7 +115,7 @@ def build_engines(model_dir: Path, settings: list[Setting], args: argparse.Names
     common = {"dtype": args.dtype, "max_num_seqs": max(args.batch_sizes), "kv_cache_memory_bytes": args.kv_bytes,
               "enable_prefix_caching": False}  # fmt: skip
     spec = CalibrationSpec(max_tokens=args.calibration_tokens, sample_tokens=args.sample_tokens)
-    policies, _ = PruningSettings(similarity_maps=True).resolve(model_dir, "cpu", args.dtype, spec=spec)
+    policies, _ = resolve(PruningSettings(similarity_maps=True), model_dir, "cpu", args.dtype, spec=spec)
     progress("compiling the shared engine")
     engines: dict[Any, LLM] = {None: LLM(model_dir, routing_policies=policies, **common)}
     static = any(setting.plan is not None for setting in settings)

@@ -21,13 +21,9 @@ from engine.model import MoEForCausalLM
 from engine.routing import RoutingPolicy
 from pruning.calibration import Calibration
 from pruning.selection import select
-from pruning.spec import PlanSpec
+from pruning.spec import PlanError, PlanSpec
 
 FORMAT_VERSION = 1
-
-
-class PlanError(ValueError):
-    """A plan that cannot be read or does not fit the model; the message names the file and field."""
 
 
 def weights_sha256(model_dir: Path) -> str:

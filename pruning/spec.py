@@ -12,6 +12,10 @@ from pruning.choices import BUDGETS, HANDLINGS
 from pruning.methods import METHODS
 
 
+class PlanError(ValueError):
+    """A plan that cannot be read or does not fit the model; the message names the file and field."""
+
+
 @dataclass(frozen=True)
 class CalibrationSpec:
     """What to calibrate on: a corpus split or the user's files, a token budget in windows of seq_len, and how

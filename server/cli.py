@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from engine.command_line import command_parser, eager_by_default, positive_int
-from engine.config import DEFAULT_MODEL_DIR, CheckpointError
+from engine.config import DEFAULT_MODEL_DIR, CheckpointError, ModelConfig
 from engine.prebuild import start_prebuild
 from server.engine_start import EngineProcess
 from server.http_protocol import HEADER_TIMEOUT_S, bounded_protocol
 from server.request_limits import RequestLimits, flag
-from server.serving_config import resolve_serving
+from server.serving_config import pruning_settings, resolve_serving
 
 if TYPE_CHECKING:
     from server.async_engine import AsyncEngine
@@ -259,6 +259,16 @@ def serve(args: argparse.Namespace, ranks_from_launcher: bool = False) -> int:
     """Serve until stopped: 0 on a clean stop, 1 on a start-up error or a dead engine. ranks_from_launcher:
     the other expert-parallel ranks are started by torchrun and join through its environment (server/
     torchrun_rank.py) instead of being spawned here."""
+    try:  # what the flags and the model's config.json can refuse, before anything starts (torch-free)
+        pruning_settings(args).check(ModelConfig.from_dir(args.model))
+    except (CheckpointError, ValueError) as exc:
+        print(f"moe-serve: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        listener = bind(args.host, args.port)  # a port in use is reported at once too
+    except OSError as exc:
+        print(f"moe-serve: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     compiles = not (args.enforce_eager or eager_by_default())
     start_prebuild(args.device, probe_compiler=compiles, precompile_headers=compiles)  # engine/prebuild.py
     engine_process = EngineProcess()  # imports the engine while this process imports the server (its docstring)
@@ -269,12 +279,6 @@ def serve(args: argparse.Namespace, ranks_from_launcher: bool = False) -> int:
     from server.settings import ServerSettings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        listener = bind(args.host, args.port)  # before any expensive work: a port in use is reported at once
-    except OSError as exc:
-        engine_process.stop()
-        print(f"moe-serve: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
     engine = None
     try:
         resolved_serving = resolve_serving(args)

@@ -2,7 +2,8 @@
 engine config and, under expert parallelism, the experts' placement. `moe-serve` and every torchrun rank call
 the same function with the same flags, so all ranks build the same config.
 
-Kept light to import, like server/cli.py: torch, the engine and pruning are imported inside the functions.
+Kept light to import, like server/cli.py: torch, the engine and pruning's heavy parts are imported inside the
+functions.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pruning.settings import PruningSettings
+
 if TYPE_CHECKING:
     from engine.expert_parallel import ExpertShard
     from engine.llm_engine import EngineConfig
     from engine.routing import RoutingPolicy
     from pruning.plan import PruningPlan
-    from pruning.serving import PruningSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +35,10 @@ class ResolvedServing:
     plan: PruningPlan | None
 
 
-def resolve_serving(args: argparse.Namespace) -> ResolvedServing:
-    """The engine's config from moe-serve's flags: every expert-parallel rank calls this with the same flags, so
-    all build the same config. ValueError, RuntimeError, CheckpointError or CorpusError if they do not fit."""
-    from engine.llm_engine import EngineConfig
-    from pruning.serving import PruningSettings
-
-    pruning = PruningSettings(
+def pruning_settings(args: argparse.Namespace) -> PruningSettings:
+    """The pruning moe-serve's flags ask for; PlanError naming a flag that cannot be (torch-free: checked before
+    the server starts anything)."""
+    return PruningSettings(
         args.prune_level,
         args.prune_method,
         args.prune_budget,
@@ -54,6 +53,14 @@ def resolve_serving(args: argparse.Namespace) -> ResolvedServing:
         tuple(args.calibration_files),
         args.calibration_tokens,
     )
+
+
+def resolve_serving(args: argparse.Namespace) -> ResolvedServing:
+    """The engine's config from moe-serve's flags: every expert-parallel rank calls this with the same flags, so
+    all build the same config. ValueError, RuntimeError, CheckpointError or CorpusError if they do not fit."""
+    from engine.llm_engine import EngineConfig
+
+    pruning = pruning_settings(args)
     policies, plan, source = resolved_in_child(pruning, args.model, args.device, args.dtype)
     if plan is not None:
         logging.getLogger("moe_serve").info(
@@ -126,6 +133,8 @@ def resolved_in_child(
 def resolved(
     pruning: PruningSettings, model: Path, device: str, dtype: str
 ) -> tuple[dict[int, RoutingPolicy], PruningPlan | None, Path | None]:
-    """PruningSettings.resolve and the plan's file, in one process (the weights are hashed once)."""
-    policies, plan = pruning.resolve(model, device, dtype)
-    return policies, plan, pruning.plan_source(model) if plan is not None else None
+    """pruning.serving.resolve and the plan's file, in one process (the weights are hashed once)."""
+    from pruning.serving import plan_source, resolve
+
+    policies, plan = resolve(pruning, model, device, dtype)
+    return policies, plan, plan_source(pruning, model) if plan is not None else None

@@ -19,7 +19,7 @@ from pruning.choices import BUDGETS
 from pruning.cli import build_parser
 from pruning.methods import METHODS, Method, MethodOptions
 from pruning.plan import PlanError, make_plan, weights_sha256
-from pruning.serving import PruningSettings
+from pruning.settings import PruningSettings
 from pruning.spec import CalibrationSpec, PlanSpec
 from server.cli import parse_args
 

@@ -12,7 +12,8 @@ import pytest
 
 from engine import LLM, SamplingParams, TokenRouting
 from pruning.plan import PruningPlan
-from pruning.serving import PruningSettings
+from pruning.serving import resolve
+from pruning.settings import PruningSettings
 from server.launch import launched
 from tests.server.test_pruning import SERVE_ARGS, samples
 
@@ -75,7 +76,7 @@ def test_a_live_switch_applies_from_the_next_step_and_fails_no_stream(tiny_model
     assert info[0]["generation"] == "1" and info[0]["substitution"] == "keep_top=1,min_similarity=-1" and info[1] == 1
     assert metrics["moe_serve_routing_changes_total"][0][1] == 1
     # A request after the switch gets what the engine gives under the new budget.
-    policies, _ = PruningSettings(similarity_maps=True).resolve(tiny_model, "cpu", "float32", tmp_path / "cache")
+    policies, _ = resolve(PruningSettings(similarity_maps=True), tiny_model, "cpu", "float32", tmp_path / "cache")
     offline = LLM(tiny_model, dtype="float32", routing_policies=policies)
     params = SamplingParams(
         max_tokens=48, temperature=0, ignore_eos=True, routing=TokenRouting(keep_top=1, min_similarity=-1)

@@ -4,9 +4,6 @@ removed experts' weights, reports the settings in /metrics, and refuses impossib
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,8 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine import LLM, SamplingParams, TokenRouting
 from pruning.plan import PruningPlan
-from pruning.serving import PruningSettings
-from server.launch import free_port, launched
+from pruning.serving import resolve
+from pruning.settings import PruningSettings
+from server.launch import launched
 
 pytestmark = pytest.mark.slow  # servers that calibrate at start
 
@@ -84,38 +82,6 @@ def test_threshold_and_top_k_at_startup(tiny_model: Path) -> None:
     assert sum(per_layer) < computed * len(per_layer)
 
 
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (["--prune-level", "0.9"], "leaving fewer than top_k"),
-        (["--prune-plan", "/nonexistent/plan.json"], "plan file does not exist"),
-        (["--prune-level", "0.25", "--prune-plan", "x.json"], "not both"),
-        (["--route-threshold", "1.5"], "threshold must be in [0, 1)"),
-        (["--prune-level", "1.5"], "level must be in [0, 1)"),
-        (["--prune-level", "0.25", "--calibration-files", "/nonexistent/traffic.txt"], "calibration files not found"),
-    ],
-)
-def test_impossible_pruning_exits_before_binding(tiny_model: Path, flags: list[str], message: str) -> None:
-    port = free_port()
-    command = [sys.executable, "-m", "server.cli", "--model", str(tiny_model), "--port", str(port), *flags]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 1 and message in done.stderr
-    assert "calibrating" not in done.stderr and "loaded" not in done.stderr  # refused before any expensive work
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"http://127.0.0.1:{port}/health")
-
-
-def test_a_port_in_use_is_reported_before_the_model_loads(tiny_model: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        command = [sys.executable, "-m", "server.cli", "--model", str(tiny_model), "--port", str(port)]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
-    assert "loaded" not in done.stderr
-
-
 def test_substitution_and_request_budgets_serve_what_the_engine_serves(tiny_model: Path, tmp_path: Path) -> None:
     """The server's default substitution, a request turning it off, a request's own budget on top of it: each
     gives the offline engine's tokens under the same routing; the step's expert union shows in /metrics."""
@@ -134,7 +100,7 @@ def test_substitution_and_request_budgets_serve_what_the_engine_serves(tiny_mode
         metrics = samples(server.url)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "moe.experts_per_token"
     settings = PruningSettings(substitution_keep_top=1, substitution_min_similarity=-1.0)
-    policies, _ = settings.resolve(tiny_model, "cpu", "float32", cache_dir=tmp_path / "cache")
+    policies, _ = resolve(settings, tiny_model, "cpu", "float32", cache_dir=tmp_path / "cache")
     offline = LLM(tiny_model, dtype="float32", routing_policies=policies)
     server_default = settings.token_routing()
     for moe, text in zip(budgets, texts, strict=True):
