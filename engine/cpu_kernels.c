@@ -9,11 +9,15 @@
  *   what they read next: these kernels wait on memory more than on arithmetic.
  * linears_bf16: few-row bf16 products sharing an input (the attention projections, the LM head), with the bf16
  *   dot-product instruction.
+ * The bf16 experts and linears run on AMX tiles where the CPU has them and the OS grants their state (amx_enabled):
+ *   16 weight rows by 16 activation rows per instruction, which turned a batch-32 expert layer from arithmetic-
+ *   bound (vdpbf16ps, 4 x 4 tiles) into memory-bound.
  *
  * Plain C with OpenMP (the same libgomp torch loads), built on first use with -O3 -march=native and called
  * through ctypes (engine/cpu_kernels.py). Weights and caches may be float32 or bfloat16; activations and
  * accumulation are float32.
  */
+#define _GNU_SOURCE /* syscall(), for the AMX tile state */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -235,29 +239,59 @@ static int64_t rows_per_task(int64_t n, int64_t groups, int threads) {
 /* expert_mlp in bf16 with the CPU's bf16 dot-product instruction (H and I multiples of 32): the same grouping
  * and parallel split as EXPERT_MLP, products of bf16 pairs accumulated in fp32; the SwiGLU activations are
  * rounded to bf16 before the down projection, as torch's bf16 experts round them. */
-static void expert_mlp_bf16_dp(const bf16 *x, const int64_t *expert_ids, const float *weights, int64_t T,
-                               int64_t k, int64_t E, int64_t H, int64_t I, const bf16 *w13, const bf16 *w2,
-                               float *out, int threads) {
-    int64_t *count = calloc(E + 1, sizeof(int64_t)), *start = malloc((E + 1) * sizeof(int64_t));
-    int64_t *row_token = malloc((T * k ? T * k : 1) * sizeof(int64_t));
-    float *row_weight = malloc((T * k ? T * k : 1) * sizeof(float));
-    int64_t *group_expert = malloc(E * sizeof(int64_t));
+/* A layer's (token, slot) pairs as rows grouped by expert, experts ascending and tokens in order within each:
+ * expert e's rows are start[e] .. start[e] + count[e]; row r is token row_token[r] with weight row_weight[r];
+ * group_expert lists the experts that got rows. Slots with ids outside [0, E) are dropped. */
+typedef struct {
+    int64_t *count, *start, *row_token, *group_expert;
+    float *row_weight;
+    int64_t groups, rows;
+} ExpertRows;
+
+static ExpertRows expert_rows(const int64_t *expert_ids, const float *weights, int64_t T, int64_t k, int64_t E) {
+    ExpertRows g = {calloc(E + 1, sizeof(int64_t)), malloc((E + 1) * sizeof(int64_t)),
+                    malloc((T * k > 0 ? T * k : 1) * sizeof(int64_t)), malloc(E * sizeof(int64_t)),
+                    malloc((T * k > 0 ? T * k : 1) * sizeof(float)), 0, 0};
     for (int64_t i = 0; i < T * k; i++)
-        if (expert_ids[i] >= 0 && expert_ids[i] < E) count[expert_ids[i]]++;
-    int64_t groups = 0, rows = 0;
+        if (expert_ids[i] >= 0 && expert_ids[i] < E) g.count[expert_ids[i]]++;
     for (int64_t e = 0; e < E; e++) {
-        start[e] = rows;
-        rows += count[e];
-        if (count[e]) group_expert[groups++] = e;
-        count[e] = 0;
+        g.start[e] = g.rows;
+        g.rows += g.count[e];
+        if (g.count[e]) g.group_expert[g.groups++] = e;
+        g.count[e] = 0;
     }
     for (int64_t i = 0; i < T * k; i++) {
         int64_t e = expert_ids[i];
         if (e < 0 || e >= E) continue;
-        int64_t r = start[e] + count[e]++;
-        row_token[r] = i / k;
-        row_weight[r] = weights[i];
+        int64_t r = g.start[e] + g.count[e]++;
+        g.row_token[r] = i / k;
+        g.row_weight[r] = weights[i];
     }
+    return g;
+}
+
+static void free_expert_rows(ExpertRows *g) {
+    free(g->count); free(g->start); free(g->row_token); free(g->group_expert); free(g->row_weight);
+}
+
+/* The weighted combine, each token's rows added in row order (experts ascending): the same sums, in the same
+ * order, whatever the batch and the thread count. */
+static void combine_rows(const ExpertRows *g, const float *expert_out, int64_t H, float *out, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t ib = 0; ib < H / 16; ib++)
+        for (int64_t r = 0; r < g->rows; r++) {
+            float *o = out + g->row_token[r] * H + ib * 16;
+            __m512 y = _mm512_loadu_ps(expert_out + r * H + ib * 16);
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_mul_ps(_mm512_set1_ps(g->row_weight[r]), y)));
+        }
+}
+
+static void expert_mlp_bf16_dp(const bf16 *x, const int64_t *expert_ids, const float *weights, int64_t T,
+                               int64_t k, int64_t E, int64_t H, int64_t I, const bf16 *w13, const bf16 *w2,
+                               float *out, int threads) {
+    ExpertRows grouped = expert_rows(expert_ids, weights, T, k, E);
+    const int64_t *count = grouped.count, *start = grouped.start, *row_token = grouped.row_token;
+    const int64_t *group_expert = grouped.group_expert, groups = grouped.groups, rows = grouped.rows;
     /* Tasks read RB contiguous weight rows of one expert (rows_per_task): few, long streams, each prefetched about
      * 4-6 KiB (whole 4-row tiles) ahead of its tile, from the task's first rows on. */
     const int64_t RB_I = rows_per_task(I, groups, threads), RB_H = rows_per_task(H, groups, threads);
@@ -314,18 +348,235 @@ static void expert_mlp_bf16_dp(const bf16 *x, const int64_t *expert_ids, const f
             }
         }
     }
-    /* The weighted combine, each token's rows added in row order (experts ascending): the same sums, in the same
-     * order, whatever the batch and the thread count. */
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t ib = 0; ib < H / 16; ib++)
-        for (int64_t r = 0; r < rows; r++) {
-            float *o = out + row_token[r] * H + ib * 16;
-            __m512 y = _mm512_loadu_ps(expert_out + r * H + ib * 16);
-            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_mul_ps(_mm512_set1_ps(row_weight[r]), y)));
-        }
+    combine_rows(&grouped, expert_out, H, out, threads);
     free(expert_out);
-    free(hidden); free(group_expert); free(row_weight); free(row_token); free(start); free(count);
+    free(hidden);
+    free_expert_rows(&grouped);
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* AMX (the CPU's tile unit): 16 weight rows times 16 activation rows at a time, a 16 x 16 block of fp32 sums per
+ * tile, products of bf16 pairs as with vdpbf16ps, an order of magnitude more of them per cycle. The weights are
+ * read in place (tile A: 16 rows of 32 values, a row's stride apart); the activations go in tile B, which takes
+ * pairs of values down its rows (kk: values 2kk and 2kk + 1 of 32) and activation rows across: packed once per
+ * group of up to 16 rows (`pack_pairs`). */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static int amx_state = -1; /* -1: not asked yet; 0: off; 1: on */
+
+/* Whether the AMX path runs: the kernel asks the OS for the tile state once (Linux hands it out on request);
+ * want 0 or 1 turns it off or back on (if granted), -1 only asks. MOE_SERVE_AMX=0 starts it off. */
+int amx_enabled(int want) {
+    if (amx_state < 0) {
+        const char *env = getenv("MOE_SERVE_AMX");
+        amx_state = (env == NULL || env[0] != '0') && syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                                              18 /* XFEATURE_XTILEDATA */) == 0;
+    }
+    if (want == 0) amx_state = 0;
+    if (want == 1) amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return amx_state;
+}
+
+static void amx_configure(void) {
+    TileConfig config = {0};
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) config.rows[t] = 16, config.colsb[t] = 64;
+    _tile_loadconfig(&config);
+}
+
+/* rows[0..n) (n <= 16, K values each, K a multiple of 32) as tile B takes them: per 32 values, 16 lines of 16
+ * pairs, line kk holding pair kk of every row (zeros past row n). */
+static void pack_pairs(const bf16 *const *rows, int n, int64_t K, uint32_t *packed) {
+    for (int64_t c = 0; c < K / 32; c++)
+        for (int kk = 0; kk < 16; kk++)
+            for (int r = 0; r < 16; r++) {
+                uint32_t pair = 0;
+                if (r < n) memcpy(&pair, rows[r] + c * 32 + 2 * kk, sizeof pair);
+                packed[(c * 16 + kk) * 16 + r] = pair;
+            }
+}
+
+/* Tiles 0 and 1 (zeroed here) += weight rows a[0..16) and b[0..16) (each ws values apart; b NULL: tile 0 only)
+ * times the packed activations (pack_pairs) over K values. Two chunks of 32 values per turn in separate tiles (2,
+ * 3 and 4 for one, 5, 6 and 7 for the next), so that the next chunk's loads need not wait for this one's products. */
+static inline __attribute__((always_inline)) void amx_dots(const bf16 *a, const bf16 *b, int64_t ws,
+                                                           const uint32_t *packed, int64_t K) {
+    const int64_t stride = ws * (int64_t)sizeof(bf16), chunks = K / 32;
+    _tile_zero(0);
+    _tile_zero(1);
+    int64_t c = 0;
+    for (; c + 1 < chunks; c += 2) {
+        _tile_loadd(4, packed + c * 256, 64);
+        _tile_loadd(7, packed + (c + 1) * 256, 64);
+        _tile_loadd(2, a + c * 32, stride);
+        _tile_loadd(5, a + (c + 1) * 32, stride);
+        if (b != NULL) {
+            _tile_loadd(3, b + c * 32, stride);
+            _tile_loadd(6, b + (c + 1) * 32, stride);
+        }
+        _tile_dpbf16ps(0, 2, 4);
+        _tile_dpbf16ps(0, 5, 7);
+        if (b != NULL) {
+            _tile_dpbf16ps(1, 3, 4);
+            _tile_dpbf16ps(1, 6, 7);
+        }
+    }
+    if (c < chunks) {
+        _tile_loadd(4, packed + c * 256, 64);
+        _tile_loadd(2, a + c * 32, stride);
+        _tile_dpbf16ps(0, 2, 4);
+        if (b != NULL) {
+            _tile_loadd(3, b + c * 32, stride);
+            _tile_dpbf16ps(1, 3, 4);
+        }
+    }
+}
+
+/* expert_mlp in bf16 on AMX: the same rows, grouping, rounding and combine as expert_mlp_bf16_dp; each expert's
+ * rows in groups of 16 (a tile's columns), its gate and up rows 16 at a time against every group, the SwiGLU
+ * activations written straight in the packed form the down projection's tile B takes. */
+static void expert_mlp_bf16_amx(const bf16 *x, const int64_t *expert_ids, const float *weights, int64_t T,
+                                int64_t k, int64_t E, int64_t H, int64_t I, const bf16 *w13, const bf16 *w2,
+                                float *out, int threads) {
+    ExpertRows grouped = expert_rows(expert_ids, weights, T, k, E);
+    const int64_t groups = grouped.groups;
+    int64_t *first_slot = malloc((groups + 1) * sizeof(int64_t)); /* a slot: one expert's group of <= 16 rows */
+    first_slot[0] = 0;
+    for (int64_t g = 0; g < groups; g++)
+        first_slot[g + 1] = first_slot[g] + (grouped.count[grouped.group_expert[g]] + 15) / 16;
+    const int64_t slots = first_slot[groups];
+    uint32_t *x_packed = malloc((slots ? slots : 1) * H * 16 * sizeof(bf16));
+    uint32_t *hidden_packed = calloc((slots ? slots : 1) * I * 16, sizeof(bf16));
+    float *expert_out = malloc((grouped.rows ? grouped.rows : 1) * H * sizeof(float));
+    const int64_t RB_I = rows_per_task(I, groups, threads), RB_H = rows_per_task(H, groups, threads);
+    #pragma omp parallel num_threads(threads)
+    {
+        amx_configure();
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t e = grouped.group_expert[g];
+            for (int64_t s = first_slot[g]; s < first_slot[g + 1]; s++) {
+                int64_t r0 = grouped.start[e] + 16 * (s - first_slot[g]), end = grouped.start[e] + grouped.count[e];
+                int n = (int)(end - r0 < 16 ? end - r0 : 16);
+                const bf16 *rows[16];
+                for (int r = 0; r < n; r++) rows[r] = x + grouped.row_token[r0 + r] * H;
+                pack_pairs(rows, n, H, x_packed + s * H * 8);
+            }
+        }
+        const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2,
+                                                                   1, 0), _mm512_set1_epi32(16));
+        #pragma omp for schedule(dynamic, 1) collapse(2)
+        for (int64_t g = 0; g < groups; g++) {
+            for (int64_t jb = 0; jb < I / RB_I; jb++) {
+                int64_t e = grouped.group_expert[g];
+                const bf16 *gate = w13 + e * 2 * I * H, *up = gate + I * H;
+                for (int64_t j = jb * RB_I; j < (jb + 1) * RB_I; j += 16) {
+                    if (j + 16 < (jb + 1) * RB_I) {
+                        prefetch_rows(gate + (j + 16) * H, 16 * H);
+                        prefetch_rows(up + (j + 16) * H, 16 * H);
+                    }
+                    for (int64_t s = first_slot[g]; s < first_slot[g + 1]; s++) {
+                        int64_t r0 = grouped.start[e] + 16 * (s - first_slot[g]);
+                        int64_t end = grouped.start[e] + grouped.count[e];
+                        int n = (int)(end - r0 < 16 ? end - r0 : 16);
+                        const uint32_t *packed = x_packed + s * H * 8;
+                        float gv[16][16], uv[16][16];
+                        amx_dots(gate + j * H, up + j * H, H, packed, H);
+                        _tile_stored(0, gv, 64);
+                        _tile_stored(1, uv, 64);
+                        uint32_t *hp = hidden_packed + s * I * 8 + (j / 32) * 256 + ((j % 32) / 2) * 16;
+                        for (int r = 0; r < n; r++) {
+                            __m512i at = _mm512_add_epi32(column, _mm512_set1_epi32(r));
+                            __m512 gate_v = round_bf16_ps(_mm512_i32gather_ps(at, &gv[0][0], 4));
+                            __m512 up_v = round_bf16_ps(_mm512_i32gather_ps(at, &uv[0][0], 4));
+                            __m512 silu_v = _mm512_div_ps(
+                                gate_v, _mm512_add_ps(_mm512_set1_ps(1.f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate_v))));
+                            uint32_t act[8];
+                            _mm256_storeu_si256((__m256i *)act, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu_v, up_v)));
+                            for (int m = 0; m < 8; m++) hp[m * 16 + r] = act[m];
+                        }
+                    }
+                }
+            }
+        }
+        #pragma omp for schedule(dynamic, 1) collapse(2)
+        for (int64_t g = 0; g < groups; g++) {
+            for (int64_t ib = 0; ib < H / RB_H; ib++) {
+                int64_t e = grouped.group_expert[g];
+                const bf16 *down = w2 + e * H * I;
+                for (int64_t i = ib * RB_H; i < (ib + 1) * RB_H; i += 16) {
+                    if (i + 16 < (ib + 1) * RB_H) prefetch_rows(down + (i + 16) * I, 16 * I);
+                    for (int64_t s = first_slot[g]; s < first_slot[g + 1]; s++) {
+                        int64_t r0 = grouped.start[e] + 16 * (s - first_slot[g]);
+                        int64_t end = grouped.start[e] + grouped.count[e];
+                        int n = (int)(end - r0 < 16 ? end - r0 : 16);
+                        float dv[16][16];
+                        amx_dots(down + i * I, NULL, I, hidden_packed + s * I * 8, I);
+                        _tile_stored(0, dv, 64);
+                        for (int r = 0; r < n; r++) {
+                            __m512i at = _mm512_add_epi32(column, _mm512_set1_epi32(r));
+                            _mm512_storeu_ps(expert_out + (r0 + r) * H + i, _mm512_i32gather_ps(at, &dv[0][0], 4));
+                        }
+                    }
+                }
+            }
+        }
+        _tile_release();
+    }
+    combine_rows(&grouped, expert_out, H, out, threads);
+    free(expert_out); free(hidden_packed); free(x_packed); free(first_slot);
+    free_expert_rows(&grouped);
+}
+
+/* linears_bf16 on AMX: the activation rows packed 16 at a time (pack_pairs), then per (16 rows, 16 weight rows of
+ * one weight) a tile of sums, rounded to bf16 as the vdpbf16ps path rounds them. */
+static void linears_bf16_amx(const bf16 *x, int64_t T, int64_t K, int64_t count, const bf16 *const *ws,
+                             const int64_t *first_block, void *out, int out_bf16, int threads) {
+    const int64_t groups = (T + 15) / 16, blocks = first_block[count], width = blocks * 16;
+    uint32_t *packed = malloc(groups * K * 16 * sizeof(bf16));
+    #pragma omp parallel num_threads(threads)
+    {
+        amx_configure();
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            const bf16 *rows[16];
+            int n = (int)(T - 16 * g < 16 ? T - 16 * g : 16);
+            for (int r = 0; r < n; r++) rows[r] = x + (16 * g + r) * K;
+            pack_pairs(rows, n, K, packed + g * K * 8);
+        }
+        const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2,
+                                                                   1, 0), _mm512_set1_epi32(16));
+        #pragma omp for schedule(static) collapse(2)
+        for (int64_t b = 0; b < blocks; b++) {
+            for (int64_t g = 0; g < groups; g++) {
+                int64_t i = 0;
+                while (b >= first_block[i + 1]) i++;
+                const int64_t n0 = (b - first_block[i]) * 16;
+                int n = (int)(T - 16 * g < 16 ? T - 16 * g : 16);
+                float sums[16][16];
+                amx_dots(ws[i] + n0 * K, NULL, K, packed + g * K * 8, K);
+                _tile_stored(0, sums, 64);
+                for (int r = 0; r < n; r++) {
+                    __m512 v = round_bf16_ps(_mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32(r)),
+                                                                 &sums[0][0], 4));
+                    int64_t at = (16 * g + r) * width + b * 16;
+                    if (out_bf16) _mm256_storeu_si256((__m256i *)((bf16 *)out + at), (__m256i)_mm512_cvtneps_pbh(v));
+                    else _mm512_storeu_ps((float *)out + at, v);
+                }
+            }
+        }
+        _tile_release();
+    }
+    free(packed);
+}
+#endif
 #endif
 
 /* out[T, sum N_i] = x[T, K] [ws[0]; ws[1]; ...]^T for `count` (<= 8) weights [N_i, K] sharing one input (a
@@ -346,6 +597,12 @@ int linears_bf16(const bf16 *x, int64_t T, int64_t K, int64_t count, const bf16 
         first_block[i + 1] = first_block[i] + ns[i] / 16;
     }
     const int64_t blocks = first_block[count], chunks = (T + 63) / 64, width = first_block[count] * 16;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (amx_enabled(-1)) {
+        linears_bf16_amx(x, T, K, count, ws, first_block, out, out_bf16, threads);
+        return 1;
+    }
+#endif
     #pragma omp parallel for schedule(static) num_threads(threads) collapse(2)
     for (int64_t tc = 0; tc < chunks; tc++) {
         for (int64_t b = 0; b < blocks; b++) {
@@ -379,9 +636,19 @@ int linears_bf16(const bf16 *x, int64_t T, int64_t K, int64_t count, const bf16 
 #endif
 }
 
+#if !(defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__))
+int amx_enabled(int want) { (void)want; return 0; }
+#endif
+
 void expert_mlp_bf16(const bf16 *x, const int64_t *expert_ids, const float *weights, int64_t T, int64_t k,
                      int64_t E, int64_t H, int64_t I, const bf16 *w13, const bf16 *w2, float *out, int threads) {
 #if defined(__AVX512BF16__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (H % 32 == 0 && I % 32 == 0 && amx_enabled(-1)) {
+        expert_mlp_bf16_amx(x, expert_ids, weights, T, k, E, H, I, w13, w2, out, threads);
+        return;
+    }
+#endif
     if (H % 32 == 0 && I % 32 == 0) {
         expert_mlp_bf16_dp(x, expert_ids, weights, T, k, E, H, I, w13, w2, out, threads);
         return;

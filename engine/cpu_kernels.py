@@ -54,6 +54,14 @@ class CpuKernels:
             attention.restype = None
         self.lib.linears_bf16.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _INT, _INT]
         self.lib.linears_bf16.restype = _INT
+        self.lib.amx_enabled.argtypes = [_INT]
+        self.lib.amx_enabled.restype = _INT
+
+    def use_amx(self, on: bool | None = None) -> bool:
+        """Whether the bf16 expert kernel runs on the CPU's AMX tiles (where the CPU has them and the OS grants
+        their state; MOE_SERVE_AMX=0 starts with them off); `on` switches them, for side-by-side measurements and
+        tests of both paths."""
+        return bool(self.lib.amx_enabled(-1 if on is None else int(on)))
 
     def expert_mlp(
         self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor

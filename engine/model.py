@@ -19,7 +19,7 @@ from engine.config import ModelConfig
 from engine.cpu_kernels import kernels
 from engine.expert_tables import ExpertTables
 from engine.moe import DenseMLP, ExpertLoad, RoutingObserver, SparseMoE
-from engine.projections import KERNEL_ROWS, project
+from engine.projections import kernel_rows, project
 from engine.routing import LiveExperts, RoutingPolicy
 
 
@@ -271,11 +271,11 @@ class MoEForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [T, vocab] in fp32. A decode step's rows (up to KERNEL_ROWS) of a bf16 model on CPU go through
+        """Logits [T, vocab] in fp32. A decode step's rows (up to kernel_rows()) of a bf16 model on CPU go through
         the CPU kernel (a quarter of torch's time at one row, a batch-32 step 2-3% faster, docs/performance.md);
         everything else is the linear layer."""
         weight = self.lm_head.weight
-        if hidden.shape[0] <= KERNEL_ROWS and hidden.device.type == "cpu" and not torch.is_grad_enabled():
+        if hidden.shape[0] <= kernel_rows() and hidden.device.type == "cpu" and not torch.is_grad_enabled():
             cpu = kernels()
             logits = cpu.linear(hidden.contiguous(), weight) if cpu is not None and weight.is_contiguous() else None
             if logits is not None:

@@ -3,7 +3,7 @@
 Serving a bf16 model on a CPU with bf16 dot products, a decode step's projections are few-row, narrow GEMMs:
 inductor's C++ GEMM template ran them at 20-50 GFLOP/s here and torch's bf16 linear not much faster, where the
 CPU kernel (engine/cpu_kernels.c, linears_bf16) reaches 100-150 and reads the shared input once for all of
-them (docs/performance.md). The `moe_serve::dense_linears` op picks per call: the kernel up to KERNEL_ROWS
+them (docs/performance.md). The `moe_serve::dense_linears` op picks per call: the kernel up to kernel_rows()
 rows, torch's linear above (prefill, where torch's blocked GEMM is faster), so one compiled graph serves both.
 Elsewhere (training, other dtypes, CUDA, no kernels) the layers run as they are.
 """
@@ -17,14 +17,23 @@ from torch import nn
 from engine.cpu_kernels import kernels
 from engine.op_library import define_op
 
-# Up to this many rows the kernel beats torch's bf16 linear on these shapes (projections, the LM head); above it
-# torch's blocked GEMM wins.
+# Up to how many rows the kernel beats torch's bf16 linear on these shapes (projections, the LM head); above it
+# torch's blocked GEMM wins. Measured on 8 layers' q/k/v and o of hidden 512, two threads (docs/performance.md):
+# with vdpbf16ps alone up to 64 rows on the AMD machine (up to 8 on the Intel VM, which has AMX); on AMX tiles
+# up to 512 (0.65 ms against torch's 1.74 at 32 rows, 6.5 against 8.6 at 512).
 KERNEL_ROWS = 64
+KERNEL_ROWS_AMX = 512
+
+
+def kernel_rows() -> int:
+    """Up to how many rows the dense_linears op (and the LM head) use the CPU kernel here."""
+    cpu = kernels()
+    return KERNEL_ROWS_AMX if cpu is not None and cpu.use_amx() else KERNEL_ROWS
 
 
 def dense_linears(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     """x [T, K] times every weight [N_i, K] (transposed), side by side: [T, sum of N_i] in x's dtype."""
-    cpu = kernels() if x.device.type == "cpu" and x.shape[0] <= KERNEL_ROWS else None
+    cpu = kernels() if x.device.type == "cpu" and x.shape[0] <= kernel_rows() else None
     out = cpu.linears(x.contiguous(), tuple(weights)) if cpu is not None else None
     if out is not None:
         return out

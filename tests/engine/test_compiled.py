@@ -16,7 +16,7 @@ from engine.config import ModelConfig
 from engine.cpu_kernels import kernels
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.outputs import RequestOutput
-from engine.projections import KERNEL_ROWS
+from engine.projections import kernel_rows
 from engine.token_routing import TokenRouting
 from tests.conftest import ARCHS
 
@@ -170,8 +170,9 @@ def test_per_request_budgets_and_substitution_are_data_not_recompiles(tiny_model
 def test_compiled_bf16_with_the_projection_kernel_scores_as_fp32_eager(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """bf16 serving runs the dense projections through the CPU kernel inside the compiled graph (decode batches)
-    and torch's linear (long prefills); teacher-forced logprobs stay within bf16 rounding of fp32 eager."""
+    """bf16 serving runs the dense projections through the CPU kernel inside the compiled graph (up to
+    kernel_rows(): decode batches, and prefills too on AMX) and torch's linear above; teacher-forced logprobs stay
+    within bf16 rounding of fp32 eager."""
     generator = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 250, (n,), generator=generator).tolist() for n in (5, 9, 80, 12)]
     forced = torch.randint(0, 250, (10,), generator=generator).tolist()
@@ -185,7 +186,7 @@ def test_compiled_bf16_with_the_projection_kernel_scores_as_fp32_eager(
     linears = cpu.linears
     monkeypatch.setattr(cpu, "linears", lambda *args: calls.append(args[0].shape[0]) or linears(*args))
     expected, got = generate(eager, prompts, params), generate(compiled, prompts, params)
-    assert 4 in calls and all(rows <= KERNEL_ROWS for rows in calls)  # decode batches of 4 through the kernel
+    assert 4 in calls and all(rows <= kernel_rows() for rows in calls)  # decode batches of 4 through the kernel
     differences = []
     for a, b in zip(expected, got, strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids == forced

@@ -40,6 +40,40 @@ def test_expert_mlp_matches_the_reference_dispatch(dtype: torch.dtype, tokens: i
         assert torch.allclose(got, expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
+HAS_BF16_DOT = "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+
+
+@pytest.fixture(params=["vdpbf16ps", "amx"])
+def bf16_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The bf16 kernels on the vdpbf16ps path, then on AMX tiles where the CPU and the OS grant them."""
+    cpu = kernels()
+    assert cpu is not None
+    was = cpu.use_amx()
+    if not cpu.use_amx(request.param == "amx") and request.param == "amx":
+        pytest.skip("no AMX tiles here")
+    yield request.param
+    cpu.use_amx(was)
+
+
+@pytest.mark.skipif(not HAS_BF16_DOT, reason="no bf16 dot-product instruction")
+@pytest.mark.parametrize("tokens", [1, 5, 40, 90])
+def test_bf16_expert_mlp_matches_the_reference_dispatch_on_each_path(tokens: int, bf16_path: str) -> None:
+    """Shapes the bf16 paths take (multiples of 32); 90 tokens give some experts more than a tile's 16 rows."""
+    generator = torch.Generator().manual_seed(tokens)
+    experts, hidden, width, k = 12, 96, 64, 3
+    w13 = (torch.randn(experts, 2 * width, hidden, generator=generator) * 0.1).bfloat16()
+    w2 = (torch.randn(experts, hidden, width, generator=generator) * 0.1).bfloat16()
+    x = torch.randn(tokens, hidden, generator=generator).bfloat16()
+    ids = torch.stack([torch.randperm(experts, generator=generator)[:k] for _ in range(tokens)])
+    ids[0, -1] = experts  # a dropped slot
+    weights = torch.rand(tokens, k, generator=generator)
+    cpu = kernels()
+    assert cpu is not None
+    got = cpu.expert_mlp(x, ids, weights, w13, w2)
+    expected = _dispatch_sorted(x.float(), ids, weights, w13.float(), w2.float(), loop=False)
+    assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim"), [(8, 8, 32), (8, 2, 64), (4, 1, 128)])
 @pytest.mark.parametrize(
@@ -112,9 +146,9 @@ def without_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     native_ops.cache_clear()
 
 
-@pytest.mark.skipif("avx512_bf16" not in Path("/proc/cpuinfo").read_text(), reason="no bf16 dot-product instruction")
+@pytest.mark.skipif(not HAS_BF16_DOT, reason="no bf16 dot-product instruction")
 @pytest.mark.parametrize("rows", [1, 5, 16])
-def test_linear_matches_torch_in_bf16_and_declines_what_it_cannot_do(rows: int) -> None:
+def test_linear_matches_torch_in_bf16_and_declines_what_it_cannot_do(rows: int, bf16_path: str) -> None:
     generator = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 64, generator=generator).bfloat16()
     weight = torch.randn(48, 64, generator=generator).bfloat16()
@@ -128,9 +162,9 @@ def test_linear_matches_torch_in_bf16_and_declines_what_it_cannot_do(rows: int) 
     assert cpu.linear(x, weight[:40]) is None  # 40 output rows: not a multiple of 16
 
 
-@pytest.mark.skipif("avx512_bf16" not in Path("/proc/cpuinfo").read_text(), reason="no bf16 dot-product instruction")
+@pytest.mark.skipif(not HAS_BF16_DOT, reason="no bf16 dot-product instruction")
 @pytest.mark.parametrize("rows", [2, 5, 70])
-def test_linears_compute_weights_sharing_an_input_side_by_side(rows: int) -> None:
+def test_linears_compute_weights_sharing_an_input_side_by_side(rows: int, bf16_path: str) -> None:
     generator = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 64, generator=generator).bfloat16()
     weights = tuple(torch.randn(n, 64, generator=generator).bfloat16() for n in (48, 16, 32))

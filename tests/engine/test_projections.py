@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from engine.cpu_kernels import kernels
-from engine.projections import KERNEL_ROWS, project
+from engine.projections import kernel_rows, project
 
 
 def layers(bias: bool) -> tuple[nn.Linear, ...]:
@@ -18,7 +18,7 @@ def layers(bias: bool) -> tuple[nn.Linear, ...]:
 
 
 @pytest.mark.skipif(kernels() is None, reason="no C compiler: the CPU kernels cannot be built")
-@pytest.mark.parametrize("rows", [3, KERNEL_ROWS + 5])
+@pytest.mark.parametrize("rows", [3, kernel_rows() + 5])
 @pytest.mark.parametrize("bias", [False, True])
 def test_projections_equal_the_layers_one_by_one(rows: int, bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     qkv = layers(bias)
@@ -29,7 +29,7 @@ def test_projections_equal_the_layers_one_by_one(rows: int, bias: bool, monkeypa
     with torch.inference_mode():
         got = project(x, qkv)
         expected = tuple(layer(x) for layer in qkv)
-    assert len(calls) == (1 if rows <= KERNEL_ROWS else 0)  # above KERNEL_ROWS the op runs torch's linear
+    assert len(calls) == (1 if rows <= kernel_rows() else 0)  # above kernel_rows() the op runs torch's linear
     for a, b in zip(got, expected, strict=True):
         assert a.shape == b.shape and a.dtype == torch.bfloat16
         assert torch.allclose(a.float(), b.float(), atol=0.05, rtol=2e-2)
