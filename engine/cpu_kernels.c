@@ -384,6 +384,25 @@ int amx_enabled(int want) {
     return amx_state;
 }
 
+/* AMX pays where its tiles fill: from this many activation rows per weight (an expert's, on average over the
+ * experts a layer's tokens use; a linear's), measured on the bench shape (docs/performance.md); below it the tiles'
+ * fixed costs, and the lower clock the CPU runs AMX at, made a batch-1 step 10% slower than vdpbf16ps. */
+#define AMX_MIN_ROWS 16
+#define AMX_MIN_ROWS_PER_EXPERT 2
+
+static int fills_tiles(const int64_t *expert_ids, int64_t slots, int64_t E) {
+    char *used = calloc(E > 0 ? E : 1, 1);
+    int64_t active = 0, rows = 0;
+    for (int64_t i = 0; i < slots; i++) {
+        int64_t e = expert_ids[i];
+        if (e < 0 || e >= E) continue;
+        rows++;
+        if (!used[e]) used[e] = 1, active++;
+    }
+    free(used);
+    return active > 0 && rows >= AMX_MIN_ROWS_PER_EXPERT * active;
+}
+
 static void amx_configure(void) {
     TileConfig config = {0};
     config.palette = 1;
@@ -598,7 +617,7 @@ int linears_bf16(const bf16 *x, int64_t T, int64_t K, int64_t count, const bf16 
     }
     const int64_t blocks = first_block[count], chunks = (T + 63) / 64, width = first_block[count] * 16;
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (amx_enabled(-1)) {
+    if (T >= AMX_MIN_ROWS && amx_enabled(-1)) {
         linears_bf16_amx(x, T, K, count, ws, first_block, out, out_bf16, threads);
         return 1;
     }
@@ -644,7 +663,7 @@ void expert_mlp_bf16(const bf16 *x, const int64_t *expert_ids, const float *weig
                      int64_t E, int64_t H, int64_t I, const bf16 *w13, const bf16 *w2, float *out, int threads) {
 #if defined(__AVX512BF16__)
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (H % 32 == 0 && I % 32 == 0 && amx_enabled(-1)) {
+    if (H % 32 == 0 && I % 32 == 0 && amx_enabled(-1) && fills_tiles(expert_ids, T * k, E)) {
         expert_mlp_bf16_amx(x, expert_ids, weights, T, k, E, H, I, w13, w2, out, threads);
         return;
     }
