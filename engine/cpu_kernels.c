@@ -286,12 +286,10 @@ static void combine_rows(const ExpertRows *g, const float *expert_out, int64_t H
         }
 }
 
-static void expert_mlp_bf16_dp(const bf16 *x, const int64_t *expert_ids, const float *weights, int64_t T,
-                               int64_t k, int64_t E, int64_t H, int64_t I, const bf16 *w13, const bf16 *w2,
-                               float *out, int threads) {
-    ExpertRows grouped = expert_rows(expert_ids, weights, T, k, E);
-    const int64_t *count = grouped.count, *start = grouped.start, *row_token = grouped.row_token;
-    const int64_t *group_expert = grouped.group_expert, groups = grouped.groups, rows = grouped.rows;
+static void expert_mlp_bf16_dp(const bf16 *x, const ExpertRows *grouped, int64_t H, int64_t I, const bf16 *w13,
+                               const bf16 *w2, float *out, int threads) {
+    const int64_t *count = grouped->count, *start = grouped->start, *row_token = grouped->row_token;
+    const int64_t *group_expert = grouped->group_expert, groups = grouped->groups, rows = grouped->rows;
     /* Tasks read RB contiguous weight rows of one expert (rows_per_task): few, long streams, each prefetched about
      * 4-6 KiB (whole 4-row tiles) ahead of its tile, from the task's first rows on. */
     const int64_t RB_I = rows_per_task(I, groups, threads), RB_H = rows_per_task(H, groups, threads);
@@ -348,10 +346,9 @@ static void expert_mlp_bf16_dp(const bf16 *x, const int64_t *expert_ids, const f
             }
         }
     }
-    combine_rows(&grouped, expert_out, H, out, threads);
+    combine_rows(grouped, expert_out, H, out, threads);
     free(expert_out);
     free(hidden);
-    free_expert_rows(&grouped);
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -389,19 +386,6 @@ int amx_enabled(int want) {
  * fixed costs, and the lower clock the CPU runs AMX at, made a batch-1 step 10% slower than vdpbf16ps. */
 #define AMX_MIN_ROWS 16
 #define AMX_MIN_ROWS_PER_EXPERT 2
-
-static int fills_tiles(const int64_t *expert_ids, int64_t slots, int64_t E) {
-    char *used = calloc(E > 0 ? E : 1, 1);
-    int64_t active = 0, rows = 0;
-    for (int64_t i = 0; i < slots; i++) {
-        int64_t e = expert_ids[i];
-        if (e < 0 || e >= E) continue;
-        rows++;
-        if (!used[e]) used[e] = 1, active++;
-    }
-    free(used);
-    return active > 0 && rows >= AMX_MIN_ROWS_PER_EXPERT * active;
-}
 
 static void amx_configure(void) {
     TileConfig config = {0};
@@ -461,10 +445,9 @@ static inline __attribute__((always_inline)) void amx_dots(const bf16 *a, const 
 /* expert_mlp in bf16 on AMX: the same rows, grouping, rounding and combine as expert_mlp_bf16_dp; each expert's
  * rows in groups of 16 (a tile's columns), its gate and up rows 16 at a time against every group, the SwiGLU
  * activations written straight in the packed form the down projection's tile B takes. */
-static void expert_mlp_bf16_amx(const bf16 *x, const int64_t *expert_ids, const float *weights, int64_t T,
-                                int64_t k, int64_t E, int64_t H, int64_t I, const bf16 *w13, const bf16 *w2,
-                                float *out, int threads) {
-    ExpertRows grouped = expert_rows(expert_ids, weights, T, k, E);
+static void expert_mlp_bf16_amx(const bf16 *x, const ExpertRows *rows_by_expert, int64_t H, int64_t I,
+                                const bf16 *w13, const bf16 *w2, float *out, int threads) {
+    const ExpertRows grouped = *rows_by_expert;
     const int64_t groups = grouped.groups;
     int64_t *first_slot = malloc((groups + 1) * sizeof(int64_t)); /* a slot: one expert's group of <= 16 rows */
     first_slot[0] = 0;
@@ -551,7 +534,6 @@ static void expert_mlp_bf16_amx(const bf16 *x, const int64_t *expert_ids, const 
     }
     combine_rows(&grouped, expert_out, H, out, threads);
     free(expert_out); free(hidden_packed); free(x_packed); free(first_slot);
-    free_expert_rows(&grouped);
 }
 
 /* linears_bf16 on AMX: the activation rows packed 16 at a time (pack_pairs), then per (16 rows, 16 weight rows of
@@ -662,14 +644,15 @@ int amx_enabled(int want) { (void)want; return 0; }
 void expert_mlp_bf16(const bf16 *x, const int64_t *expert_ids, const float *weights, int64_t T, int64_t k,
                      int64_t E, int64_t H, int64_t I, const bf16 *w13, const bf16 *w2, float *out, int threads) {
 #if defined(__AVX512BF16__)
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (H % 32 == 0 && I % 32 == 0 && amx_enabled(-1) && fills_tiles(expert_ids, T * k, E)) {
-        expert_mlp_bf16_amx(x, expert_ids, weights, T, k, E, H, I, w13, w2, out, threads);
-        return;
-    }
-#endif
     if (H % 32 == 0 && I % 32 == 0) {
-        expert_mlp_bf16_dp(x, expert_ids, weights, T, k, E, H, I, w13, w2, out, threads);
+        ExpertRows grouped = expert_rows(expert_ids, weights, T, k, E);
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+        if (grouped.groups > 0 && grouped.rows >= AMX_MIN_ROWS_PER_EXPERT * grouped.groups && amx_enabled(-1))
+            expert_mlp_bf16_amx(x, &grouped, H, I, w13, w2, out, threads);
+        else
+#endif
+            expert_mlp_bf16_dp(x, &grouped, H, I, w13, w2, out, threads);
+        free_expert_rows(&grouped);
         return;
     }
 #endif
