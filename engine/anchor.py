@@ -7,8 +7,9 @@ WORKDIR is what ../shared/anchors/llama-cpp/setup.sh built (build/bin/llama-benc
 the model converted to gguf/). Each round measures, per batch size, this engine and then every GGUF given:
 at batch 1 llama.cpp's `llama-bench -n 128` (tg128), at larger batches `llama-batched-bench` with 64-token
 prompts and 128 generated tokens (its S_TG); this engine the same way: B sequences of 64-token prompts,
-prefilled, then 128 decode steps timed (B x 128 / seconds). Medians over rounds; the ratio is against the
-best llama.cpp file at each batch size (each engine in its best dtype). Same thread count on both sides.
+prefilled, then 128 decode steps timed (B x 128 / seconds), after one untimed pass per batch size. Medians over
+rounds; the ratio is against the best llama.cpp file at each batch size (each engine in its best dtype). Same
+thread count on both sides.
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max(batches), enable_prefix_caching=False)
     samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in ["moe-serve", *ggufs]}
+    for batch in batches:  # untimed, as llama-bench warms up: the one-token graph's wrapper may still be building
+        progress(f"warm-up, batch {batch}")
+        ours(llm, batch)
     for round_ in range(args.rounds):
         for batch in batches:
             progress(f"round {round_ + 1}/{args.rounds}, batch {batch}")

@@ -41,6 +41,7 @@ from engine.attention import PAGED, PagedStep, paged_step
 from engine.direct_graph import DirectGraph, GraphCatcher
 from engine.model import MoEForCausalLM
 from engine.moe import SparseMoE, serving_experts
+from engine.prebuild import ask_compiler
 from engine.token_routing import NUM_CONTROLS, PADDING_ROW
 
 if TYPE_CHECKING:
@@ -101,8 +102,9 @@ def _own_copy(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tenso
 @contextlib.contextmanager
 def _cpu_settings(one_token: bool) -> Iterator[None]:
     """Inductor's settings while a CPU graph compiles (patched globally for the call: passed to torch.compile as
-    options, freezing did not take effect), with autotuning's report to stderr off and the C++ GEMM templates
-    parsed once (_parse_once)."""
+    options, freezing did not take effect), with autotuning's report to stderr off, the C++ GEMM templates
+    parsed once (_parse_once) and the compiler asked once (engine.prebuild.ask_compiler)."""
+    ask_compiler()  # before inductor asks on its own, which would probe every instruction set
     printing = select_algorithm.PRINT_AUTOTUNE
     parse = KernelTemplate.__dict__.get("_template_from_string")
     select_algorithm.PRINT_AUTOTUNE = False

@@ -2,14 +2,13 @@
 background thread so that it runs beside the start-up's Python work instead of on its critical path.
 
 Each is built once and then found: the C kernels (engine/cpu_kernels.py) and the C++ serving ops
-(engine/native_ops.py) under $MOE_SERVE_CACHE; inductor's compiler probes (it asks, on the first CPU compile of a
-process, which vector instruction sets the compiler builds for, compiling and loading a test file per set, one
-after another, in the middle of lowering the first graph) in its cache; and inductor's two precompiled headers
-(~150 MB each, under the system's temp directory, whatever the cache). On this project's 2-core machine these cost
-a cold start 10 s (the libraries), 10-18 s (the probes) and 13 s (the headers) on its critical path
-(docs/performance.md, time to ready). The server starts all of it in its own process as soon as its flags are
-parsed (its engine process then finds them built, or waits on their file locks); every CPU engine starts the
-libraries and the probes at its construction (the probes' answers live in the process too).
+(engine/native_ops.py) under $MOE_SERVE_CACHE; inductor's compiler probe (`ask_compiler`); and inductor's two
+precompiled headers (~150 MB each, under the system's temp directory, whatever the cache). On this project's
+2-core machine these cost a cold start 10 s (the libraries), 10-18 s (inductor's own probes) and 13 s (the headers)
+on its critical path (docs/performance.md, time to ready). The server starts all of it in its own process as soon
+as its flags are parsed (its engine process then finds them built, or waits on their file locks); every CPU engine
+starts the libraries and the probe at its construction, and its first compile asks `ask_compiler` again (the
+answer lives in the process).
 """
 
 from __future__ import annotations
@@ -51,8 +50,8 @@ def _prebuild(device: str, probe_compiler: bool, precompile_headers: bool) -> No
         build_native_ops()
     except (OSError, subprocess.CalledProcessError) as exc:  # reported where the libraries are loaded
         logger.debug("prebuilding the CPU kernels failed: %s", exc)
-    for probe in _start_compiler_probes() if probe_compiler else []:
-        probe.join()
+    if probe_compiler:
+        ask_compiler()
     if probe_compiler and precompile_headers:
         try:
             _precompile_headers()
@@ -80,16 +79,33 @@ def _precompile_headers() -> None:
             torch._inductor.compile(torch.fx.symbolic_trace(_scale_and_shift), [x])
 
 
-def _start_compiler_probes() -> list[threading.Thread]:
-    """Inductor's probes, a thread per instruction set this CPU has (each its own compiler run); none off x86.
-    A later ask, inductor's own included, reads the process's cached answer or waits on the probe's file lock."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    from torch._inductor import cpu_vec_isa
+_asking = threading.Lock()
 
+
+def ask_compiler() -> None:
+    """Ask the C++ compiler once which vector instruction set it builds inductor's kernels for, here and for this
+    process: the best the CPU has (a test file with ATen's vector headers, compiled and loaded as inductor does);
+    if it builds, inductor is told its vector code works (`cpp.vec_isa_ok`) instead of compiling that heavy test
+    file once more for every lesser set, whose flags are a subset (7 s of a core with an empty cache, 1 s
+    without: docs/performance.md, time to ready); its small checks of single instructions still run. Nothing
+    off x86, where the user set TORCHINDUCTOR_VEC_ISA_OK, or where this torch lacks the probe; a set that fails
+    leaves inductor to probe them all. Once per process; a second caller waits for the first's answer."""
+    with _asking:
+        _ask_compiler_once()
+
+
+@functools.cache
+def _ask_compiler_once() -> None:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return
+    from torch._inductor import config, cpu_vec_isa
+
+    check = getattr(cpu_vec_isa.VecISA, "check_build", None)
+    test_file = getattr(cpu_vec_isa.VecISA, "_avx_code", None)
+    if config.cpp.vec_isa_ok is not None or check is None or test_file is None:
+        return
     cpu_flags = cpu_vec_isa.x86_isa_checker()
     wanted = [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in cpu_flags for f in str(isa).split())]
-    probes = [threading.Thread(target=bool, args=(isa,), name=f"compiler-probe-{isa}", daemon=True) for isa in wanted]
-    for probe in probes:
-        probe.start()
-    return probes
+    if wanted and check(wanted[0], test_file):
+        config.cpp.vec_isa_ok = True
+    cpu_vec_isa.valid_vec_isa_list()  # the small checks; the answer stays in the process

@@ -1,10 +1,12 @@
-"""Start-up builds (engine/prebuild.py): a library two processes build at once is compiled once, and the
-prebuild leaves the engine's libraries where the engine then finds them."""
+"""Start-up builds (engine/prebuild.py): a library two processes build at once is compiled once, the prebuild
+leaves the engine's libraries where the engine then finds them, and inductor's compiler probe runs once."""
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import platform
 import stat
 import subprocess
 import sys
@@ -53,3 +55,40 @@ def test_the_prebuild_leaves_the_libraries_the_engine_loads(tmp_path: Path, monk
     built = sorted(path.name for path in (tmp_path / "kernels").glob("*/*.so"))
     assert built == ["cpu_kernels.so", "native_ops.so"]
     assert {build_kernels(), build_native_ops()} == set((tmp_path / "kernels").glob("*/*.so"))  # found, not rebuilt
+
+
+ASK = """
+import json, sys
+from torch._inductor import config, cpu_vec_isa
+from engine.prebuild import ask_compiler
+ask_compiler()
+flags = cpu_vec_isa.x86_isa_checker()
+best = [str(i) for i in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(i).split())][:1]
+print(json.dumps({"ok": config.cpp.vec_isa_ok, "picked": str(cpu_vec_isa.pick_vec_isa()), "best": best}))
+"""
+
+
+def _ask_in_a_fresh_process(cache: Path, **env: str) -> dict[str, object]:
+    run = subprocess.run(
+        [sys.executable, "-c", ASK], env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), **env},
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="inductor probes x86 instruction sets only")
+def test_the_compiler_is_asked_once_for_the_best_instruction_set(tmp_path: Path) -> None:
+    """Inductor compiles its heavy test file (ATen's vector headers) once per instruction set the CPU has;
+    ask_compiler builds it for the best one only and picks the same set inductor would."""
+    answer = _ask_in_a_fresh_process(tmp_path)
+    heavy = [path for path in tmp_path.rglob("*.cpp") if "__avx_chk_kernel" in path.read_text()]
+    assert answer["ok"] is True
+    assert [answer["picked"]] == answer["best"]
+    assert len(heavy) == 1
+
+
+def test_a_users_vec_isa_setting_is_kept(tmp_path: Path) -> None:
+    answer = _ask_in_a_fresh_process(tmp_path, TORCHINDUCTOR_VEC_ISA_OK="0")
+    assert answer["ok"] is False
+    assert answer["picked"] == "INVALID_VEC_ISA"
+    assert not list(tmp_path.rglob("*.cpp"))
