@@ -56,12 +56,16 @@ class CpuKernels:
         self.lib.linears_bf16.restype = _INT
         self.lib.amx_enabled.argtypes = [_INT]
         self.lib.amx_enabled.restype = _INT
+        self._amx = bool(self.lib.amx_enabled(-1))
 
     def use_amx(self, on: bool | None = None) -> bool:
         """Whether the bf16 expert kernel runs on the CPU's AMX tiles (where the CPU has them and the OS grants
         their state; MOE_SERVE_AMX=0 starts with them off); `on` switches them, for side-by-side measurements and
-        tests of both paths."""
-        return bool(self.lib.amx_enabled(-1 if on is None else int(on)))
+        tests of both paths. The answer is kept here (asked on every projection and LM-head call), so switch
+        through this method only."""
+        if on is not None:
+            self._amx = bool(self.lib.amx_enabled(int(on)))
+        return self._amx
 
     def expert_mlp(
         self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
