@@ -75,6 +75,24 @@ def test_bf16_expert_mlp_matches_the_reference_dispatch_on_each_path(tokens: int
     assert torch.allclose(got, expected, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("tokens", [1, 5, 40, 90])
+def test_fp32_expert_mlp_matches_the_reference_dispatch_on_its_fast_path(tokens: int) -> None:
+    """Shapes the AVX-512 fp32 path takes (multiples of 32; the generic loops elsewhere), to 1e-5."""
+    generator = torch.Generator().manual_seed(tokens)
+    experts, hidden, width, k = 6, 96, 64, 3
+    w13 = torch.randn(experts, 2 * width, hidden, generator=generator) * 0.1
+    w2 = torch.randn(experts, hidden, width, generator=generator) * 0.1
+    x = torch.randn(tokens, hidden, generator=generator)
+    ids = torch.stack([torch.randperm(experts, generator=generator)[:k] for _ in range(tokens)])
+    ids[0, -1] = experts  # a dropped slot
+    weights = torch.rand(tokens, k, generator=generator)
+    cpu = kernels()
+    assert cpu is not None
+    got = cpu.expert_mlp(x, ids, weights, w13, w2)
+    expected = _dispatch_sorted(x, ids, weights, w13, w2, loop=False)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim"), [(8, 8, 32), (8, 2, 64), (4, 1, 128)])
 @pytest.mark.parametrize(
