@@ -91,7 +91,10 @@ def ask_compiler() -> None:
     off x86, where the user set TORCHINDUCTOR_VEC_ISA_OK, or where this torch lacks the probe; a set that fails
     leaves inductor to probe them all. Once per process; a second caller waits for the first's answer."""
     with _asking:
-        _ask_compiler_once()
+        try:
+            _ask_compiler_once()
+        except Exception as exc:  # noqa: BLE001 - only a shortcut: inductor asks on its own as before
+            logger.debug("asking the compiler once failed: %s", exc)
 
 
 @functools.cache
