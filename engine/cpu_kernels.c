@@ -844,7 +844,7 @@ typedef void (*DecodeTask)(const void *q, const void *k_cache, const void *v_cac
 DECODE_TASK(decode_task_f32, float, AS_F32, FROM_F32)
 DECODE_TASK(decode_task_bf16, bf16, bf16_to_f32, f32_to_bf16)
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #define DP_MAX_D 256
 #define DP_MAX_QD 4096
 #define PREFETCH_TOKENS 32
@@ -855,18 +855,90 @@ static inline int chunk_tokens(int64_t t, int64_t len, int64_t block_size) {
     return (int)(n < left ? n : left);
 }
 
-/* Ask for the keys and values of the chunk at token t, `width` elements of each row: the blocks of a sequence lie
- * anywhere in the cache, so the hardware prefetcher cannot run ahead across them. Returns the chunk's tokens. */
-static inline int prefetch_chunk(const bf16 *k_cache, const bf16 *v_cache, const int64_t *table, int64_t t,
-                                 int64_t len, int64_t block_size, int64_t row, int64_t width) {
+/* Ask for the keys and values of the chunk at token t, `width` elements (of `element` bytes) of each row: the
+ * blocks of a sequence lie anywhere in the cache, so the hardware prefetcher cannot run ahead across them.
+ * Returns the chunk's tokens. */
+static inline int prefetch_chunk(const void *k_cache, const void *v_cache, size_t element, const int64_t *table,
+                                 int64_t t, int64_t len, int64_t block_size, int64_t row, int64_t width) {
     const int n = chunk_tokens(t, len, block_size);
     const int64_t first = (table[t / block_size] * block_size + t % block_size) * row;
     for (int i = 0; i < n; i++) {
-        prefetch_rows(k_cache + first + i * row, width);
-        prefetch_rows(v_cache + first + i * row, width);
+        prefetch_bytes((const char *)k_cache + (first + i * row) * element, width * (int64_t)element);
+        prefetch_bytes((const char *)v_cache + (first + i * row) * element, width * (int64_t)element);
     }
     return n;
 }
+
+/* decode_task_f32 on AVX-512 (D a multiple of 16, at most DP_MAX_D; the task's query heads times D at most
+ * DP_MAX_QD): decode_task_bf16_dp's chunks, prefetches and vector softmax, with fp32 fused multiply-adds. */
+static void decode_task_f32_fma(const void *q_, const void *k_cache_, const void *v_cache_, const int64_t *table,
+                                int64_t len, int64_t block_size, int64_t row, int64_t G, int64_t D, float scale,
+                                void *out_, int64_t kv_heads) {
+    const float *q = q_, *k_cache = k_cache_, *v_cache = v_cache_;
+    float *out = out_;
+    const int64_t nv = D / 16, heads = kv_heads * G;
+    __m512 qv[DP_MAX_QD / 16], acc[DP_MAX_QD / 16];
+    float m[DP_MAX_QD / 16], l[DP_MAX_QD / 16];
+    float p[DP_MAX_QD / 16][16] __attribute__((aligned(64)));
+    for (int64_t h = 0; h < heads; h++) {
+        m[h] = -1e30f;
+        l[h] = 0.f;
+        for (int64_t c = 0; c < nv; c++) {
+            qv[h * nv + c] = _mm512_loadu_ps(q + h * D + 16 * c);
+            acc[h * nv + c] = _mm512_setzero_ps();
+        }
+    }
+    int64_t ahead = 0; /* tokens prefetched so far: kept PREFETCH_TOKENS past the chunk being read */
+    for (int64_t t0 = 0; t0 < len;) {
+        const int n = chunk_tokens(t0, len, block_size);
+        while (ahead < len && ahead < t0 + n + PREFETCH_TOKENS)
+            ahead += prefetch_chunk(k_cache, v_cache, sizeof(float), table, ahead, len, block_size, row, kv_heads * D);
+        const int64_t first = table[t0 / block_size] * block_size + t0 % block_size;
+        const float *kb = k_cache + first * row, *vb = v_cache + first * row;
+        const __mmask16 live = (__mmask16)((1u << n) - 1u);
+        for (int64_t kh = 0; kh < kv_heads; kh++) {
+            const float *keys[16];
+            for (int i = 0; i < 16; i++) keys[i] = kb + (i < n ? i : n - 1) * row + kh * D; /* past n: masked */
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t h = kh * G + g;
+                __m512 dots[16];
+                for (int i = 0; i < 16; i++) dots[i] = _mm512_setzero_ps();
+                for (int64_t c = 0; c < nv; c++)
+                    for (int i = 0; i < 16; i++)
+                        dots[i] = _mm512_fmadd_ps(qv[h * nv + c], _mm512_loadu_ps(keys[i] + 16 * c), dots[i]);
+                __m512 scores = _mm512_mask_mov_ps(_mm512_set1_ps(-1e30f), live,
+                                                   _mm512_mul_ps(sum16(dots), _mm512_set1_ps(scale)));
+                float chunk_max = _mm512_reduce_max_ps(scores), m_new = chunk_max > m[h] ? chunk_max : m[h];
+                __m512 e = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(scores, _mm512_set1_ps(m_new))));
+                float rescale = expf(m[h] - m_new);
+                l[h] = l[h] * rescale + _mm512_reduce_add_ps(e);
+                m[h] = m_new;
+                _mm512_store_ps(p[h], e);
+                if (rescale != 1.f)
+                    for (int64_t c = 0; c < nv; c++) acc[h * nv + c] = _mm512_mul_ps(acc[h * nv + c], _mm512_set1_ps(rescale));
+            }
+        }
+        for (int i = 0; i < n; i++) {
+            const float *vt = vb + i * row;
+            for (int64_t kh = 0; kh < kv_heads; kh++)
+                for (int64_t c = 0; c < nv; c++) {
+                    __m512 v = _mm512_loadu_ps(vt + kh * D + 16 * c);
+                    for (int64_t g = 0; g < G; g++) {
+                        const int64_t a = (kh * G + g) * nv + c;
+                        acc[a] = _mm512_fmadd_ps(_mm512_set1_ps(p[kh * G + g][i]), v, acc[a]);
+                    }
+                }
+        }
+        t0 += n;
+    }
+    for (int64_t h = 0; h < heads; h++) {
+        __m512 inv = _mm512_set1_ps(l[h] > 0.f ? 1.f / l[h] : 0.f);
+        for (int64_t c = 0; c < nv; c++) _mm512_storeu_ps(out + h * D + 16 * c, _mm512_mul_ps(acc[h * nv + c], inv));
+    }
+}
+#endif
+
+#if defined(__AVX512BF16__)
 
 /* decode_task_bf16 with the bf16 dot-product instruction (D a multiple of 32, at most DP_MAX_D; the task's query
  * heads times D at most DP_MAX_QD): a chunk is up to 16 tokens of one block, read for all the task's KV heads
@@ -893,7 +965,7 @@ static void decode_task_bf16_dp(const void *q_, const void *k_cache_, const void
     for (int64_t t0 = 0; t0 < len;) {
         const int n = chunk_tokens(t0, len, block_size);
         while (ahead < len && ahead < t0 + n + PREFETCH_TOKENS)
-            ahead += prefetch_chunk(k_cache, v_cache, table, ahead, len, block_size, row, kv_heads * D);
+            ahead += prefetch_chunk(k_cache, v_cache, sizeof(bf16), table, ahead, len, block_size, row, kv_heads * D);
         const int64_t first = table[t0 / block_size] * block_size + t0 % block_size;
         const bf16 *kb = k_cache + first * row, *vb = v_cache + first * row;
         const __mmask16 live = (__mmask16)((1u << n) - 1u);
@@ -972,7 +1044,16 @@ void paged_decode_attention_f32(const float *q, const float *k, const float *v, 
                                 const int64_t *slots, const int64_t *block_tables, const int64_t *seq_lens, int64_t B,
                                 int64_t W, int64_t block_size, int64_t Hq, int64_t Hkv, int64_t D, float scale,
                                 float *out, int threads) {
-    decode_attention(decode_task_f32, 1, sizeof(float), (const char *)q, (const char *)k, (const char *)v,
+    DecodeTask task = decode_task_f32;
+    int64_t widest_group = 1; /* the plain task reads one KV head */
+#if defined(__AVX512F__)
+    if (D % 16 == 0 && D <= DP_MAX_D && (Hq / Hkv) * D <= DP_MAX_QD) {
+        task = decode_task_f32_fma;
+        for (widest_group = Hkv; widest_group > 1 && (Hkv % widest_group || widest_group * Hq / Hkv * D > DP_MAX_QD);)
+            widest_group--;
+    }
+#endif
+    decode_attention(task, widest_group, sizeof(float), (const char *)q, (const char *)k, (const char *)v,
                      (char *)k_cache, (char *)v_cache, slots, block_tables, seq_lens, B, W, block_size, Hq, Hkv, D,
                      scale, (char *)out, threads);
 }
