@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
             progress(f"round {round_ + 1}/{args.repeats}, level {level:g}")
             with context.Pool(1) as pool:
                 runs[level].append(pool.apply(measure_level, (args.model, level, args.method, settings)))
+                pool.close()  # the worker exits on its own (terminated, it leaked its semaphores)
+                pool.join()
     rows = [median_rows(runs[level]) for level in levels]
     print(markdown(rows, settings["batch_sizes"]))
     if args.json:
