@@ -277,69 +277,85 @@ static void dot_tile_f32_rows(const float *w, int64_t ws, const float *const *x,
     }
 }
 
-/* expert_mlp in fp32 (H and I multiples of 32): expert_mlp_bf16_dp's tasks, prefetches (the same bytes ahead)
- * and combine, with fused multiply-adds of fp32 tiles; 1.2x faster at batch 8 and 32 than EXPERT_MLP's loops,
- * which the compiler vectorizes but which read 16-row tasks without prefetching (docs/performance.md). */
-static void expert_mlp_f32_tiles(const float *x, const ExpertRows *grouped, int64_t H, int64_t I, const float *w13,
-                                 const float *w2, float *out, int threads) {
-    const int64_t *count = grouped->count, *start = grouped->start, *row_token = grouped->row_token;
-    const int64_t *group_expert = grouped->group_expert, groups = grouped->groups, rows = grouped->rows;
-    const int64_t RB_I = rows_per_task(I, groups, threads), RB_H = rows_per_task(H, groups, threads);
-    const int64_t ahead_i = 4 * (1 + 256 / H), ahead_h = 4 * (1 + 256 / I);
-    float *hidden = malloc((rows ? rows : 1) * I * sizeof(float));
-    float *expert_out = malloc((rows ? rows : 1) * H * sizeof(float));
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2)
-    for (int64_t g = 0; g < groups; g++) {
-        for (int64_t jb = 0; jb < I / RB_I; jb++) {
-            int64_t e = group_expert[g], first = start[e], end = start[e] + count[e];
-            const float *gate = w13 + e * 2 * I * H, *up = gate + I * H;
-            prefetch_floats(gate + jb * RB_I * H, ahead_i * H);
-            prefetch_floats(up + jb * RB_I * H, ahead_i * H);
-            for (int64_t r0 = first; r0 < end; r0 += 4) {
-                int nr = (int)(end - r0 < 4 ? end - r0 : 4);
-                const float *xr[4];
-                for (int r = 0; r < nr; r++) xr[r] = x + row_token[r0 + r] * H;
-                for (int64_t j = jb * RB_I; j < (jb + 1) * RB_I; j += 4) {
-                    float gv[4][4], uv[4][4];
-                    if (r0 == first) {
-                        prefetch_floats(gate + (j + ahead_i) * H, 4 * H);
-                        prefetch_floats(up + (j + ahead_i) * H, 4 * H);
-                    }
-                    dot_tile_f32_rows(gate + j * H, H, xr, nr, H, gv);
-                    dot_tile_f32_rows(up + j * H, H, xr, nr, H, uv);
-                    __m512 gate_v = _mm512_loadu_ps(&gv[0][0]), up_v = _mm512_loadu_ps(&uv[0][0]);
-                    __m512 silu_v = _mm512_div_ps(gate_v, _mm512_add_ps(_mm512_set1_ps(1.f),
-                                                                        exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate_v))));
-                    float act[16];
-                    _mm512_storeu_ps(act, _mm512_mul_ps(silu_v, up_v));
-                    for (int r = 0; r < nr; r++) memcpy(hidden + (r0 + r) * I + j, act + 4 * r, 4 * sizeof(float));
-                }
-            }
-        }
-    }
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2)
-    for (int64_t g = 0; g < groups; g++) {
-        for (int64_t ib = 0; ib < H / RB_H; ib++) {
-            int64_t e = group_expert[g], first = start[e], end = start[e] + count[e];
-            const float *down = w2 + e * H * I;
-            prefetch_floats(down + ib * RB_H * I, ahead_h * I);
-            for (int64_t r0 = first; r0 < end; r0 += 4) {
-                int nr = (int)(end - r0 < 4 ? end - r0 : 4);
-                const float *hr[4];
-                for (int r = 0; r < nr; r++) hr[r] = hidden + (r0 + r) * I;
-                for (int64_t i = ib * RB_H; i < (ib + 1) * RB_H; i += 4) {
-                    float dv[4][4];
-                    if (r0 == first) prefetch_floats(down + (i + ahead_h) * I, 4 * I);
-                    dot_tile_f32_rows(down + i * I, I, hr, nr, I, dv);
-                    for (int r = 0; r < nr; r++) memcpy(expert_out + (r0 + r) * H + i, dv[r], 4 * sizeof(float));
-                }
-            }
-        }
-    }
-    combine_rows(grouped, expert_out, H, out, threads);
-    free(expert_out);
-    free(hidden);
+/* SwiGLU on a tile's 16 (row, unit) pairs at once: silu(gate) * up. */
+static inline __m512 swiglu16(__m512 gate, __m512 up) {
+    __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate));
+    return _mm512_mul_ps(_mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.f), e)), up);
 }
+
+static inline void swiglu_tile_f32(const float gate[4][4], const float up[4][4], float act[16]) {
+    _mm512_storeu_ps(act, swiglu16(_mm512_loadu_ps(&gate[0][0]), _mm512_loadu_ps(&up[0][0])));
+}
+
+/* expert_mlp on tiles of dot products (H and I multiples of 32), over a layer's grouped rows: tasks read RB
+ * contiguous weight rows of one expert (rows_per_task): few, long streams, each prefetched 4-8 KiB (whole 4-row
+ * tiles) ahead of its tile, from the task's first rows on; the SwiGLU of 4 rows x 4 units at a time (SWIGLU,
+ * into hidden activations of type HT), then the down projection, then the combine in expert order. WT: the
+ * weights' and input activations' type; DOT: a 4-weight-row x up to 4-row tile (dot_tile_*_rows); PREFETCH: of
+ * WT values. In fp32 1.2x faster at batch 8 and 32 than EXPERT_MLP's compiler-vectorized loops on 16-row tasks
+ * without prefetches (docs/performance.md). */
+#define EXPERT_TILES(NAME, WT, HT, DOT, PREFETCH, SWIGLU)                                               \
+    static void NAME(const WT *x, const ExpertRows *grouped, int64_t H, int64_t I, const WT *w13,        \
+                     const WT *w2, float *out, int threads) {                                            \
+        const int64_t *count = grouped->count, *start = grouped->start, *row_token = grouped->row_token; \
+        const int64_t *group_expert = grouped->group_expert, groups = grouped->groups;                  \
+        const int64_t rows = grouped->rows;                                                              \
+        const int64_t RB_I = rows_per_task(I, groups, threads), RB_H = rows_per_task(H, groups, threads); \
+        const int64_t row_kib = 1024 / (int64_t)sizeof(WT); /* values in 1 KiB */                      \
+        const int64_t ahead_i = 4 * (1 + row_kib / H), ahead_h = 4 * (1 + row_kib / I);                \
+        HT *hidden = malloc((rows ? rows : 1) * I * sizeof(HT));                                         \
+        float *expert_out = malloc((rows ? rows : 1) * H * sizeof(float));                               \
+        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2)")               \
+        for (int64_t g = 0; g < groups; g++) {                                                           \
+            for (int64_t jb = 0; jb < I / RB_I; jb++) {                                                  \
+                int64_t e = group_expert[g], first = start[e], end = start[e] + count[e];                \
+                const WT *gate = w13 + e * 2 * I * H, *up = gate + I * H;                                \
+                PREFETCH(gate + jb * RB_I * H, ahead_i * H);                                             \
+                PREFETCH(up + jb * RB_I * H, ahead_i * H);                                               \
+                for (int64_t r0 = first; r0 < end; r0 += 4) {                                            \
+                    int nr = (int)(end - r0 < 4 ? end - r0 : 4);                                         \
+                    const WT *xr[4];                                                                     \
+                    for (int r = 0; r < nr; r++) xr[r] = x + row_token[r0 + r] * H;                      \
+                    for (int64_t j = jb * RB_I; j < (jb + 1) * RB_I; j += 4) {                           \
+                        float gv[4][4], uv[4][4];                                                        \
+                        HT act[16];                                                                      \
+                        if (r0 == first) { /* later row groups find the task's rows in cache */         \
+                            PREFETCH(gate + (j + ahead_i) * H, 4 * H);                                   \
+                            PREFETCH(up + (j + ahead_i) * H, 4 * H);                                     \
+                        }                                                                                \
+                        DOT(gate + j * H, H, xr, nr, H, gv);                                             \
+                        DOT(up + j * H, H, xr, nr, H, uv);                                               \
+                        SWIGLU((const float(*)[4])gv, (const float(*)[4])uv, act);                       \
+                        for (int r = 0; r < nr; r++) memcpy(hidden + (r0 + r) * I + j, act + 4 * r, 4 * sizeof(HT)); \
+                    }                                                                                    \
+                }                                                                                        \
+            }                                                                                            \
+        }                                                                                                \
+        _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2)")               \
+        for (int64_t g = 0; g < groups; g++) {                                                           \
+            for (int64_t ib = 0; ib < H / RB_H; ib++) {                                                  \
+                int64_t e = group_expert[g], first = start[e], end = start[e] + count[e];                \
+                const WT *down = w2 + e * H * I;                                                         \
+                PREFETCH(down + ib * RB_H * I, ahead_h * I);                                             \
+                for (int64_t r0 = first; r0 < end; r0 += 4) {                                            \
+                    int nr = (int)(end - r0 < 4 ? end - r0 : 4);                                         \
+                    const HT *hr[4];                                                                     \
+                    for (int r = 0; r < nr; r++) hr[r] = hidden + (r0 + r) * I;                          \
+                    for (int64_t i = ib * RB_H; i < (ib + 1) * RB_H; i += 4) {                           \
+                        float dv[4][4];                                                                  \
+                        if (r0 == first) PREFETCH(down + (i + ahead_h) * I, 4 * I);                      \
+                        DOT(down + i * I, I, hr, nr, I, dv);                                             \
+                        for (int r = 0; r < nr; r++) memcpy(expert_out + (r0 + r) * H + i, dv[r], 4 * sizeof(float)); \
+                    }                                                                                    \
+                }                                                                                        \
+            }                                                                                            \
+        }                                                                                                \
+        combine_rows(grouped, expert_out, H, out, threads);                                              \
+        free(expert_out);                                                                                \
+        free(hidden);                                                                                    \
+    }
+
+EXPERT_TILES(expert_mlp_f32_tiles, float, float, dot_tile_f32_rows, prefetch_floats, swiglu_tile_f32)
 
 #endif
 
@@ -384,73 +400,14 @@ static void dot_tile_bf16_rows(const bf16 *w, int64_t ws, const bf16 *const *x, 
     }
 }
 
-/* expert_mlp in bf16 with the CPU's bf16 dot-product instruction (H and I multiples of 32): the same grouping
- * and parallel split as EXPERT_MLP, products of bf16 pairs accumulated in fp32; the SwiGLU activations are
- * rounded to bf16 before the down projection, as torch's bf16 experts round them. */
-static void expert_mlp_bf16_dp(const bf16 *x, const ExpertRows *grouped, int64_t H, int64_t I, const bf16 *w13,
-                               const bf16 *w2, float *out, int threads) {
-    const int64_t *count = grouped->count, *start = grouped->start, *row_token = grouped->row_token;
-    const int64_t *group_expert = grouped->group_expert, groups = grouped->groups, rows = grouped->rows;
-    /* Tasks read RB contiguous weight rows of one expert (rows_per_task): few, long streams, each prefetched about
-     * 4-6 KiB (whole 4-row tiles) ahead of its tile, from the task's first rows on. */
-    const int64_t RB_I = rows_per_task(I, groups, threads), RB_H = rows_per_task(H, groups, threads);
-    const int64_t ahead_i = 4 * (1 + 512 / H), ahead_h = 4 * (1 + 512 / I);
-    bf16 *hidden = malloc((rows ? rows : 1) * I * sizeof(bf16));
-    float *expert_out = malloc((rows ? rows : 1) * H * sizeof(float));
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2)
-    for (int64_t g = 0; g < groups; g++) {
-        for (int64_t jb = 0; jb < I / RB_I; jb++) {
-            int64_t e = group_expert[g], first = start[e], end = start[e] + count[e];
-            const bf16 *gate = w13 + e * 2 * I * H, *up = gate + I * H;
-            prefetch_rows(gate + jb * RB_I * H, ahead_i * H);
-            prefetch_rows(up + jb * RB_I * H, ahead_i * H);
-            for (int64_t r0 = first; r0 < end; r0 += 4) {
-                int nr = (int)(end - r0 < 4 ? end - r0 : 4);
-                const bf16 *xr[4];
-                for (int r = 0; r < nr; r++) xr[r] = x + row_token[r0 + r] * H;
-                for (int64_t j = jb * RB_I; j < (jb + 1) * RB_I; j += 4) {
-                    float gv[4][4], uv[4][4];
-                    if (r0 == first) { /* later row groups find the task's rows in cache */
-                        prefetch_rows(gate + (j + ahead_i) * H, 4 * H);
-                        prefetch_rows(up + (j + ahead_i) * H, 4 * H);
-                    }
-                    dot_tile_bf16_rows(gate + j * H, H, xr, nr, H, gv);
-                    dot_tile_bf16_rows(up + j * H, H, xr, nr, H, uv);
-                    /* SwiGLU on the 16 (row, unit) pairs at once, gate and up rounded to bf16 first */
-                    __m512 gate_v = round_bf16_ps(_mm512_loadu_ps(&gv[0][0]));
-                    __m512 up_v = round_bf16_ps(_mm512_loadu_ps(&uv[0][0]));
-                    __m512 silu_v = _mm512_div_ps(gate_v, _mm512_add_ps(_mm512_set1_ps(1.f),
-                                                                        exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate_v))));
-                    bf16 act[16];
-                    _mm256_storeu_si256((__m256i *)act, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu_v, up_v)));
-                    for (int r = 0; r < nr; r++) memcpy(hidden + (r0 + r) * I + j, act + 4 * r, 4 * sizeof(bf16));
-                }
-            }
-        }
-    }
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) collapse(2)
-    for (int64_t g = 0; g < groups; g++) {
-        for (int64_t ib = 0; ib < H / RB_H; ib++) {
-            int64_t e = group_expert[g], first = start[e], end = start[e] + count[e];
-            const bf16 *down = w2 + e * H * I;
-            prefetch_rows(down + ib * RB_H * I, ahead_h * I);
-            for (int64_t r0 = first; r0 < end; r0 += 4) {
-                int nr = (int)(end - r0 < 4 ? end - r0 : 4);
-                const bf16 *hr[4];
-                for (int r = 0; r < nr; r++) hr[r] = hidden + (r0 + r) * I;
-                for (int64_t i = ib * RB_H; i < (ib + 1) * RB_H; i += 4) {
-                    float dv[4][4];
-                    if (r0 == first) prefetch_rows(down + (i + ahead_h) * I, 4 * I);
-                    dot_tile_bf16_rows(down + i * I, I, hr, nr, I, dv);
-                    for (int r = 0; r < nr; r++) memcpy(expert_out + (r0 + r) * H + i, dv[r], 4 * sizeof(float));
-                }
-            }
-        }
-    }
-    combine_rows(grouped, expert_out, H, out, threads);
-    free(expert_out);
-    free(hidden);
+/* The SwiGLU's gate and up rounded to bf16 first, and its output too, as torch's bf16 experts round them. */
+static inline void swiglu_tile_bf16(const float gate[4][4], const float up[4][4], bf16 act[16]) {
+    __m512 v = swiglu16(round_bf16_ps(_mm512_loadu_ps(&gate[0][0])), round_bf16_ps(_mm512_loadu_ps(&up[0][0])));
+    _mm256_storeu_si256((__m256i *)act, (__m256i)_mm512_cvtneps_pbh(v));
 }
+
+/* expert_mlp in bf16 with the CPU's bf16 dot-product instruction: products of bf16 pairs accumulated in fp32. */
+EXPERT_TILES(expert_mlp_bf16_dp, bf16, bf16, dot_tile_bf16_rows, prefetch_rows, swiglu_tile_bf16)
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <sys/syscall.h>

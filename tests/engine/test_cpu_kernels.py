@@ -55,19 +55,24 @@ def bf16_path(request: pytest.FixtureRequest) -> Iterator[str]:
     cpu.use_amx(was)
 
 
+def _fast_path_case(tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """x, expert ids (one slot dropped), routing weights, w13 and w2 in shapes the fast expert paths take
+    (multiples of 32): 6 experts, so 90 tokens give every expert more than a tile's 16 rows."""
+    generator = torch.Generator().manual_seed(tokens)
+    experts, hidden, width, k = 6, 96, 64, 3
+    w13 = (torch.randn(experts, 2 * width, hidden, generator=generator) * 0.1).to(dtype)
+    w2 = (torch.randn(experts, hidden, width, generator=generator) * 0.1).to(dtype)
+    x = torch.randn(tokens, hidden, generator=generator).to(dtype)
+    ids = torch.stack([torch.randperm(experts, generator=generator)[:k] for _ in range(tokens)])
+    ids[0, -1] = experts  # a dropped slot
+    return x, ids, torch.rand(tokens, k, generator=generator), w13, w2
+
+
 @pytest.mark.skipif(not HAS_BF16_DOT, reason="no bf16 dot-product instruction")
 @pytest.mark.parametrize("tokens", [1, 5, 40, 90])
 def test_bf16_expert_mlp_matches_the_reference_dispatch_on_each_path(tokens: int, bf16_path: str) -> None:
-    """Shapes the bf16 paths take (multiples of 32). One token stays on vdpbf16ps either way (one row per expert
-    would not fill AMX's tiles); 90 tokens give every expert more than a tile's 16 rows."""
-    generator = torch.Generator().manual_seed(tokens)
-    experts, hidden, width, k = 6, 96, 64, 3
-    w13 = (torch.randn(experts, 2 * width, hidden, generator=generator) * 0.1).bfloat16()
-    w2 = (torch.randn(experts, hidden, width, generator=generator) * 0.1).bfloat16()
-    x = torch.randn(tokens, hidden, generator=generator).bfloat16()
-    ids = torch.stack([torch.randperm(experts, generator=generator)[:k] for _ in range(tokens)])
-    ids[0, -1] = experts  # a dropped slot
-    weights = torch.rand(tokens, k, generator=generator)
+    """One token stays on vdpbf16ps either way (one row per expert would not fill AMX's tiles)."""
+    x, ids, weights, w13, w2 = _fast_path_case(tokens, torch.bfloat16)
     cpu = kernels()
     assert cpu is not None
     got = cpu.expert_mlp(x, ids, weights, w13, w2)
@@ -77,15 +82,8 @@ def test_bf16_expert_mlp_matches_the_reference_dispatch_on_each_path(tokens: int
 
 @pytest.mark.parametrize("tokens", [1, 5, 40, 90])
 def test_fp32_expert_mlp_matches_the_reference_dispatch_on_its_fast_path(tokens: int) -> None:
-    """Shapes the AVX-512 fp32 path takes (multiples of 32; the generic loops elsewhere), to 1e-5."""
-    generator = torch.Generator().manual_seed(tokens)
-    experts, hidden, width, k = 6, 96, 64, 3
-    w13 = torch.randn(experts, 2 * width, hidden, generator=generator) * 0.1
-    w2 = torch.randn(experts, hidden, width, generator=generator) * 0.1
-    x = torch.randn(tokens, hidden, generator=generator)
-    ids = torch.stack([torch.randperm(experts, generator=generator)[:k] for _ in range(tokens)])
-    ids[0, -1] = experts  # a dropped slot
-    weights = torch.rand(tokens, k, generator=generator)
+    """The AVX-512 fp32 path (the generic loops serve other shapes), to 1e-5."""
+    x, ids, weights, w13, w2 = _fast_path_case(tokens, torch.float32)
     cpu = kernels()
     assert cpu is not None
     got = cpu.expert_mlp(x, ids, weights, w13, w2)
