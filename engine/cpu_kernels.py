@@ -30,6 +30,12 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _I64, _F32, _INT, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+# Up to how many rows the bf16 linears kernel beats torch's bf16 linear on a model's projections and LM head; above
+# it torch's blocked GEMM wins. Measured on 8 layers' q/k/v and o of hidden 512, two threads (docs/performance.md):
+# with vdpbf16ps alone up to 64 rows on the AMD machine (up to 8 on the Intel VM, which has AMX); on AMX tiles up to
+# 512 (0.65 ms against torch's 1.74 at 32 rows, 6.5 against 8.6 at 512).
+LINEAR_ROWS = 64
+LINEAR_ROWS_AMX = 512
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -54,6 +60,8 @@ class CpuKernels:
             attention.restype = None
         self.lib.linears_bf16.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _INT, _INT]
         self.lib.linears_bf16.restype = _INT
+        self.lib.argmax_rows_f32.argtypes = [_PTR, _I64, _I64, _PTR, _INT]
+        self.lib.argmax_rows_f32.restype = None
         self.lib.amx_enabled.argtypes = [_INT]
         self.lib.amx_enabled.restype = _INT
         self._amx = bool(self.lib.amx_enabled(-1))
@@ -66,6 +74,11 @@ class CpuKernels:
         if on is not None:
             self._amx = bool(self.lib.amx_enabled(int(on)))
         return self._amx
+
+    def linear_rows(self) -> int:
+        """Up to how many rows `linear` and `linears` serve a projection or LM head here (callers use torch's
+        linear above)."""
+        return LINEAR_ROWS_AMX if self.use_amx() else LINEAR_ROWS
 
     def expert_mlp(
         self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
@@ -89,13 +102,13 @@ class CpuKernels:
     def linears(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
         """x @ [w.T for w in weights] side by side, [T, sum of N] in bf16 (as torch's bf16 linear rounds), one
         call for all of them: x [T, K] and each w [N, K] bf16 and contiguous; None where the kernel does not
-        fit."""
+        fit (a weight that is not contiguous included)."""
         return self._linears(x, weights, torch.bfloat16)
 
     def _linears(
         self, x: torch.Tensor, weights: tuple[torch.Tensor, ...], out_dtype: torch.dtype
     ) -> torch.Tensor | None:
-        if x.dtype != torch.bfloat16 or any(w.dtype != torch.bfloat16 for w in weights):
+        if x.dtype != torch.bfloat16 or any(w.dtype != torch.bfloat16 or not w.is_contiguous() for w in weights):
             return None
         pointers, widths, width = self._weight_arrays(tuple((w.data_ptr(), w.shape[0]) for w in weights))
         out = torch.empty(x.shape[0], width, dtype=out_dtype)
@@ -111,6 +124,15 @@ class CpuKernels:
         pointers = (_PTR * len(weights))(*(pointer for pointer, _ in weights))
         widths = (_I64 * len(weights))(*(width for _, width in weights))
         return pointers, widths, sum(width for _, width in weights)
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x.argmax(dim=-1) of fp32 rows x [B, V] (contiguous, V >= 1), the same indices (the first of equals, the
+        first NaN); None for anything else."""
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] == 0 or not x.is_contiguous():
+            return None
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        self.lib.argmax_rows_f32(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), torch.get_num_threads())
+        return out
 
     def paged_decode_attention(
         self,

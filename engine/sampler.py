@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from engine.cpu_kernels import kernels
 from engine.outputs import Logprob, TokenLogprobs
 from engine.sequence import Sequence
 
@@ -31,6 +32,14 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) for rows x [B, V]: the CPU kernel for fp32 rows on the CPU (torch's took 14 us for one row
+    of 4,096 here and 200 us for 32 rows, a twentieth of a batch-32 step), torch's elsewhere."""
+    cpu = kernels() if x.device.type == "cpu" else None
+    out = cpu.argmax(x) if cpu is not None else None
+    return out if out is not None else x.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> torch.Tensor:
     """One token per row of logits [B, V] (fp32), following each sequence's SamplingParams (a sequence with
     forced_tokens gets its next forced token)."""
@@ -48,7 +57,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int,
 
 def _sampled(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> torch.Tensor:
     logits = _ban_until_min_tokens(logits, seqs, eos_token_ids)
-    greedy_tokens = logits.argmax(dim=-1)
+    greedy_tokens = argmax(logits)
     params = [s.params for s in seqs]
     if all(p.greedy for p in params):
         return greedy_tokens
@@ -65,7 +74,7 @@ def _sampled(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[in
     for row, seq in enumerate(seqs):
         if seq.generator is not None and not seq.params.greedy:
             race[row].exponential_(generator=seq.generator)
-    sampled = (probs / race).argmax(dim=-1)
+    sampled = argmax(probs / race)
     is_greedy = torch.tensor([p.greedy for p in params], device=device)
     return torch.where(is_greedy, greedy_tokens, sampled)
 

@@ -180,7 +180,45 @@ def test_linear_matches_torch_in_bf16_and_declines_what_it_cannot_do(rows: int, 
 
 
 @pytest.mark.skipif(not HAS_BF16_DOT, reason="no bf16 dot-product instruction")
-@pytest.mark.parametrize("rows", [2, 5, 70])
+def test_linears_one_row_path_equals_the_tile_path() -> None:
+    """Up to 3 rows (a batch-1 step's projections and LM head) take a one-row path: the same sums in the same
+    order as the 4-row tiles, so the same bf16 values."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 256, generator=generator).bfloat16()
+    weights = tuple(torch.randn(n, 256, generator=generator).bfloat16() for n in (64, 32))
+    cpu = kernels()
+    assert cpu is not None
+    tiles = cpu.linears(x, weights)  # 4 rows: vdpbf16ps tiles (AMX starts at 16)
+    assert tiles is not None
+    for rows in (1, 2, 3):
+        assert torch.equal(cpu.linears(x[:rows], weights), tiles[:rows])
+
+
+@pytest.mark.parametrize("rows, width", [(1, 1), (1, 15), (3, 17), (5, 4096), (32, 4096), (300, 1000)])
+def test_argmax_gives_torchs_index_ties_infinities_and_nans_included(rows: int, width: int) -> None:
+    cpu = kernels()
+    assert cpu is not None
+    generator = torch.Generator().manual_seed(rows * width)
+    cases = [
+        torch.randn(rows, width, generator=generator),
+        torch.randint(0, 3, (rows, width), generator=generator).float(),
+    ]
+    cases.append(torch.full((rows, width), float("-inf")))
+    for position in {0, width // 2, width - 1}:  # NaNs: torch answers the first one
+        nans = torch.randn(rows, width, generator=generator)
+        nans[0, position] = nans[-1, min(width - 1, position + 2)] = float("nan")
+        cases.append(nans)
+    infinite = torch.randn(rows, width, generator=generator)
+    infinite[:, -1] = float("inf")
+    cases.append(infinite)
+    for x in cases:
+        got = cpu.argmax(x)
+        assert got is not None and torch.equal(got, x.argmax(dim=-1))
+    assert cpu.argmax(torch.randn(2, 8).bfloat16()) is None and cpu.argmax(torch.randn(8, 2).T) is None
+
+
+@pytest.mark.skipif(not HAS_BF16_DOT, reason="no bf16 dot-product instruction")
+@pytest.mark.parametrize("rows", [2, 3, 5, 70])
 def test_linears_compute_weights_sharing_an_input_side_by_side(rows: int, bf16_path: str) -> None:
     generator = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 64, generator=generator).bfloat16()
