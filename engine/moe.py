@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -57,8 +58,23 @@ class DenseMLP(nn.Module):
         return project(F.silu(gate) * up, (self.down_proj,))[0]
 
 
+# Bumped whenever a layer's expert weights, row map or backend is assigned: what the C++ expert op reads of the
+# serving layers is made again only then (serving_experts; engine/native_ops.py), not checked on every step.
+_serving_generation = 0
+
+
+def _serving_state_assigned() -> None:
+    global _serving_generation
+    _serving_generation += 1
+
+
 class Experts(nn.Module):
     """All routed experts of a layer as stacked tensors: gate+up [E, 2I, H] and down [E, H, I]."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in ("gate_up_proj", "down_proj"):
+            _serving_state_assigned()
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -308,7 +324,7 @@ def serving_experts(blocks: Sequence[SparseMoE | None]) -> Iterator[None]:
     previous, previous_context = _serving_blocks, _native_context
     _serving_blocks = blocks
     if native is not None:
-        _native_context = native.expert_context(blocks)
+        _native_context = native.expert_context(blocks, _serving_generation)
         native.set_expert_context(_native_context)
     try:
         yield
@@ -343,6 +359,11 @@ def _nothing_to_read(experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 class SparseMoE(nn.Module):
     """One MoE layer. `policy` is the routing seam; `load` (shared across layers) counts routed tokens."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in ("experts", "expert_rows", "backend"):
+            _serving_state_assigned()
 
     def __init__(
         self,

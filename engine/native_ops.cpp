@@ -59,11 +59,19 @@ using AttentionFn = void (*)(const void *, const void *, const void *, void *, v
                              const int64_t *, const int64_t *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                              float, void *, int);
 
+using LinearsFn = int (*)(const void *, int64_t, int64_t, int64_t, const void *const *, const int64_t *, void *, int,
+                          int);
+using AmxFn = int (*)(int);
+
 ExpertFn expert_fns[2];
 AttentionFn attention_fns[2];
+LinearsFn linears_fn = nullptr;
+AmxFn amx_enabled = nullptr;
+int64_t linear_rows[2];  // up to how many rows the dense linears take the kernel: without AMX, with it
 const StepContext *step_context = nullptr;
 const ExpertContext *expert_context = nullptr;
-std::atomic<int64_t> served[4];  // attention here, attention by the reference, experts here, experts by the reference
+// attention here, by the reference; experts here, by the reference; dense linears here, by the reference
+std::atomic<int64_t> served[6];
 // With clocking on (engine/breakdown.py), the seconds the two kernels took, in the engine's thread.
 std::atomic<bool> clocking{false};
 double kernel_seconds[2];
@@ -216,22 +224,78 @@ void layer_experts(StableIValue *stack, uint64_t, uint64_t) {
     served[2].fetch_add(1, std::memory_order_relaxed);
 }
 
+// cpu_dense_linears(Tensor x, Tensor[] weights) -> Tensor: x [T, K] times each weight [N_i, K] (transposed), side by
+// side, by linears_bf16 for bf16 rows up to the kernel's row limit; anything else by the reference. The list's
+// items are read in place, so a call handed to the reference finds its stack whole.
+void dense_linears(StableIValue *stack, uint64_t, uint64_t) {
+    auto x = to<AtenTensorHandle>(stack[0]);
+    auto list = to<StableListHandle>(stack[1]);
+    const int32_t bf16 = aoti_torch_dtype_bfloat16();
+    size_t count = 0;
+    torch_list_size(list, &count);
+    const int64_t *xs;
+    bool fits = count >= 1 && count <= 8 && plain(x, 2, bf16, &xs) &&
+                xs[0] <= linear_rows[amx_enabled != nullptr && amx_enabled(-1) ? 1 : 0];
+    AtenTensorHandle weights[8];
+    const void *pointers[8];
+    int64_t widths[8], width = 0;
+    for (size_t i = 0; fits && i < count; i++) {
+        StableIValue item;
+        torch_list_get_item(list, i, &item);
+        weights[i] = to<AtenTensorHandle>(item);
+        const int64_t *ws;
+        bool contiguous;
+        aoti_torch_is_contiguous(weights[i], &contiguous);
+        fits = plain(weights[i], 2, bf16, &ws) && contiguous && ws[1] == xs[1];
+        pointers[i] = fits ? data(weights[i]) : nullptr;
+        widths[i] = fits ? ws[0] : 0;
+        width += widths[i];
+    }
+    AtenTensorHandle out = nullptr, copy = nullptr;
+    if (fits) {
+        const int64_t sizes[2] = {xs[0], width};
+        out = empty(2, sizes, 1);
+        x = dense(x, 2, xs, 1, &copy);
+        const int threads = step_context != nullptr && step_context->threads > 0 ? step_context->threads : 1;
+        fits = linears_fn(data(x), xs[0], xs[1], static_cast<int64_t>(count), pointers, widths, data(out), 1,
+                          threads) != 0;
+        release_copies(&copy, 1);
+        if (!fits) aoti_torch_delete_tensor_object(out);
+    }
+    if (!fits) {
+        by_reference("moe_serve::dense_linears", stack, &served[5]);
+        return;
+    }
+    for (size_t i = 0; i < count; i++) aoti_torch_delete_tensor_object(weights[i]);
+    torch_delete_list(list);
+    release(stack, 1);
+    stack[0] = from(out);
+    served[4].fetch_add(1, std::memory_order_relaxed);
+}
+
 }  // namespace
 
 extern "C" {
 
-// The kernels of cpu_kernels.c (float32 then bfloat16 of each), and the ops' registration on the CPU key.
-int moe_serve_native_init(void *attention_f32, void *attention_bf16, void *experts_f32, void *experts_bf16) {
+// The kernels of cpu_kernels.c (float32 then bfloat16 of each; the bf16 linears and the AMX switch), the dense
+// linears' row limits (without AMX, with it), and the ops' registration on the CPU key.
+int moe_serve_native_init(void *attention_f32, void *attention_bf16, void *experts_f32, void *experts_bf16,
+                          void *linears_bf16, void *amx, int64_t rows, int64_t rows_amx) {
     attention_fns[0] = reinterpret_cast<AttentionFn>(attention_f32);
     attention_fns[1] = reinterpret_cast<AttentionFn>(attention_bf16);
     expert_fns[0] = reinterpret_cast<ExpertFn>(experts_f32);
     expert_fns[1] = reinterpret_cast<ExpertFn>(experts_bf16);
+    linears_fn = reinterpret_cast<LinearsFn>(linears_bf16);
+    amx_enabled = reinterpret_cast<AmxFn>(amx);
+    linear_rows[0] = rows;
+    linear_rows[1] = rows_amx;
     static TorchLibraryHandle library = nullptr;
     if (library != nullptr) return 0;
     if (aoti_torch_library_init_impl("moe_serve", "CPU", __FILE__, __LINE__, &library) != AOTI_TORCH_SUCCESS ||
         torch_library_impl(library, "cpu_paged_attention", paged_attention, TORCH_ABI_VERSION) !=
             AOTI_TORCH_SUCCESS ||
-        torch_library_impl(library, "cpu_layer_experts", layer_experts, TORCH_ABI_VERSION) != AOTI_TORCH_SUCCESS)
+        torch_library_impl(library, "cpu_layer_experts", layer_experts, TORCH_ABI_VERSION) != AOTI_TORCH_SUCCESS ||
+        torch_library_impl(library, "cpu_dense_linears", dense_linears, TORCH_ABI_VERSION) != AOTI_TORCH_SUCCESS)
         return 1;
     return 0;
 }
@@ -241,6 +305,6 @@ void moe_serve_set_expert_context(const ExpertContext *context) { expert_context
 void moe_serve_clock_kernels(int on) { clocking.store(on != 0); }
 void moe_serve_kernel_seconds(double *out) { std::memcpy(out, kernel_seconds, sizeof(kernel_seconds)); }
 void moe_serve_served(int64_t *out) {
-    for (int i = 0; i < 4; i++) out[i] = served[i].load(std::memory_order_relaxed);
+    for (int i = 0; i < 6; i++) out[i] = served[i].load(std::memory_order_relaxed);
 }
 }

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.cpu_kernels import SUFFIX, CpuKernels, build_library, kernels
+from engine.cpu_kernels import LINEAR_ROWS, LINEAR_ROWS_AMX, SUFFIX, CpuKernels, build_library, kernels
 from engine.op_library import define_native_op
 
 if TYPE_CHECKING:
@@ -107,20 +107,23 @@ class NativeOps:
         self.lib = ctypes.CDLL(str(library))
         address = ctypes.cast
         kernel_table = [address(getattr(cpu.lib, name), _PTR) for name in (
-            "paged_decode_attention_f32", "paged_decode_attention_bf16", "expert_mlp_f32", "expert_mlp_bf16")]  # fmt: skip
-        if self.lib.moe_serve_native_init(*kernel_table) != 0:
+            "paged_decode_attention_f32", "paged_decode_attention_bf16", "expert_mlp_f32", "expert_mlp_bf16",
+            "linears_bf16", "amx_enabled")]  # fmt: skip
+        self.lib.moe_serve_native_init.argtypes = [_PTR] * len(kernel_table) + [_I64, _I64]
+        if self.lib.moe_serve_native_init(*kernel_table, LINEAR_ROWS, LINEAR_ROWS_AMX) != 0:
             raise OSError("registering the C++ serving ops failed")
         self.lib.moe_serve_set_step_context.argtypes = [_PTR]
         self.lib.moe_serve_set_expert_context.argtypes = [_PTR]
         self._caches: tuple[list[torch.Tensor], Any, Any] | None = None
-        self._experts: tuple[list[Any], ExpertContext, Any] | None = None
+        self._experts: tuple[Sequence[SparseMoE | None], int, ExpertContext, Any] | None = None
 
     def served(self) -> dict[str, int]:
         """Calls served in C++ and handed to the reference, per op, since the process started."""
-        counts = (_I64 * 4)()
+        counts = (_I64 * 6)()
         self.lib.moe_serve_served(counts)
-        return {"attention": counts[0], "attention_reference": counts[1], "experts": counts[2],
-                "experts_reference": counts[3]}  # fmt: skip
+        names = ("attention", "attention_reference", "experts", "experts_reference", "dense_linears",
+                 "dense_linears_reference")  # fmt: skip
+        return dict(zip(names, counts))
 
     def clock_kernels(self, on: bool) -> None:
         """Time the kernels the C++ ops call (engine/breakdown.py reads kernel_seconds around each forward)."""
@@ -162,24 +165,15 @@ class NativeOps:
     def set_step_context(self, context: StepContext | None) -> None:
         self.lib.moe_serve_set_step_context(None if context is None else ctypes.addressof(context))
 
-    def expert_context(self, blocks: Sequence[SparseMoE | None]) -> ExpertContext:
-        """What cpu_layer_experts reads of each layer, made again whenever a layer's weights, row map or backend
-        changed (the entry holds them, so an identity seen here is never a freed object's). The context holds its
-        array of layers; the caller keeps it alive while it is set."""
-        held = [
-            part
-            for block in blocks
-            if block is not None
-            for part in (block.experts.gate_up_proj, block.experts.down_proj, block.expert_rows, block.backend)
-        ]
-        if (
-            self._experts is None
-            or len(held) != len(self._experts[0])
-            or any(a is not b for a, b in zip(held, self._experts[0]))
-        ):
+    def expert_context(self, blocks: Sequence[SparseMoE | None], generation: int) -> ExpertContext:
+        """What cpu_layer_experts reads of each layer, made again for other blocks or when a layer's weights, row
+        map or backend was assigned since (`generation`, engine/moe.py counts the assignments; the entry holds
+        the blocks, so an identity seen here is never a freed object's). The context holds its array of layers;
+        the caller keeps it alive while it is set."""
+        if self._experts is None or self._experts[0] is not blocks or self._experts[1] != generation:
             layers = (LayerExperts * len(blocks))(*(_experts_of(block) for block in blocks))
-            self._experts = (held, ExpertContext(len(blocks), layers), layers)
-        return self._experts[1]
+            self._experts = (blocks, generation, ExpertContext(len(blocks), layers), layers)
+        return self._experts[2]
 
     def set_expert_context(self, context: ExpertContext | None) -> None:
         self.lib.moe_serve_set_expert_context(None if context is None else ctypes.addressof(context))
@@ -191,6 +185,10 @@ def _cpu_paged_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 def _cpu_layer_experts_shape(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, layer: int) -> Any:
     return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def _cpu_dense_linears_shape(x: torch.Tensor, weights: list[torch.Tensor]) -> Any:
+    return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
 
 
 _loaded = False
@@ -233,6 +231,7 @@ def native_ops() -> NativeOps | None:
                 "cpu_layer_experts(Tensor x, Tensor expert_ids, Tensor weights, int layer) -> Tensor",
                 _cpu_layer_experts_shape,
             )
+            define_native_op("cpu_dense_linears(Tensor x, Tensor[] weights) -> Tensor", _cpu_dense_linears_shape)
             _defined = True
         ops = NativeOps(library, cpu)
         _loaded = True

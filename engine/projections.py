@@ -14,21 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.cpu_kernels import kernels
+from engine.cpu_kernels import LINEAR_ROWS, kernels
+from engine.native_ops import native_ops_loaded
 from engine.op_library import define_op
-
-# Up to how many rows the kernel beats torch's bf16 linear on these shapes (projections, the LM head); above it
-# torch's blocked GEMM wins. Measured on 8 layers' q/k/v and o of hidden 512, two threads (docs/performance.md):
-# with vdpbf16ps alone up to 64 rows on the AMD machine (up to 8 on the Intel VM, which has AMX); on AMX tiles
-# up to 512 (0.65 ms against torch's 1.74 at 32 rows, 6.5 against 8.6 at 512).
-KERNEL_ROWS = 64
-KERNEL_ROWS_AMX = 512
 
 
 def kernel_rows() -> int:
-    """Up to how many rows the dense_linears op (and the LM head) use the CPU kernel here."""
+    """Up to how many rows the dense_linears ops (and the LM head) use the CPU kernel here."""
     cpu = kernels()
-    return KERNEL_ROWS_AMX if cpu is not None and cpu.use_amx() else KERNEL_ROWS
+    return cpu.linear_rows() if cpu is not None else LINEAR_ROWS
 
 
 def dense_linears(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
@@ -54,12 +48,13 @@ def project(x: torch.Tensor, layers: tuple[nn.Linear, ...]) -> tuple[torch.Tenso
     weights = [layer.weight for layer in layers]
     if (
         x.device.type != "cpu"
-        or x.shape[0] == 1  # a batch-1 step: the op's call from the C++-wrapped graph costs more than it saves
+        or x.shape[0] == 1  # a batch-1 step: inductor's GEMMs in the graph measured as fast (docs/performance.md)
         or x.dtype != torch.bfloat16
         or torch.is_grad_enabled()
         or any(w.dtype != torch.bfloat16 or not w.is_contiguous() for w in weights)
     ):
         return tuple(layer(x) for layer in layers)
-    out = torch.ops.moe_serve.dense_linears(x, weights)
+    ops = torch.ops.moe_serve
+    out = (ops.cpu_dense_linears if native_ops_loaded() else ops.dense_linears)(x, weights)
     parts = out.split([w.shape[0] for w in weights], dim=-1)
     return tuple(part if layer.bias is None else part + layer.bias for part, layer in zip(parts, layers))

@@ -15,6 +15,7 @@ from engine import RoutingPolicy, SamplingParams
 from engine.config import ModelConfig
 from engine.cpu_kernels import kernels
 from engine.llm_engine import EngineConfig, LLMEngine
+from engine.native_ops import native_ops
 from engine.outputs import RequestOutput
 from engine.projections import kernel_rows
 from engine.token_routing import TokenRouting
@@ -182,11 +183,16 @@ def test_compiled_bf16_with_the_projection_kernel_scores_as_fp32_eager(
         tiny_model, EngineConfig(dtype="bfloat16", device="cpu", max_model_len=128, enforce_eager=False)
     )
     compiled.warm_up()
-    cpu, calls = kernels(), []
+    cpu, calls, native = kernels(), [], native_ops()
     linears = cpu.linears
     monkeypatch.setattr(cpu, "linears", lambda *args: calls.append(args[0].shape[0]) or linears(*args))
+    before = native.served()["dense_linears"] if native is not None else 0
     expected, got = generate(eager, prompts, params), generate(compiled, prompts, params)
-    assert 4 in calls and all(rows <= kernel_rows() for rows in calls)  # decode batches of 4 through the kernel
+    assert all(rows <= kernel_rows() for rows in calls)
+    if native is not None:  # the C++ op called the kernel: once per layer's q/k/v, o and dense MLP per step
+        assert native.served()["dense_linears"] - before >= 10 * ModelConfig.from_dir(tiny_model).num_layers
+    else:
+        assert 4 in calls  # decode batches of 4 through the kernel
     differences = []
     for a, b in zip(expected, got, strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids == forced

@@ -147,3 +147,29 @@ def test_an_engines_decode_steps_are_served_in_cpp(tiny_model: Path) -> None:
     counts = grew(before)
     assert counts["attention"] == 8 * layers and counts["attention_reference"] == layers  # the prefill
     assert moe_layers and counts["experts"] == 9 * moe_layers and counts["experts_reference"] == 0
+
+
+def test_dense_linears_run_the_kernel_in_cpp_and_leave_the_rest_to_the_reference() -> None:
+    """bf16 rows up to the kernel's limit: the kernel's values, served here; fp32, more rows than the limit, or
+    a weight that is a view: the Python op, the same answer."""
+    from engine.cpu_kernels import kernels
+    from engine.projections import kernel_rows
+
+    cpu = kernels()
+    assert cpu is not None
+    generator = torch.Generator().manual_seed(11)
+    weights = [torch.randn(n, 64, generator=generator).bfloat16() for n in (64, 32, 32)]
+    ops = torch.ops.moe_serve
+    for rows in (1, 3, 20):
+        x = torch.randn(rows, 64, generator=generator).bfloat16()
+        before = served()
+        got = ops.cpu_dense_linears(x, weights)
+        assert grew(before)["dense_linears"] == 1 and torch.equal(got, cpu.linears(x, tuple(weights)))
+    x = torch.randn(kernel_rows() + 1, 64, generator=generator).bfloat16()
+    wide = torch.randn(32, 128, generator=generator).bfloat16()[:, :64]  # not contiguous
+    for args in ((x, weights), (x[:4].float(), [w.float() for w in weights]), (x[:4], [weights[0], wide])):
+        before = served()
+        got = ops.cpu_dense_linears(*args)
+        assert grew(before)["dense_linears_reference"] == 1
+        expected = torch.cat([F.linear(args[0], w) for w in args[1]], dim=-1)
+        torch.testing.assert_close(got, expected, atol=0.1, rtol=2e-2)

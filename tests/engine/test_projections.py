@@ -1,5 +1,5 @@
-"""project: a layer's projections sharing an input, through the dense_linears op where the CPU kernel serves
-them (bf16, no gradients, more than one row), equal to the layers applied one by one within bf16 rounding, on
+"""project: a layer's projections sharing an input, through the dense_linears op (its C++ twin where the C++
+ops are built) where the CPU kernel serves them (bf16, no gradients, more than one row), equal to the layers applied one by one within bf16 rounding, on
 both sides of the op's kernel/torch switch; and untouched layers elsewhere."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from engine.cpu_kernels import kernels
+from engine.native_ops import native_ops
 from engine.projections import kernel_rows, project
 
 
@@ -23,13 +24,15 @@ def layers(bias: bool) -> tuple[nn.Linear, ...]:
 def test_projections_equal_the_layers_one_by_one(rows: int, bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     qkv = layers(bias)
     x = torch.randn(rows, 64).bfloat16()
-    cpu, calls = kernels(), []
+    cpu, calls, native = kernels(), [], native_ops()
     linears = cpu.linears
     monkeypatch.setattr(cpu, "linears", lambda *args: calls.append(args) or linears(*args))
+    before = native.served()["dense_linears"] if native is not None else 0
     with torch.inference_mode():
         got = project(x, qkv)
         expected = tuple(layer(x) for layer in qkv)
-    assert len(calls) == (1 if rows <= kernel_rows() else 0)  # above kernel_rows() the op runs torch's linear
+    in_cpp = native.served()["dense_linears"] - before if native is not None else 0
+    assert len(calls) + in_cpp == (1 if rows <= kernel_rows() else 0)  # above kernel_rows(): torch's linear
     for a, b in zip(got, expected, strict=True):
         assert a.shape == b.shape and a.dtype == torch.bfloat16
         assert torch.allclose(a.float(), b.float(), atol=0.05, rtol=2e-2)
