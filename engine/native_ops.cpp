@@ -1,14 +1,15 @@
-// The CPU kernels of moe-serve's two serving ops, registered in C++ on torch's dispatcher (engine/native_ops.py).
+// The CPU kernels of moe-serve's three serving ops, registered in C++ on torch's dispatcher (engine/native_ops.py).
 //
-// A compiled decode step calls `moe_serve::cpu_paged_attention` and `moe_serve::cpu_layer_experts` once per layer.
-// Served by Python, each call crossed from the graph's C++ into the interpreter (about 10 us, with a batch-1
-// kernel of 5-20 us); served here, the dispatcher calls these boxed functions directly. They read what the
-// Python ops read from the forward context (the step's paged metadata, each layer's caches and experts) from two
-// plain structs that engine/native_ops.py fills and points at (set_step_context, set_expert_context), and run
-// the kernels of cpu_kernels.c through the table given to moe_serve_native_init. What they do not serve (steps
-// with prefill chunks, other dtypes or layouts, another MoE backend) goes to the Python ops, the reference, through
-// the dispatcher: the same answer, the old cost. Only torch's stable C ABI is used (shim.h), so this builds in
-// about two seconds.
+// A compiled decode step calls `moe_serve::cpu_paged_attention` and `moe_serve::cpu_layer_experts` once per layer,
+// and a bf16 step of more than one row `moe_serve::cpu_dense_linears` for its projections. Served by Python, each
+// call crossed from the graph's C++ into the interpreter (about 10 us, with a batch-1 kernel of 5-20 us); served
+// here, the dispatcher calls these boxed functions directly. The first two read what the Python ops read from
+// the forward context (the step's paged metadata, each layer's caches and experts) from two plain structs that
+// engine/native_ops.py fills and points at (set_step_context, set_expert_context); all three run the kernels of
+// cpu_kernels.c through the table given to moe_serve_native_init. What they do not serve (steps with prefill
+// chunks, other dtypes or layouts, another MoE backend, more rows than the linears kernel takes) goes to the
+// Python ops, the reference, through the dispatcher: the same answer, the old cost. Only torch's stable C ABI is
+// used (shim.h), so this builds in about two seconds.
 #include <torch/csrc/stable/c/shim.h>
 #include <torch/csrc/stable/stableivalue_conversions.h>
 

@@ -1,14 +1,16 @@
-"""The serving ops on the CPU, served from C++: `moe_serve::cpu_paged_attention` and `moe_serve::cpu_layer_experts`.
+"""The serving ops on the CPU, served from C++: `moe_serve::cpu_paged_attention`, `moe_serve::cpu_layer_experts` and
+`moe_serve::cpu_dense_linears`.
 
 A compiled batch-1 decode step of the bundled model spent about a third of its time in the Python interpreter, most
 of it in the two Python ops every layer calls (engine/attention.py, engine/moe.py): the graph's C++ crossed into
-Python for each call. engine/native_ops.cpp registers C++ kernels for CPU twins of those ops on torch's
-dispatcher (through torch's stable C ABI, so it builds in about two seconds with the system's g++, cached like
-the C kernels). They read the step's paged metadata and each layer's caches and experts from two plain structs
-this module fills when a step enters its forward context (`StepContext`, `ExpertContext`), run the C kernels
-of engine/cpu_kernels.c, and hand what they do not serve (prefill chunks, other dtypes, other MoE backends)
-to the Python ops, the reference. Without g++, the C kernels or with MOE_SERVE_NATIVE_OPS=0, `native_ops()` is
-None and the layers call the Python ops, as before.
+Python for each call, and so did a many-token step's projections (engine/projections.py). engine/native_ops.cpp
+registers C++ kernels for CPU twins of those ops on torch's dispatcher (through torch's stable C ABI, so it builds
+in about two seconds with the system's g++, cached like the C kernels). They read the step's paged metadata and
+each layer's caches and experts from two plain structs this module fills when a step enters its forward context
+(`StepContext`, `ExpertContext`), run the C kernels of engine/cpu_kernels.c, and hand what they do not serve
+(prefill chunks, other dtypes, other MoE backends, more rows than the linears kernel takes) to the Python ops, the
+reference. Without g++, the C kernels or with MOE_SERVE_NATIVE_OPS=0, `native_ops()` is None and the layers call
+the Python ops, as before.
 """
 
 from __future__ import annotations
@@ -187,7 +189,8 @@ def _cpu_layer_experts_shape(x: torch.Tensor, expert_ids: torch.Tensor, weights:
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
-def _cpu_dense_linears_shape(x: torch.Tensor, weights: list[torch.Tensor]) -> Any:
+def dense_linears_shape(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """What either dense_linears op returns, for tracing: [T, sum of N_i] in x's dtype."""
     return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
 
 
@@ -231,7 +234,7 @@ def native_ops() -> NativeOps | None:
                 "cpu_layer_experts(Tensor x, Tensor expert_ids, Tensor weights, int layer) -> Tensor",
                 _cpu_layer_experts_shape,
             )
-            define_native_op("cpu_dense_linears(Tensor x, Tensor[] weights) -> Tensor", _cpu_dense_linears_shape)
+            define_native_op("cpu_dense_linears(Tensor x, Tensor[] weights) -> Tensor", dense_linears_shape)
             _defined = True
         ops = NativeOps(library, cpu)
         _loaded = True

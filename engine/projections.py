@@ -4,8 +4,10 @@ Serving a bf16 model on a CPU with bf16 dot products, a decode step's projection
 inductor's C++ GEMM template ran them at 20-50 GFLOP/s here and torch's bf16 linear not much faster, where the
 CPU kernel (engine/cpu_kernels.c, linears_bf16) reaches 100-150 and reads the shared input once for all of
 them (docs/performance.md). The `moe_serve::dense_linears` op picks per call: the kernel up to kernel_rows()
-rows, torch's linear above (prefill, where torch's blocked GEMM is faster), so one compiled graph serves both.
-Elsewhere (training, other dtypes, CUDA, no kernels) the layers run as they are.
+rows, torch's linear above (prefill, where torch's blocked GEMM is faster), so one compiled graph serves both;
+where the C++ ops are built its twin `moe_serve::cpu_dense_linears` (engine/native_ops.cpp) is called instead, so
+the graph's calls do not cross into Python. A batch-1 step keeps inductor's own GEMMs in its graph: through the op
+it measured no faster. Elsewhere (training, other dtypes, CUDA, no kernels) the layers run as they are.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.cpu_kernels import LINEAR_ROWS, kernels
-from engine.native_ops import native_ops_loaded
+from engine.native_ops import dense_linears_shape, native_ops_loaded
 from engine.op_library import define_op
 
 
@@ -34,11 +36,7 @@ def dense_linears(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([F.linear(x, w) for w in weights], dim=-1)
 
 
-def _dense_linears_shape(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
-
-
-define_op("dense_linears(Tensor x, Tensor[] weights) -> Tensor", dense_linears, _dense_linears_shape)
+define_op("dense_linears(Tensor x, Tensor[] weights) -> Tensor", dense_linears, dense_linears_shape)
 
 
 def project(x: torch.Tensor, layers: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
