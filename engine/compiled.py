@@ -8,7 +8,7 @@ nothing (on CUDA the captured graphs, which hold the weights' addresses, are cap
 (embeddings, norms, projections, RoPE, routing, the expert-load counters) becomes a graph. Two graphs, compiled
 separately: one for one-token steps (batch-1 decode, where fixed costs rule) and one with a symbolic token count for
 every other step, decode or prefill; once compiled, each is called as inductor returned it, without torch.compile's
-frame machinery (engine/direct_graph.py). On CPU both run as inductor's fused C++, frozen (weights as constants,
+frame machinery, and the one-token graph beneath AOT autograd's runtime wrappers too (engine/direct_graph.py). On CPU both run as inductor's fused C++, frozen (weights as constants,
 prepacked) with their GEMMs autotuned among inductor's C++ GEMM templates, which nearly halved a batch-1 step here
 and cut a batch-8 step by a fifth; the one-token graph has a C++ wrapper, whose g++ build (7-10 s of one core)
 runs in the background at warm-up while the many-token graph compiles. On CUDA in bf16, decode-only steps are
@@ -193,6 +193,13 @@ class CompiledForward:
     def direct_kinds(self) -> set[bool]:
         """The graphs (by whether the step has one token) called without torch.compile's frame machinery."""
         return set(self._direct)
+
+    @property
+    def inner_kinds(self) -> set[bool]:
+        """The graphs called beneath AOT autograd's runtime wrappers (engine/direct_graph.py, InnerCall)."""
+        return {
+            kind for kind, graph in self._direct.items() if graph.inner is not None and graph.inner.plan is not None
+        }
 
     @property
     def uses_cuda_graphs(self) -> bool:

@@ -112,6 +112,7 @@ def test_compiled_matches_eager_under_continuous_batching(arch: str, hf_checkpoi
     assert {1, 3}.issubset(set(sizes)) and max(sizes) > 8  # one-token steps, small batches, prefill-sized steps
     assert (eager.expert_load() == compiled.expert_load()).all()  # the counters run inside the compiled graph
     assert compiled.runner.forward.direct_kinds == {True, False}  # both graphs ran without dynamo's frame hook
+    assert compiled.runner.forward.inner_kinds == {True}  # and the one-token graph without AOT's wrappers
 
 
 def test_routing_changes_at_run_time_are_served_by_the_new_routing(tiny_model: Path) -> None:

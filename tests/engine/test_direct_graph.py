@@ -133,3 +133,41 @@ def test_a_second_graph_like_the_first_but_for_its_weights_reuses_the_built_wrap
     for got, expected in results:  # each graph computes with its own weights
         torch.testing.assert_close(got, expected)
     assert not torch.allclose(results[0][1], results[2][1])  # and they differ
+
+
+class Counted(torch.nn.Module):
+    """A frozen linear that counts its calls in a buffer, in place (as the engine's expert-load counters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(32, 16)
+        self.register_buffer("calls", torch.zeros(1, dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.linear(x)
+
+
+@pytest.mark.slow  # inductor compiles the graphs
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_static_graph_is_called_beneath_aot_autograds_wrappers_once_watched(
+    dynamic: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first direct call watches the wrappers call inductor's compiled graph; later calls skip them and
+    pass the same arguments (the buffer the graph updates in place included). A dynamic graph, whose compiled
+    call also takes a size, keeps calling through them."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = Counted().eval()
+    catcher = GraphCatcher()
+    fresh = types.FunctionType(scaled_linear.__code__.replace(), scaled_linear.__globals__)
+    x = torch.randn(3, 32)
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        catcher.inputs = (x,)
+        torch.compile(fresh, backend=catcher, dynamic=dynamic, fullgraph=True)(model, x)
+        graph = catcher.caught
+        assert graph is not None and graph.inner is not None and not graph.inner.watched
+        for step in range(3):
+            y = torch.randn(3, 32)
+            torch.testing.assert_close(graph((y,)), model.linear(y) * 2.0)
+            assert graph.inner.watched and (graph.inner.plan is not None) == (not dynamic)
+        assert model.calls.item() == 4  # the compiling call and three direct ones, each counted once
