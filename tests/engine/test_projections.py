@@ -4,8 +4,11 @@ both sides of the op's kernel/torch switch; and untouched layers elsewhere."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.cpu_kernels import kernels
@@ -49,3 +52,24 @@ def test_one_row_training_and_fp32_run_the_layers_themselves() -> None:
     fp32 = tuple(layer.float() for layer in qkv)
     with torch.inference_mode():
         assert all(torch.equal(a, layer(x.float())) for a, layer in zip(project(x.float(), fp32), fp32))
+
+
+@pytest.mark.parametrize("biases", [(False, False, False), (True, True, True), (True, False, True)])
+def test_a_traced_one_row_step_runs_the_weights_side_by_side_as_one_gemm(biases: tuple[bool, ...]) -> None:
+    """What a CPU graph traces for one row (freezing folds the concatenated weights into one constant): the
+    layers' outputs, with or without biases; mixed biases go layer by layer."""
+    torch.manual_seed(1)
+    qkv = tuple(nn.Linear(64, n, bias=bias) for n, bias in zip((64, 32, 32), biases, strict=True))
+    x = torch.randn(1, 64)
+    linears: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[object]) -> Callable[..., object]:
+        linears.append(sum(node.target is F.linear for node in gm.graph.nodes))
+        return gm.forward
+
+    traced = torch.compile(lambda x: project(x, qkv), backend=backend, fullgraph=True)
+    with torch.inference_mode():
+        got, expected = traced(x), tuple(layer(x) for layer in qkv)
+    assert linears == [1 if len(set(biases)) == 1 else 3]
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
