@@ -1,14 +1,17 @@
 """What static pruning buys at serving time: resident weights, process memory and decode throughput per level.
 
-`python -m pruning.bench MODEL [--levels 0,0.25,0.5] [--method random] [--batch-sizes 1,8,32,64] [--repeats 3]`
+`python -m pruning.bench MODEL [--levels 0,0.25,0.5] [--method random] [--batch-sizes 1,8,32,64] [--repeats 10]`
 
-Each measurement loads the model in a fresh process with the level's routing policies, so the removed
-experts' weights are released before anything else is allocated, and reports the weights' bytes, the
-process's resident memory (after load; on CUDA the allocator's figures), and at each batch size the median
-decode step, the experts a step touches per layer, and the step's memory floor (the bytes it must read at
-the copy bandwidth measured in the same process). Levels alternate within each of --repeats rounds and the
-medians are reported, so this machine's drift falls on every level alike. Static pruning leaves the work
-per token unchanged (k experts), so it pays off once a batch's tokens touch most of the experts: the floor
+Each level's engine runs in a process of its own, loaded with the level's routing policies so the removed
+experts' weights are released before anything else is allocated; it reports the weights' bytes and the
+process's resident memory (after load; on CUDA the allocator's figures). Then, at each batch size, every level
+decodes the same prompts, and the levels take turns: --repeats blocks of --steps decode steps each, in the order
+A B C, C B A, ... . This machine's speed drifts 10-30% within minutes, and a level measured a minute after
+another measured the drift (a level-per-process run in turn once showed a batch-1 ratio of 0.79x, where pruning
+changes nothing); blocks of a few milliseconds each put every level in the same stretch. A level's ratio to
+level 0 is the median of the per-block ratios. Also per level: the experts a step touches per layer, and the
+step's memory floor (the bytes it must read, at the copy bandwidth measured once). Static pruning leaves the
+work per token unchanged (k experts), so it pays off once a batch's tokens touch most of the experts: the floor
 ratio says how much it can buy, the step ratio how much it did.
 """
 
@@ -19,15 +22,21 @@ import json
 import multiprocessing
 import resource
 import statistics
+import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine.bench import decode_step, floor_row, make_prompts, memory_bandwidth, progress
+from engine.bench import floor_row, make_prompts, memory_bandwidth, progress, sync
 from engine.checkpoint import load_model
+from engine.decoding import start_decoding
 from engine.device import resolve_device
 from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+
+WARMUP_STEPS = 2
 
 
 def _resident_bytes() -> int:
@@ -35,8 +44,8 @@ def _resident_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-def measure_level(model_dir: Path, level: float, method: str, args: dict[str, Any]) -> dict[str, Any]:
-    """One level, measured in the calling process (run it in a fresh one)."""
+def load_level(model_dir: Path, level: float, method: str, args: dict[str, Any]) -> tuple[LLM, dict[str, Any]]:
+    """The level's engine, loaded in the calling process, and what it holds."""
     from pruning.cache import cached_plan
     from pruning.spec import PlanSpec
 
@@ -55,6 +64,7 @@ def measure_level(model_dir: Path, level: float, method: str, args: dict[str, An
         routing_policies=policies,
         max_num_seqs=max(args["batch_sizes"]),
         kv_cache_memory_bytes=args["kv_bytes"],
+        gpu_memory_utilization=args["gpu_memory_utilization"],
         enforce_eager=args["enforce_eager"],
     )
     row: dict[str, Any] = {
@@ -67,23 +77,133 @@ def measure_level(model_dir: Path, level: float, method: str, args: dict[str, An
     }
     if device.type == "cuda":
         row["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
-    vocab = llm.engine.model.config.vocab_size
-    bandwidth = memory_bandwidth(device)
-    for batch in args["batch_sizes"]:
-        decode = decode_step(llm, make_prompts(batch, args["prompt_len"], vocab, seed=batch), args["steps"], device)
-        row[f"decode_step_ms_b{batch}"] = 1e3 * decode["step_s"]
-        row[f"experts_touched_b{batch}"] = decode["measured_experts"]
-        row[f"floor_ms_b{batch}"] = floor_row(llm, batch, decode, bandwidth, expert_gemms=False)["floor_ms"]
-    return row
+    return llm, row
 
 
-def median_rows(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The median of every number over repeated measurements of one level."""
-    merged = dict(runs[0])
-    for key, value in runs[0].items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            merged[key] = statistics.median(run[key] for run in runs)
-    return merged
+class _Decoding:
+    """One batch decoding in a level's engine: timed blocks of steps, and the experts each step touched."""
+
+    def __init__(self, llm: LLM, batch: int, args: dict[str, Any]) -> None:
+        self.llm, self.batch = llm, batch
+        engine = llm.engine
+        total = args["repeats"] * args["steps"] + WARMUP_STEPS + 2
+        params = SamplingParams(temperature=0, max_tokens=total, ignore_eos=True)
+        prompts = make_prompts(batch, args["prompt_len"], engine.model.config.vocab_size, seed=batch)
+        self.ids = start_decoding(engine, "decode", prompts, [params] * batch)
+        self.seqs = [seq for request_id in self.ids for seq in engine.requests[request_id].seqs]
+        for _ in range(WARMUP_STEPS):
+            engine.step()
+        self.times: list[float] = []
+        self.unions: list[float] = []
+
+    def steps(self, count: int) -> float:
+        """Run count timed decode steps; their median seconds."""
+        engine, device = self.llm.engine, self.llm.engine.device
+        moe_layers = engine.model.config.moe_layers
+        times = []
+        for _ in range(count):
+            before = engine.expert_load()
+            sync(device)
+            start = time.perf_counter()
+            engine.step()
+            sync(device)
+            times.append(time.perf_counter() - start)
+            self.unions.append(float(((engine.expert_load() - before)[moe_layers] > 0).sum(axis=1).mean()))
+        self.times += times
+        return statistics.median(times)
+
+    def finish(self) -> dict[str, float]:
+        """The batch's medians and the bytes its step must read; its requests aborted."""
+        context = sum(s.num_tokens for s in self.seqs) - len(self.seqs) * len(self.times) / 2
+        decode = {"step_s": statistics.median(self.times), "measured_experts": statistics.mean(self.unions),
+                  "context_tokens": context}  # fmt: skip
+        floor = floor_row(self.llm, self.batch, decode, 1.0, expert_gemms=False)
+        for request_id in self.ids:
+            self.llm.engine.abort_request(request_id)
+        return {"step_s": decode["step_s"], "experts": decode["measured_experts"], "bytes": floor["bytes"]}
+
+
+def serve_level(conn: Connection, model_dir: Path, level: float, method: str, args: dict[str, Any]) -> None:
+    """A level's process: load, report, then run what the parent asks ("start" a batch, "steps" of it,
+    "finish" it, "stop") until it stops."""
+    llm, row = load_level(model_dir, level, method, args)
+    conn.send(row)
+    decoding: _Decoding | None = None
+    while True:
+        command, value = conn.recv()
+        if command == "start":
+            decoding = _Decoding(llm, value, args)
+            conn.send(None)
+        elif command == "steps" and decoding is not None:
+            conn.send(decoding.steps(value))
+        elif command == "finish" and decoding is not None:
+            conn.send(decoding.finish())
+            decoding = None
+        else:
+            conn.send(None)
+            return
+
+
+class LevelProcess:
+    """The parent's handle on one level's process."""
+
+    def __init__(self, context: Any, model_dir: Path, level: float, method: str, args: dict[str, Any]) -> None:
+        self.level = level
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=serve_level, args=(child, model_dir, level, method, args))
+        self.process.start()
+        child.close()
+        self.row: dict[str, Any] = self._answer()
+
+    def ask(self, command: str, value: int = 0) -> Any:
+        self.conn.send((command, value))
+        return self._answer()
+
+    def _answer(self) -> Any:
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.process.join()
+            raise RuntimeError(
+                f"level {self.level:g}: its process ended (exit code {self.process.exitcode}); its error is above"
+            ) from None
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.ask("stop")
+        self.process.join()
+
+
+def measure(model_dir: Path, levels: list[float], method: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every level loaded in its own process, then each batch size decoded by all of them in alternating blocks
+    (see the module docstring): one row per level."""
+    context = multiprocessing.get_context("spawn")
+    processes: list[LevelProcess] = []
+    try:
+        for level in levels:
+            progress(f"loading level {level:g}")
+            processes.append(LevelProcess(context, model_dir, level, method, args))
+        bandwidth = memory_bandwidth(resolve_device(args["device"]))
+        rows = [dict(p.row) for p in processes]
+        for batch in args["batch_sizes"]:
+            progress(f"batch {batch}: {args['repeats']} blocks of {args['steps']} steps per level")
+            for p in processes:
+                p.ask("start", batch)
+            blocks: list[list[float]] = [[] for _ in processes]
+            for block in range(args["repeats"]):
+                order = range(len(processes)) if block % 2 == 0 else reversed(range(len(processes)))
+                for i in order:
+                    blocks[i].append(processes[i].ask("steps", args["steps"]))
+            for row, p, seconds in zip(rows, processes, blocks, strict=True):
+                done = p.ask("finish")
+                row[f"decode_step_ms_b{batch}"] = 1e3 * done["step_s"]
+                row[f"speedup_b{batch}"] = statistics.median(a / b for a, b in zip(blocks[0], seconds, strict=True))
+                row[f"experts_touched_b{batch}"] = done["experts"]
+                row[f"floor_ms_b{batch}"] = 1e3 * done["bytes"] / bandwidth
+        return rows
+    finally:
+        for p in processes:
+            p.stop()
 
 
 def markdown(rows: list[dict[str, Any]], batch_sizes: list[int]) -> str:
@@ -101,8 +221,8 @@ def markdown(rows: list[dict[str, Any]], batch_sizes: list[int]) -> str:
         cells = [f"{row['level']:g}"]
         for b in batch_sizes:
             ms, floor, touched = row[f"decode_step_ms_b{b}"], row[f"floor_ms_b{b}"], row[f"experts_touched_b{b}"]
-            speedup, floor_speedup = base[f"decode_step_ms_b{b}"] / ms, base[f"floor_ms_b{b}"] / floor
-            cells.append(f"{1e3 * b / ms:.0f}, {speedup:.2f}x, {floor_speedup:.2f}x, {touched:.1f}")
+            floor_speedup = base[f"floor_ms_b{b}"] / floor
+            cells.append(f"{1e3 * b / ms:.0f}, {row[f'speedup_b{b}']:.2f}x, {floor_speedup:.2f}x, {touched:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -114,40 +234,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", default="random", help="any moe-prune method (random: no quality concern here)")
     parser.add_argument("--batch-sizes", default="1,8,32,64")
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=20, help="timed decode steps per batch size (median)")
+    parser.add_argument("--steps", type=int, default=10, help="decode steps per block")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kv-bytes", type=int, default=256 << 20, help="KV cache bytes on CPU")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds over the levels, medians reported")
+    parser.add_argument("--repeats", type=int, default=10, help="blocks of --steps per level and batch size")
     parser.add_argument("--enforce-eager", action="store_true", help="the eager forward, not the compiled one")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    levels = [float(x) for x in args.levels.split(",")]
     settings = {
         "batch_sizes": [int(b) for b in args.batch_sizes.split(",")],
         "prompt_len": args.prompt_len,
         "steps": args.steps,
+        "repeats": args.repeats,
         "device": args.device,
         "dtype": args.dtype,
         "threads": args.threads,
         "kv_bytes": args.kv_bytes,
+        "gpu_memory_utilization": 0.9 / len(levels),  # the levels' processes share one GPU
         "enforce_eager": args.enforce_eager,
     }
-    levels = [float(x) for x in args.levels.split(",")]
-    runs: dict[float, list[dict[str, Any]]] = {level: [] for level in levels}
-    context = multiprocessing.get_context("spawn")
-    for round_ in range(args.repeats):
-        for level in levels:
-            progress(f"round {round_ + 1}/{args.repeats}, level {level:g}")
-            with context.Pool(1) as pool:
-                runs[level].append(pool.apply(measure_level, (args.model, level, args.method, settings)))
-                pool.close()  # the worker exits on its own (terminated, it leaked its semaphores)
-                pool.join()
-    rows = [median_rows(runs[level]) for level in levels]
+    rows = measure(args.model, levels, args.method, settings)
     print(markdown(rows, settings["batch_sizes"]))
     if args.json:
         args.json.write_text(
-            json.dumps({"model": str(args.model), "settings": settings, "rows": rows, "runs": runs}, indent=2) + "\n"
+            json.dumps({"model": str(args.model), "settings": settings, "rows": rows}, indent=2) + "\n"
         )
 
 
