@@ -12,7 +12,7 @@ hold by construction of the step's inputs (engine/model_runner.py: contiguous ro
 
 Beneath the callable inductor returns lie AOT autograd's runtime wrappers (input and output fix-ups, grad mode,
 metrics), which a graph like ours, with no output aliasing an input and its buffer updates done in place, does
-not need: 35-45 us of a batch-1 step here. `InnerCall` watches one call through them, learns what they pass to
+not need: 35-45 us of a batch-1 step here. On the CPU, `InnerCall` watches one call through them, learns what they pass to
 inductor's compiled call (the forward's tensors, and constants such as the expert-load counters), and from then on
 calls it directly; where the watched call shows any fix-up (an output replaced, an argument that is neither an
 input nor a tensor of its own, such as a size), it keeps calling through them.
@@ -203,7 +203,9 @@ class GraphCatcher:
             return all(build.done() for build in pending)
 
         if self.inputs is not None:
-            one = len(codes) == 1 and hasattr(codes[0], "current_callable")
+            # CPU graphs only: on CUDA, decode replays captured CUDA graphs, and the wrappers cost nothing there.
+            on_cpu = all(x.device.type == "cpu" for x in self.inputs)
+            one = on_cpu and len(codes) == 1 and hasattr(codes[0], "current_callable")
             self.caught = direct_graph(gm, fn, self.inputs, InnerCall(codes[0], built) if one else None)
         if not pending:
             return fn
