@@ -12,9 +12,9 @@ hold by construction of the step's inputs (engine/model_runner.py: contiguous ro
 
 Beneath the callable inductor returns lie AOT autograd's runtime wrappers (input and output fix-ups, grad mode,
 metrics), which a graph like ours, with no output aliasing an input and its buffer updates done in place, does
-not need: 35-45 us of a batch-1 step here. On the CPU, `InnerCall` watches one call through them, learns what they pass to
-inductor's compiled call (the forward's tensors, and constants such as the expert-load counters), and from then on
-calls it directly; where the watched call shows any fix-up (an output replaced, an argument that is neither an
+not need: 35-45 us of a batch-1 step here. On the CPU, `InnerCall` watches two calls through them, learns what they
+pass to inductor's compiled call (the forward's tensors, and constants such as the expert-load counters), and from
+then on calls it directly; where a watched call shows any fix-up (an output replaced, an argument that is neither an
 input nor a tensor of its own, such as a size), it keeps calling through them.
 """
 
@@ -37,14 +37,18 @@ _INPUT_SOURCE = re.compile(r"L\['inputs'\]\[(\d+)\](?:\.size\(\)\[(\d+)\])?")
 
 class InnerCall:
     """Inductor's compiled call of one graph (the OutputCode compile_fx_inner returned), called without the
-    wrappers above it once a watched call has shown how they call it (see the module docstring).
+    wrappers above it once two watched calls have shown the same way of calling it (see the module docstring): a
+    wrapper that passed a fresh copy of an input would show a different tensor the second time.
 
     ready: whether the compiled call is the one to watch (a C++ wrapper built in the background is not yet)."""
+
+    WATCHES = 2
 
     def __init__(self, code: Any, ready: Callable[[], bool]) -> None:
         self.code = code
         self.ready = ready
-        self.watched = False
+        self.watching = True
+        self._seen: list[list[int | torch.Tensor]] = []
         # Per argument of the compiled call: the index of the forward input passed there, or the tensor itself.
         self.plan: list[int | torch.Tensor] | None = None
 
@@ -63,14 +67,23 @@ class InnerCall:
             result = outer()
         finally:
             self.code.current_callable = call
-        self.watched = True
-        if len(seen) == 2 and _passed_through(seen[1], result):
-            self.plan = _call_plan(seen[0], inputs)
+        plan = _call_plan(seen[0], inputs) if len(seen) == 2 and _passed_through(seen[1], result) else None
+        if plan is None or (self._seen and not _same_plan(plan, self._seen[0])):
+            self.watching = False  # called through the wrappers from now on
+        else:
+            self._seen.append(plan)
+            if len(self._seen) == self.WATCHES:
+                self.plan, self.watching = plan, False
         return result
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> Any:
         assert self.plan is not None
         return self.code.current_callable([inputs[a] if isinstance(a, int) else a for a in self.plan])
+
+
+def _same_plan(a: list[int | torch.Tensor], b: list[int | torch.Tensor]) -> bool:
+    """Whether two watched calls passed the same inputs in the same places and the very same other tensors."""
+    return len(a) == len(b) and all(x is y if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
 
 
 def _passed_through(inner: Any, outer: Any) -> bool:
@@ -131,7 +144,7 @@ class DirectGraph:
         def outer() -> Any:
             return self.fn(*[inputs[i] if dim < 0 else inputs[i].shape[dim] for i, dim in self.slots])
 
-        if inner is not None and not inner.watched and inner.ready():
+        if inner is not None and inner.watching and inner.ready():
             return inner.watch(outer, inputs)[0]
         return outer()[0]
 
