@@ -134,29 +134,54 @@ def expert_bytes(model: MoEForCausalLM) -> int:
     return (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * experts.down_proj.element_size()
 
 
+class DecodeRun:
+    """B sequences brought to pure decode in an engine (every step adds one token to each), then timed steps in
+    as many calls as the caller likes, with the measured union of routed experts per MoE layer of each step
+    (from expert_load() differences taken between the timed steps)."""
+
+    WARMUP = 2
+
+    def __init__(self, llm: LLM, prompts: list[list[int]], steps: int, device: torch.device) -> None:
+        self.engine, self.device = llm.engine, device
+        params = SamplingParams(temperature=0, max_tokens=steps + self.WARMUP + 2, ignore_eos=True)
+        self.ids = start_decoding(self.engine, "decode", prompts, [params] * len(prompts))
+        self.seqs = [seq for request_id in self.ids for seq in self.engine.requests[request_id].seqs]
+        for _ in range(self.WARMUP):
+            self.engine.step()
+        self.times: list[float] = []
+        self.unions: list[float] = []
+
+    def steps(self, count: int) -> float:
+        """Run count timed decode steps (at most the `steps` given at the start, in all); their median seconds."""
+        engine, moe_layers = self.engine, self.engine.model.config.moe_layers
+        times = []
+        for _ in range(count):
+            before = engine.expert_load()
+            sync(self.device)
+            start = time.perf_counter()
+            engine.step()
+            sync(self.device)
+            times.append(time.perf_counter() - start)
+            self.unions.append(float(((engine.expert_load() - before)[moe_layers] > 0).sum(axis=1).mean()))
+        self.times += times
+        return statistics.median(times)
+
+    def finish(self) -> dict[str, float]:
+        """The median step over every timed step, the mean expert union, the mean attended tokens of all
+        sequences; the requests aborted."""
+        context = sum(s.num_tokens for s in self.seqs) - len(self.seqs) * len(self.times) / 2
+        for request_id in self.ids:
+            self.engine.abort_request(request_id)
+        return {"step_s": statistics.median(self.times), "measured_experts": statistics.mean(self.unions),
+                "context_tokens": context}  # fmt: skip
+
+
 def decode_step(llm: LLM, prompts: list[list[int]], steps: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of a pure decode `engine.step()` (every sequence adds one token), and the measured union
-    of routed experts per MoE layer, from expert_load() differences taken between the timed steps."""
-    engine, warmup = llm.engine, 2
-    params = SamplingParams(temperature=0, max_tokens=steps + warmup + 2, ignore_eos=True)
-    ids = start_decoding(engine, "decode", prompts, [params] * len(prompts))
-    seqs = [seq for request_id in ids for seq in engine.requests[request_id].seqs]
-    for _ in range(warmup):
-        engine.step()
-    moe_layers = engine.model.config.moe_layers
-    times, unions = [], 0.0
-    for _ in range(steps):
-        before = engine.expert_load()
-        sync(device)
-        start = time.perf_counter()
-        engine.step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-        unions += float(((engine.expert_load() - before)[moe_layers] > 0).sum(axis=1).mean())
-    context = sum(s.num_tokens for s in seqs) - len(seqs) * steps / 2  # mean attended tokens, all sequences
-    for request_id in ids:
-        engine.abort_request(request_id)
-    return {"step_s": statistics.median(times), "measured_experts": unions / steps, "context_tokens": context}
+    """Median seconds of a pure decode `engine.step()` over `steps` steps, and the measured expert union
+    (DecodeRun)."""
+    run = DecodeRun(llm, prompts, steps, device)
+    run.steps(steps)
+    return run.finish()
 
 
 def expert_gemm_seconds(model: MoEForCausalLM, batch: int, repeats: int, device: torch.device) -> float:

@@ -22,21 +22,16 @@ import json
 import multiprocessing
 import resource
 import statistics
-import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine.bench import floor_row, make_prompts, memory_bandwidth, progress, sync
+from engine.bench import DecodeRun, floor_row, make_prompts, memory_bandwidth, progress
 from engine.checkpoint import load_model
-from engine.decoding import start_decoding
 from engine.device import resolve_device
 from engine.llm import LLM
-from engine.sampling_params import SamplingParams
-
-WARMUP_STEPS = 2
 
 
 def _resident_bytes() -> int:
@@ -81,45 +76,20 @@ def load_level(model_dir: Path, level: float, method: str, args: dict[str, Any])
 
 
 class _Decoding:
-    """One batch decoding in a level's engine: timed blocks of steps, and the experts each step touched."""
+    """One batch decoding in a level's engine (engine.bench.DecodeRun), and the bytes its step must read."""
 
     def __init__(self, llm: LLM, batch: int, args: dict[str, Any]) -> None:
         self.llm, self.batch = llm, batch
-        engine = llm.engine
-        total = args["repeats"] * args["steps"] + WARMUP_STEPS + 2
-        params = SamplingParams(temperature=0, max_tokens=total, ignore_eos=True)
-        prompts = make_prompts(batch, args["prompt_len"], engine.model.config.vocab_size, seed=batch)
-        self.ids = start_decoding(engine, "decode", prompts, [params] * batch)
-        self.seqs = [seq for request_id in self.ids for seq in engine.requests[request_id].seqs]
-        for _ in range(WARMUP_STEPS):
-            engine.step()
-        self.times: list[float] = []
-        self.unions: list[float] = []
+        prompts = make_prompts(batch, args["prompt_len"], llm.engine.model.config.vocab_size, seed=batch)
+        self.run = DecodeRun(llm, prompts, args["repeats"] * args["steps"], llm.engine.device)
 
     def steps(self, count: int) -> float:
-        """Run count timed decode steps; their median seconds."""
-        engine, device = self.llm.engine, self.llm.engine.device
-        moe_layers = engine.model.config.moe_layers
-        times = []
-        for _ in range(count):
-            before = engine.expert_load()
-            sync(device)
-            start = time.perf_counter()
-            engine.step()
-            sync(device)
-            times.append(time.perf_counter() - start)
-            self.unions.append(float(((engine.expert_load() - before)[moe_layers] > 0).sum(axis=1).mean()))
-        self.times += times
-        return statistics.median(times)
+        return self.run.steps(count)
 
     def finish(self) -> dict[str, float]:
         """The batch's medians and the bytes its step must read; its requests aborted."""
-        context = sum(s.num_tokens for s in self.seqs) - len(self.seqs) * len(self.times) / 2
-        decode = {"step_s": statistics.median(self.times), "measured_experts": statistics.mean(self.unions),
-                  "context_tokens": context}  # fmt: skip
+        decode = self.run.finish()
         floor = floor_row(self.llm, self.batch, decode, 1.0, expert_gemms=False)
-        for request_id in self.ids:
-            self.llm.engine.abort_request(request_id)
         return {"step_s": decode["step_s"], "experts": decode["measured_experts"], "bytes": floor["bytes"]}
 
 
