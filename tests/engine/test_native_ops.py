@@ -13,8 +13,10 @@ import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
 from engine.attention import PagedStep, PrefillChunk, paged_step
+from engine.cpu_kernels import kernels
 from engine.moe import SparseMoE, _dispatch_sorted, serving_experts
 from engine.native_ops import native_ops
+from engine.projections import kernel_rows
 
 pytestmark = pytest.mark.skipif(native_ops() is None, reason="no C/C++ compiler: the C++ serving ops cannot be built")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -152,9 +154,6 @@ def test_an_engines_decode_steps_are_served_in_cpp(tiny_model: Path) -> None:
 def test_dense_linears_run_the_kernel_in_cpp_and_leave_the_rest_to_the_reference() -> None:
     """bf16 rows up to the kernel's limit: the kernel's values, served here; fp32, more rows than the limit, or
     a weight that is a view: the Python op, the same answer."""
-    from engine.cpu_kernels import kernels
-    from engine.projections import kernel_rows
-
     cpu = kernels()
     assert cpu is not None
     generator = torch.Generator().manual_seed(11)
