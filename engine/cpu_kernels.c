@@ -439,10 +439,9 @@ int amx_enabled(int want) {
     return amx_state;
 }
 
-/* AMX pays where its tiles fill: from this many activation rows per weight (an expert's, on average over the
- * experts a layer's tokens use; a linear's), measured on the bench shape (docs/performance.md); below it the tiles'
- * fixed costs, and the lower clock the CPU runs AMX at, made a batch-1 step 10% slower than vdpbf16ps. */
-#define AMX_MIN_ROWS 16
+/* AMX pays for the experts from this many activation rows per expert (on average over the experts a layer's tokens
+ * use), measured on the bench shape (docs/performance.md); below it the tiles' fixed costs, and the lower clock the
+ * CPU runs AMX at, made a batch-1 step 10% slower than vdpbf16ps. */
 #define AMX_MIN_ROWS_PER_EXPERT 2
 
 static void amx_configure(void) {
@@ -638,8 +637,12 @@ static void linears_bf16_amx(const bf16 *x, int64_t T, int64_t K, int64_t count,
 #endif
 #endif
 
-/* Rows this few (a batch-1 step's projections and LM head) take linears_bf16's one-row path. */
-#define GEMV_MAX_ROWS 3
+/* Rows this few (a batch-1 or -2 step's projections and LM head) take linears_bf16's one-row path; more take AMX
+ * tiles where the CPU has them: from 3 rows a linear's 16-row tiles beat the 4 x 4 vdpbf16ps tiles, whose horizontal
+ * sums cost as much as their products at these widths (batch-3 / 8 / 12 steps 1.05x / 1.12x / 1.18x faster,
+ * docs/performance.md), while at 1 and 2 rows they measured equal to the one-row path. */
+#define GEMV_MAX_ROWS 2
+#define LINEAR_AMX_MIN_ROWS (GEMV_MAX_ROWS + 1)
 
 #if defined(__AVX512BF16__)
 /* dot(x, w[c]) for 16 weight rows (K apart) and one activation row, over K bf16 values (a multiple of 32): 16
@@ -675,7 +678,7 @@ int linears_bf16(const bf16 *x, int64_t T, int64_t K, int64_t count, const bf16 
     }
     const int64_t blocks = first_block[count], chunks = (T + 63) / 64, width = first_block[count] * 16;
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (T >= AMX_MIN_ROWS && amx_enabled(-1)) {
+    if (T >= LINEAR_AMX_MIN_ROWS && amx_enabled(-1)) {
         linears_bf16_amx(x, T, K, count, ws, first_block, out, out_bf16, threads);
         return 1;
     }
