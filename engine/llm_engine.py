@@ -418,19 +418,31 @@ class LLMEngine:
     def _request_output(self, request_id: str, now: float) -> RequestOutput:
         request = self.requests[request_id]
         metrics = request.metrics
+        delta = request.seqs[0].params.output_kind is RequestOutputKind.DELTA
         completions = []
         for seq in request.seqs:
             text = seq.output_text
+            end = len(text)
             if not seq.is_finished and seq.params.stop_holdback:
-                text = text[: max(0, len(text) - seq.params.stop_holdback)]
+                end = max(0, end - seq.params.stop_holdback)
             wants_logprobs = seq.params.logprobs is not None
+            if delta:  # what is new since the last output (the visible text only grows: a stop string is held back)
+                first_char, first_token = seq.sent_chars, seq.sent_tokens
+                seq.sent_chars, seq.sent_tokens = max(end, first_char), seq.num_output_tokens
+                text = text[first_char:end]
+                token_ids = seq.token_ids[seq.num_prompt_tokens + first_token :]
+                logprobs = seq.output_logprobs[first_token:] if wants_logprobs else None
+            else:
+                text = text[:end] if end < len(text) else text
+                token_ids = seq.output_token_ids
+                logprobs = list(seq.output_logprobs) if wants_logprobs else None
             completions.append(
                 CompletionOutput(
                     index=seq.index,
                     text=text,
-                    token_ids=seq.output_token_ids,
+                    token_ids=token_ids,
                     cumulative_logprob=seq.cumulative_logprob if wants_logprobs else None,
-                    logprobs=list(seq.output_logprobs) if wants_logprobs else None,
+                    logprobs=logprobs,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
                 )
@@ -445,7 +457,7 @@ class LLMEngine:
             prompt_logprobs=request.seqs[0].prompt_logprobs,
             outputs=completions,
             finished=finished,
-            metrics=replace(metrics),
+            metrics=metrics.snapshot(),
         )
 
     def stats(self, stepped: bool = True, expert_counts: ExpertCounts | None = None) -> EngineStats:

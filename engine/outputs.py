@@ -44,6 +44,13 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
 
+    def snapshot(self) -> RequestMetrics:
+        """A copy, for an output (made for every request every step: dataclasses.replace takes 3x as long)."""
+        return RequestMetrics(
+            self.arrival_time, self.first_scheduled_time, self.first_token_time, self.last_token_time,
+            self.finished_time,
+        )  # fmt: skip
+
 
 @dataclass
 class RequestOutput:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 
 from engine.token_routing import TokenRouting
 
@@ -23,10 +24,14 @@ class InvalidRequestError(ValueError):
 
 class RequestOutputKind(Enum):
     """Which step outputs a request gets (vLLM's names): CUMULATIVE, its whole output so far after every step
-    that advanced it (streaming, the server); FINAL_ONLY, only the finished one (offline generate, which reads
-    nothing else: building an output per sequence per step cost a batch-32 decode step 4%, docs/performance.md)."""
+    that advanced it; DELTA, after every such step only what is new since its last output (each completion's new
+    text, token ids and logprobs; the rest as CUMULATIVE gives it), so a step's outputs cost what it added, not
+    what came before (the server streams this way); FINAL_ONLY, only the finished one (offline generate, which
+    reads nothing else: building an output per sequence per step cost a batch-32 decode step 4%,
+    docs/performance.md)."""
 
     CUMULATIVE = 0
+    DELTA = 1
     FINAL_ONLY = 2
 
 
@@ -104,9 +109,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    @property
+    @cached_property
     def stop_holdback(self) -> int:
-        """Characters to hold back from streamed text so a partial stop string is never emitted."""
+        """Characters to hold back from streamed text so a partial stop string is never emitted (asked for every
+        request's output every step, so worked out once)."""
         if self.include_stop_str_in_output or not self.stop:
             return 0
         return max(len(s) for s in self.stop) - 1

@@ -60,6 +60,9 @@ class Sequence:
         self.detokenizer = detokenizer
         self.output_text = ""
         self.output_logprobs: list[TokenLogprobs] = []
+        # What DELTA outputs have given so far: characters of output_text, output tokens.
+        self.sent_chars = 0
+        self.sent_tokens = 0
         self.cumulative_logprob = 0.0
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None
         self.generator = generator

@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,7 +26,7 @@ from engine.config import CheckpointError, ModelConfig
 from engine.llm_engine import EngineConfig
 from engine.outputs import RequestOutput
 from engine.routing import RoutingPolicy
-from engine.sampling_params import InvalidRequestError, SamplingParams
+from engine.sampling_params import InvalidRequestError, RequestOutputKind, SamplingParams
 from engine.token_routing import TokenRouting
 from engine.tokenizer import ModelTokenizer
 from server.engine_messages import (
@@ -306,8 +306,9 @@ class AsyncEngine:
                 raise InvalidRequestError(f"request_id {taken!r} is already in use")
             self._admitted += total
             self._streams.update(zip(ids, streams))  # before sending: the reply can arrive at once
+        delta = replace(params, output_kind=RequestOutputKind.DELTA)  # what the engine process sends
         for sub_id, prompt in zip(ids, prompts):
-            self._outbox.put(AddRequest(sub_id, prompt, params))
+            self._outbox.put(AddRequest(sub_id, prompt, delta))
         return [RequestStream(self, sub_id, stream) for sub_id, stream in zip(ids, streams)]
 
     def generate(

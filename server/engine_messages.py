@@ -34,7 +34,8 @@ class EngineInfo:
 
 @dataclass(frozen=True)
 class AddRequest:
-    """A request already tokenized and checked by the HTTP process: the engine sees token ids only."""
+    """A request already tokenized and checked by the HTTP process: the engine sees token ids only. Its params
+    ask for DELTA outputs, which the engine process sends on (server/output_delta.py)."""
 
     request_id: str
     prompt_token_ids: list[int]

@@ -184,6 +184,29 @@ def test_the_engines_memory_peak_is_its_own_not_its_parents() -> None:
     del held
 
 
+def test_delta_outputs_add_up_to_the_cumulative_ones(tiny_model: Path) -> None:
+    """Side by side in one batch, a DELTA request's pieces joined equal its CUMULATIVE twin's output after every
+    step: text held back for a stop string comes later, never twice; token ids and logprobs once each."""
+    engine = LLMEngine(tiny_model, EngineConfig(dtype="float32", device="cpu", max_model_len=128))
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=["zz", "\n\n"], logprobs=2, n=2)
+    prompt = prompts(1)[0]
+    engine.add_request("cumulative", prompt, params)
+    engine.add_request("delta", prompt, replace(params, output_kind=RequestOutputKind.DELTA))
+    joined: dict[int, tuple[str, list[int], list]] = {0: ("", [], []), 1: ("", [], [])}
+    steps = 0
+    while engine.has_unfinished_requests():
+        outputs = {output.request_id: output for output in engine.step()}
+        assert set(outputs) == {"cumulative", "delta"}
+        for piece in outputs["delta"].outputs:
+            text, ids, logprobs = joined[piece.index]
+            assert piece.logprobs is not None and len(piece.token_ids) == len(piece.logprobs) <= 1
+            joined[piece.index] = (text + piece.text, ids + piece.token_ids, logprobs + piece.logprobs)
+        for whole in outputs["cumulative"].outputs:
+            assert joined[whole.index] == (whole.text, whole.token_ids, whole.logprobs)
+        steps += 1
+    assert steps == 24 and all(len(ids) == 24 for _, ids, _ in joined.values())
+
+
 def test_final_only_requests_get_one_output_equal_to_the_cumulative_ones_last(tiny_model: Path) -> None:
     engine = LLMEngine(tiny_model, EngineConfig(dtype="float32", device="cpu", max_model_len=128))
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=["zz"])
