@@ -4,7 +4,8 @@
 `[--threads 2] [--rounds 3] [--json PATH] [--plot PNG]`; `--plot PNG --from-json PATH` redraws a run's plot.
 
 WORKDIR is what ../shared/anchors/llama-cpp/setup.sh built (build/bin/llama-bench, llama-batched-bench, and
-the model converted to gguf/). Each round measures, per batch size, this engine and then every GGUF given:
+the model converted to gguf/). Each round measures, per batch size, this engine and every GGUF given (this
+engine first in even rounds, last in odd ones, so neither side always follows the other):
 at batch 1 llama.cpp's `llama-bench -n 128` (tg128), at larger batches `llama-batched-bench` with 64-token
 prompts and 128 generated tokens (its S_TG); this engine the same way: B sequences of 64-token prompts,
 prefilled, then 128 decode steps timed (B x 128 / seconds), after one untimed pass per batch size. Medians over
@@ -26,16 +27,17 @@ import torch
 from engine.bench import make_prompts, progress
 from engine.decoding import start_decoding
 from engine.llm import LLM
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 PROMPT, GENERATED = 64, 128
+FINAL_ONLY = RequestOutputKind.FINAL_ONLY  # as LLM.generate asks: llama.cpp's benches build no text
 
 
 def ours(llm: LLM, batch: int) -> float:
     """Decode tokens/s of `batch` sequences, counted as llama-batched-bench counts them."""
     engine = llm.engine
     prompts = make_prompts(batch, PROMPT, engine.model.config.vocab_size, seed=batch)
-    params = SamplingParams(temperature=0.0, max_tokens=GENERATED + 1, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=GENERATED + 1, ignore_eos=True, output_kind=FINAL_ONLY)
     start_decoding(engine, "anchor", prompts, [params] * batch)
     start = time.perf_counter()
     for _ in range(GENERATED):
@@ -133,9 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     for round_ in range(args.rounds):
         for batch in batches:
             progress(f"round {round_ + 1}/{args.rounds}, batch {batch}")
-            samples["moe-serve"][batch].append(ours(llm, batch))
-            for gguf in ggufs:
-                samples[gguf][batch].append(llama_cpp(args.llama_cpp, gguf, batch, args.threads))
+            order = ["moe-serve", *ggufs] if round_ % 2 == 0 else [*reversed(ggufs), "moe-serve"]  # A B, B A
+            for name in order:
+                rate = ours(llm, batch) if name == "moe-serve" else llama_cpp(args.llama_cpp, name, batch, args.threads)
+                samples[name][batch].append(rate)
     medians = {name: {b: statistics.median(v) for b, v in rows.items()} for name, rows in samples.items()}
     dtype = str(llm.engine.dtype).removeprefix("torch.")
     print(f"decode tokens/s, {args.threads} threads, median of {args.rounds} alternating rounds; moe-serve in {dtype}")
