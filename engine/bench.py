@@ -29,9 +29,10 @@ from engine.model import MoEForCausalLM
 from engine.moe import dispatch
 from engine.random_checkpoint import add_shape_arguments, shape_from_args, write_random_checkpoint
 from engine.routing import Routing
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 COPY_BYTES = 512 << 20
+DELTA = RequestOutputKind.DELTA
 BENCH_SHAPE = {
     "layers": 8,
     "hidden": 512,
@@ -135,15 +136,15 @@ def expert_bytes(model: MoEForCausalLM) -> int:
 
 
 class DecodeRun:
-    """B sequences brought to pure decode in an engine (every step adds one token to each), then timed steps in
-    as many calls as the caller likes, with the measured union of routed experts per MoE layer of each step
+    """B sequences brought to pure decode in an engine (every step adds one token to each, its outputs as the
+    server asks for them), then timed steps in as many calls as the caller likes, with the measured union of routed experts per MoE layer of each step
     (from expert_load() differences taken between the timed steps)."""
 
     WARMUP = 2
 
     def __init__(self, llm: LLM, prompts: list[list[int]], steps: int, device: torch.device) -> None:
         self.engine, self.device = llm.engine, device
-        params = SamplingParams(temperature=0, max_tokens=steps + self.WARMUP + 2, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=steps + self.WARMUP + 2, ignore_eos=True, output_kind=DELTA)
         self.ids = start_decoding(self.engine, "decode", prompts, [params] * len(prompts))
         self.seqs = [seq for request_id in self.ids for seq in self.engine.requests[request_id].seqs]
         for _ in range(self.WARMUP):
