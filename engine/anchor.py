@@ -81,14 +81,15 @@ def plot(samples: dict[str, dict[int, list[float]]], title: str, path: Path) -> 
     import matplotlib.pyplot as plt
 
     names = list(samples)
-    batches = sorted(samples[names[0]], key=int)
+    batches = sorted({b for rows in samples.values() for b in rows}, key=int)
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, name in enumerate(names):
-        rows = [samples[name][b] for b in batches]
+    for i, name in enumerate(names):  # an engine without rounds at a batch size (a file it cannot run) has no bar
+        at = [j for j, b in enumerate(batches) if samples[name].get(b)]
+        rows = [samples[name][batches[j]] for j in at]
         medians = [statistics.median(r) for r in rows]
         spread = [[m - min(r) for m, r in zip(medians, rows)], [max(r) - m for m, r in zip(medians, rows)]]
-        positions = [j + (i - (len(names) - 1) / 2) * width for j in range(len(batches))]
+        positions = [j + (i - (len(names) - 1) / 2) * width for j in at]
         ax.bar(positions, medians, width, yerr=spread, capsize=3, label=name.removesuffix(".gguf"))
     ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
     ax.set_ylabel("decode tokens/s")

@@ -14,6 +14,7 @@ def test_a_saved_run_redraws_as_a_png(tmp_path: Path) -> None:
     samples = {
         "moe-serve": {"1": [900.0, 1200.0, 1100.0], "8": [3000.0, 3600.0]},
         "m-bf16.gguf": {"1": [3500.0], "8": [3000.0]},
+        "m-q8_0.gguf": {"1": [4000.0]},  # a file run at batch 1 only (llama-batched-bench cannot run it here)
     }
     run = tmp_path / "run.json"
     run.write_text(json.dumps({"threads": 2, "dtype": "bfloat16", "samples": samples}))
