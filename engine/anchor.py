@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from engine.allocator import run_again_with_tcmalloc
 from engine.bench import make_prompts, progress
 from engine.decoding import start_decoding
 from engine.llm import LLM
@@ -156,4 +157,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    run_again_with_tcmalloc()  # measure what the server's engine process runs on
     main()

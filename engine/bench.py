@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from engine import breakdown
+from engine.allocator import run_again_with_tcmalloc
 from engine.choices import BACKENDS
 from engine.decoding import start_decoding
 from engine.device import DTYPES, resolve_device
@@ -423,4 +424,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    run_again_with_tcmalloc()  # measure what the server's engine process runs on
     main()

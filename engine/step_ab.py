@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine.allocator import run_again_with_tcmalloc
 from engine.bench import progress
 
 MEASURE = """
@@ -33,6 +34,7 @@ import json, statistics, sys, time
 import torch
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
+from engine.allocator import run_again_with_tcmalloc
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 config = EngineConfig(dtype=args["dtype"], max_num_seqs=max(args["batch_sizes"]), kv_cache_memory_bytes=256 << 20,
@@ -136,4 +138,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    run_again_with_tcmalloc()  # measure what the server's engine process runs on
     main()

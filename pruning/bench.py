@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from engine.allocator import run_again_with_tcmalloc
 from engine.bench import DecodeRun, floor_row, make_prompts, memory_bandwidth, progress
 from engine.checkpoint import load_model
 from engine.device import resolve_device
@@ -235,4 +236,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    run_again_with_tcmalloc()  # measure what the server's engine process runs on
     main()

@@ -28,6 +28,7 @@ import httpx
 import torch
 
 from corpus.splits import read_split
+from engine.allocator import run_again_with_tcmalloc
 from engine.config import DEFAULT_MODEL_DIR
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
@@ -161,4 +162,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    run_again_with_tcmalloc()  # measure what the server's engine process runs on
     sys.exit(main())

@@ -13,6 +13,8 @@ import multiprocessing
 from multiprocessing.connection import Connection
 from typing import Any
 
+from engine.allocator import preloading_tcmalloc
+
 PROCESS_NAME = "moe-serve-engine"  # what ps shows (as "moe-serve-engin": the kernel keeps 15 bytes)
 
 
@@ -24,7 +26,8 @@ class EngineProcess:
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_engine_main, args=(child,), name=PROCESS_NAME, daemon=True)
-        self.process.start()
+        with preloading_tcmalloc():  # engine/allocator.py
+            self.process.start()
         child.close()
 
     def run(self, *arguments: Any) -> None:

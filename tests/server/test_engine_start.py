@@ -3,8 +3,13 @@ ends, whether the server stops it or just goes away."""
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import pytest
 
+from engine.allocator import loaded, tcmalloc_path
 from server.engine_start import EngineProcess
 
 
@@ -32,3 +37,18 @@ def test_running_an_engine_process_that_died_leaves_the_report_to_the_wait_for_i
     assert started.conn.poll(5)
     with pytest.raises(EOFError):
         started.conn.recv()
+
+
+@pytest.mark.skipif(tcmalloc_path() is None, reason="tcmalloc is not installed (Debian: libtcmalloc-minimal4)")
+def test_the_engine_process_runs_on_tcmalloc_and_the_server_keeps_its_environment() -> None:
+    before = dict(os.environ)
+    started = EngineProcess()
+    try:
+        maps = Path(f"/proc/{started.process.pid}/maps")
+        deadline = time.monotonic() + 60  # the child's loader maps its libraries after start() returns
+        while not loaded(maps) and started.process.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert loaded(maps)
+        assert dict(os.environ) == before and not loaded()
+    finally:
+        started.stop()
