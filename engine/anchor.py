@@ -59,18 +59,20 @@ def llama_cpp(workdir: Path, gguf: str, batch: int, threads: int) -> float:
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         return float(json.loads(run.stdout)[0]["avg_ts"])
-    run = subprocess.run(
-        [str(workdir / "build/bin/llama-batched-bench"), "-m", model, "-c", "8192", "-b", "2048", "-ub", "512",
-         "-npp", str(PROMPT), "-ntg", str(GENERATED), "-npl", str(batch), "-t", str(threads)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    row = next(
-        (line for line in run.stdout.splitlines() if line.startswith("|") and line.split("|")[3].strip() == str(batch)),
-        None,
+    for _ in range(3):  # now and then it exits 0 with its table's header only (twice in ~40 runs here): asked again
+        run = subprocess.run(
+            [str(workdir / "build/bin/llama-batched-bench"), "-m", model, "-c", "8192", "-b", "2048", "-ub", "512",
+             "-npp", str(PROMPT), "-ntg", str(GENERATED), "-npl", str(batch), "-t", str(threads)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        lines = run.stdout.splitlines()
+        row = next((line for line in lines if line.startswith("|") and line.split("|")[3].strip() == str(batch)), None)
+        if row is not None:
+            return float(row.split("|")[8])  # S_TG t/s
+    raise RuntimeError(
+        f"llama-batched-bench printed no row for batch {batch} ({gguf}) three times:\n{run.stdout[-2000:]}\n"
+        f"{run.stderr[-2000:]}"
     )
-    if row is None:
-        raise RuntimeError(f"llama-batched-bench printed no row for batch {batch} ({gguf}):\n{run.stdout[-2000:]}")
-    return float(row.split("|")[8])  # S_TG t/s
 
 
 def plot(samples: dict[str, dict[int, list[float]]], title: str, path: Path) -> None:
