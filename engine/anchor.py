@@ -59,7 +59,7 @@ def llama_cpp(workdir: Path, gguf: str, batch: int, threads: int) -> float:
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         return float(json.loads(run.stdout)[0]["avg_ts"])
-    for _ in range(3):  # now and then it exits 0 with its table's header only (twice in ~40 runs here): asked again
+    for _ in range(3):  # now and then it exits 0 with its table's header only (3 of ~40 runs here): asked again
         run = subprocess.run(
             [str(workdir / "build/bin/llama-batched-bench"), "-m", model, "-c", "8192", "-b", "2048", "-ub", "512",
              "-npp", str(PROMPT), "-ntg", str(GENERATED), "-npl", str(batch), "-t", str(threads)],

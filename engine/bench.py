@@ -138,8 +138,8 @@ def expert_bytes(model: MoEForCausalLM) -> int:
 
 class DecodeRun:
     """B sequences brought to pure decode in an engine (every step adds one token to each, its outputs as the
-    server asks for them), then timed steps in as many calls as the caller likes, with the measured union of routed experts per MoE layer of each step
-    (from expert_load() differences taken between the timed steps)."""
+    server asks for them), then timed steps in as many calls as the caller likes, with the measured union of routed
+    experts per MoE layer of each step (from expert_load() differences taken between the timed steps)."""
 
     WARMUP = 2
 
