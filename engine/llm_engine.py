@@ -433,7 +433,7 @@ class LLMEngine:
                 token_ids = seq.token_ids[seq.num_prompt_tokens + first_token :]
                 logprobs = seq.output_logprobs[first_token:] if wants_logprobs else None
             else:
-                text = text[:end] if end < len(text) else text
+                text = text[:end]
                 token_ids = seq.output_token_ids
                 logprobs = list(seq.output_logprobs) if wants_logprobs else None
             completions.append(
