@@ -104,6 +104,27 @@ class Experts(nn.Module):
         return torch.einsum("eti,ehi->eth", F.silu(gate) * up, self.down_proj)
 
 
+def count_routes(counts: torch.Tensor, expert_ids: torch.Tensor, token_mask: torch.Tensor, layer: int) -> None:
+    """ExpertLoad.record of one layer's slots [T, k] into counts [layers, 2E + 3] (its columns), in torch's ops:
+    the reference of `moe_serve::cpu_count_routes`."""
+    num_experts = (counts.shape[1] - 3) // 2
+    flat = expert_ids.reshape(-1)
+    row = counts[layer]
+    row.index_add_(0, flat, token_mask[:, None].expand_as(expert_ids).reshape(-1))
+    read = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device).index_fill(0, flat, 1)
+    column = read[:num_experts].sum().view(1) + num_experts + 1
+    row.index_add_(0, column, torch.ones_like(column))
+    tokens = token_mask.sum().view(1)
+    row.index_add_(0, torch.full_like(tokens, 2 * num_experts + 2), tokens)
+
+
+define_op(
+    "count_routes(Tensor(a!) counts, Tensor expert_ids, Tensor token_mask, int layer) -> ()",
+    count_routes,
+    lambda counts, expert_ids, token_mask, layer: None,
+)
+
+
 class ExpertLoad(nn.Module):
     """Routed (token, expert) counts per [layer, expert], accumulated on the device with no host sync per step.
 
@@ -125,21 +146,16 @@ class ExpertLoad(nn.Module):
         self.register_buffer("counts", torch.zeros(num_layers, width, dtype=torch.int64), persistent=False)
 
     def record(self, layer: int, expert_ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
-        flat = expert_ids.reshape(-1)
         if token_mask is None:
-            weights = torch.ones_like(flat)
-        else:
-            weights = token_mask[:, None].expand_as(expert_ids).reshape(-1)
+            token_mask = torch.ones_like(expert_ids[:, 0])
         if expert_ids.shape[0] == 1:  # a one-token step: dense ops the compiler fuses (scatters fall back to ATen)
-            self._record_one(layer, flat, weights)
-            return
-        self.counts[layer].index_add_(0, flat, weights)
-        num_experts = self.num_experts
-        read = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device).index_fill(0, flat, 1)
-        column = read[:num_experts].sum().view(1) + num_experts + 1
-        self.counts[layer].index_add_(0, column, torch.ones_like(column))
-        tokens = weights.view(expert_ids.shape)[:, :1].sum().view(1)
-        self.counts[layer].index_add_(0, torch.full_like(tokens, 2 * num_experts + 2), tokens)
+            self._record_one(layer, expert_ids.reshape(-1), token_mask.expand(expert_ids.shape[1]))
+        elif expert_ids.device.type == "cpu" and native_ops_loaded():
+            # One C++ call (engine/native_ops.cpp), where the compiled many-token graph had a dozen scatter kernels
+            # across the layers, each its own g++ build at a cold start.
+            torch.ops.moe_serve.cpu_count_routes(self.counts, expert_ids, token_mask, layer)
+        else:
+            count_routes(self.counts, expert_ids, token_mask, layer)
 
     def _record_one(self, layer: int, flat: torch.Tensor, weights: torch.Tensor) -> None:
         """record() for the k slots of one token, as one add of a row built from one-hot rows."""

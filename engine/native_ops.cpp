@@ -1,4 +1,4 @@
-// The CPU kernels of moe-serve's three serving ops, registered in C++ on torch's dispatcher (engine/native_ops.py).
+// The CPU kernels of moe-serve's serving ops, registered in C++ on torch's dispatcher (engine/native_ops.py).
 //
 // A compiled decode step calls `moe_serve::cpu_paged_attention` and `moe_serve::cpu_layer_experts` once per layer,
 // and a bf16 step of more than one row `moe_serve::cpu_dense_linears` for its projections. Served by Python, each
@@ -8,8 +8,9 @@
 // engine/native_ops.py fills and points at (set_step_context, set_expert_context); all three run the kernels of
 // cpu_kernels.c through the table given to moe_serve_native_init. What they do not serve (steps with prefill
 // chunks, other dtypes or layouts, another MoE backend, more rows than the linears kernel takes) goes to the
-// Python ops, the reference, through the dispatcher: the same answer, the old cost. Only torch's stable C ABI is
-// used (shim.h), so this builds in about two seconds.
+// Python ops, the reference, through the dispatcher: the same answer, the old cost. A many-token step also counts
+// each layer's routed slots here (`moe_serve::cpu_count_routes`), one call where inductor generated a dozen
+// scatter kernels. Only torch's stable C ABI is used (shim.h), so this builds in about two seconds.
 #include <torch/csrc/stable/c/shim.h>
 #include <torch/csrc/stable/stableivalue_conversions.h>
 
@@ -20,6 +21,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -71,8 +73,9 @@ AmxFn amx_enabled = nullptr;
 int64_t linear_rows[2];  // up to how many rows the dense linears take the kernel: without AMX, with it
 const StepContext *step_context = nullptr;
 const ExpertContext *expert_context = nullptr;
-// attention here, by the reference; experts here, by the reference; dense linears here, by the reference
-std::atomic<int64_t> served[6];
+// attention here, by the reference; experts here, by the reference; dense linears here, by the reference; route
+// counts here, by the reference
+std::atomic<int64_t> served[8];
 // With clocking on (engine/breakdown.py), the seconds the two kernels took, in the engine's thread.
 std::atomic<bool> clocking{false};
 double kernel_seconds[2];
@@ -274,6 +277,49 @@ void dense_linears(StableIValue *stack, uint64_t, uint64_t) {
     served[4].fetch_add(1, std::memory_order_relaxed);
 }
 
+// cpu_count_routes(Tensor(a!) counts, Tensor expert_ids, Tensor token_mask, int layer) -> (): ExpertLoad.record
+// (engine/moe.py) for one layer's slots [T, k]: per expert id (the sentinel E included) the slots of counted tokens
+// (token_mask 1), one more forward in the column of how many distinct experts the slots read (padding rows
+// included: they are read), and the tokens counted. Ids out of [0, E] go to the reference, which raises.
+void count_routes(StableIValue *stack, uint64_t, uint64_t) {
+    auto counts = to<AtenTensorHandle>(stack[0]), ids = to<AtenTensorHandle>(stack[1]);
+    auto mask = to<AtenTensorHandle>(stack[2]);
+    const int64_t layer = to<int64_t>(stack[3]);
+    const int32_t i64 = aoti_torch_dtype_int64();
+    const int64_t *cs, *is, *ms;
+    bool fits = plain(counts, 2, i64, &cs) && plain(ids, 2, i64, &is) && plain(mask, 1, i64, &ms) &&
+                ms[0] == is[0] && layer >= 0 && layer < cs[0] && cs[1] >= 5 && (cs[1] - 3) % 2 == 0;
+    for (AtenTensorHandle t : {counts, ids, mask}) {
+        bool contiguous = false;
+        if (fits) aoti_torch_is_contiguous(t, &contiguous);
+        fits = fits && contiguous;
+    }
+    const int64_t experts = fits ? (cs[1] - 3) / 2 : 0, slots = fits ? is[0] * is[1] : 0;
+    const int64_t *id = fits ? static_cast<const int64_t *>(data(ids)) : nullptr;
+    for (int64_t i = 0; i < slots && fits; i++) fits = id[i] >= 0 && id[i] <= experts;
+    if (!fits) {
+        by_reference("moe_serve::count_routes", stack, &served[7]);
+        return;
+    }
+    int64_t *row = static_cast<int64_t *>(data(counts)) + layer * cs[1];
+    const int64_t *m = static_cast<const int64_t *>(data(mask));
+    std::vector<char> read(experts + 1, 0);
+    int64_t used = 0, tokens = 0;
+    for (int64_t t = 0; t < is[0]; t++) {
+        tokens += m[t];
+        for (int64_t j = 0; j < is[1]; j++) {
+            const int64_t e = id[t * is[1] + j];
+            row[e] += m[t];
+            used += read[e] == 0 && e < experts;
+            read[e] = 1;
+        }
+    }
+    row[experts + 1 + used] += 1;
+    row[2 * experts + 2] += tokens;
+    release(stack, 3);
+    served[6].fetch_add(1, std::memory_order_relaxed);
+}
+
 }  // namespace
 
 extern "C" {
@@ -296,7 +342,8 @@ int moe_serve_native_init(void *attention_f32, void *attention_bf16, void *exper
         torch_library_impl(library, "cpu_paged_attention", paged_attention, TORCH_ABI_VERSION) !=
             AOTI_TORCH_SUCCESS ||
         torch_library_impl(library, "cpu_layer_experts", layer_experts, TORCH_ABI_VERSION) != AOTI_TORCH_SUCCESS ||
-        torch_library_impl(library, "cpu_dense_linears", dense_linears, TORCH_ABI_VERSION) != AOTI_TORCH_SUCCESS)
+        torch_library_impl(library, "cpu_dense_linears", dense_linears, TORCH_ABI_VERSION) != AOTI_TORCH_SUCCESS ||
+        torch_library_impl(library, "cpu_count_routes", count_routes, TORCH_ABI_VERSION) != AOTI_TORCH_SUCCESS)
         return 1;
     return 0;
 }
@@ -306,6 +353,6 @@ void moe_serve_set_expert_context(const ExpertContext *context) { expert_context
 void moe_serve_clock_kernels(int on) { clocking.store(on != 0); }
 void moe_serve_kernel_seconds(double *out) { std::memcpy(out, kernel_seconds, sizeof(kernel_seconds)); }
 void moe_serve_served(int64_t *out) {
-    for (int i = 0; i < 6; i++) out[i] = served[i].load(std::memory_order_relaxed);
+    for (int i = 0; i < 8; i++) out[i] = served[i].load(std::memory_order_relaxed);
 }
 }

@@ -1,5 +1,5 @@
-"""The serving ops on the CPU, served from C++: `moe_serve::cpu_paged_attention`, `moe_serve::cpu_layer_experts` and
-`moe_serve::cpu_dense_linears`.
+"""The serving ops on the CPU, served from C++: `moe_serve::cpu_paged_attention`, `moe_serve::cpu_layer_experts`,
+`moe_serve::cpu_dense_linears` and `moe_serve::cpu_count_routes`.
 
 A compiled batch-1 decode step of the bundled model spent about a third of its time in the Python interpreter, most
 of it in the two Python ops every layer calls (engine/attention.py, engine/moe.py): the graph's C++ crossed into
@@ -121,10 +121,10 @@ class NativeOps:
 
     def served(self) -> dict[str, int]:
         """Calls served in C++ and handed to the reference, per op, since the process started."""
-        counts = (_I64 * 6)()
+        counts = (_I64 * 8)()
         self.lib.moe_serve_served(counts)
         names = ("attention", "attention_reference", "experts", "experts_reference", "dense_linears",
-                 "dense_linears_reference")  # fmt: skip
+                 "dense_linears_reference", "count_routes", "count_routes_reference")  # fmt: skip
         return dict(zip(names, counts))
 
     def clock_kernels(self, on: bool) -> None:
@@ -189,6 +189,12 @@ def _cpu_layer_experts_shape(x: torch.Tensor, expert_ids: torch.Tensor, weights:
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
+def _cpu_count_routes_shape(
+    counts: torch.Tensor, expert_ids: torch.Tensor, token_mask: torch.Tensor, layer: int
+) -> None:
+    return None
+
+
 def dense_linears_shape(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     """What either dense_linears op returns, for tracing: [T, sum of N_i] in x's dtype."""
     return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
@@ -235,6 +241,10 @@ def native_ops() -> NativeOps | None:
                 _cpu_layer_experts_shape,
             )
             define_native_op("cpu_dense_linears(Tensor x, Tensor[] weights) -> Tensor", dense_linears_shape)
+            define_native_op(
+                "cpu_count_routes(Tensor(a!) counts, Tensor expert_ids, Tensor token_mask, int layer) -> ()",
+                _cpu_count_routes_shape,
+            )
             _defined = True
         ops = NativeOps(library, cpu)
         _loaded = True

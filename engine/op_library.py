@@ -11,6 +11,7 @@ them: training takes other paths (engine.moe.dispatch, dense causal attention).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -18,7 +19,7 @@ NAMESPACE = "moe_serve"
 _LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
 
 
-def define_op(schema: str, kernel: Callable[..., torch.Tensor], fake: Callable[..., torch.Tensor]) -> None:
+def define_op(schema: str, kernel: Callable[..., Any], fake: Callable[..., Any]) -> None:
     """Define `moe_serve::<schema>`, served by kernel on CPU and CUDA and traced through fake."""
     name = schema.split("(", 1)[0]
     _LIBRARY.define(schema)
@@ -27,7 +28,7 @@ def define_op(schema: str, kernel: Callable[..., torch.Tensor], fake: Callable[.
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIBRARY)
 
 
-def define_native_op(schema: str, fake: Callable[..., torch.Tensor]) -> None:
+def define_native_op(schema: str, fake: Callable[..., Any]) -> None:
     """Define `moe_serve::<schema>` with only the fake implementation torch.compile traces; its kernels are
     registered in C++ (engine/native_ops.cpp)."""
     _LIBRARY.define(schema)

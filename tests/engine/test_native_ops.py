@@ -1,7 +1,7 @@
 """The C++ serving ops (engine/native_ops.cpp) against what they replace: paged decode attention against SDPA
 over the written cache, the routed experts against the sorted reference dispatch (also after experts were
-released, and with a row map), what they leave to the Python ops (prefill chunks, another MoE backend) served by
-those, and an engine's decode steps served in C++."""
+released, and with a row map), the routed-slot counts against ExpertLoad's torch ops, what they leave to the Python
+ops (prefill chunks, another MoE backend, odd inputs) served by those, and an engine's steps served in C++."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from engine import LLM, SamplingParams
 from engine.attention import PagedStep, PrefillChunk, paged_step
 from engine.cpu_kernels import kernels
-from engine.moe import SparseMoE, _dispatch_sorted, serving_experts
+from engine.moe import SparseMoE, _dispatch_sorted, count_routes, serving_experts
 from engine.native_ops import native_ops
 from engine.projections import kernel_rows
 
@@ -149,6 +149,41 @@ def test_an_engines_decode_steps_are_served_in_cpp(tiny_model: Path) -> None:
     counts = grew(before)
     assert counts["attention"] == 8 * layers and counts["attention_reference"] == layers  # the prefill
     assert moe_layers and counts["experts"] == 9 * moe_layers and counts["experts_reference"] == 0
+    assert counts["count_routes"] == moe_layers and counts["count_routes_reference"] == 0  # the prefill's
+
+
+@pytest.mark.parametrize(("tokens", "top_k", "experts"), [(2, 4, 32), (37, 8, 64), (100, 1, 8)])
+def test_route_counts_match_expert_loads_torch_ops(tokens: int, top_k: int, experts: int) -> None:
+    """Random slots, the dropped-slot sentinel among them, half the tokens masked out, into every layer of
+    counts that are not zero: the same columns as the reference, served in C++."""
+    generator = torch.Generator().manual_seed(tokens)
+    for layer in range(3):
+        ids = torch.randint(0, experts + 1, (tokens, top_k), generator=generator)
+        mask = torch.randint(0, 2, (tokens,), generator=generator)
+        expected = torch.randint(0, 5, (3, 2 * experts + 3), generator=generator)
+        got = expected.clone()
+        count_routes(expected, ids, mask, layer)
+        before = served()
+        torch.ops.moe_serve.cpu_count_routes(got, ids, mask, layer)
+        assert grew(before)["count_routes"] == 1 and torch.equal(got, expected)
+
+
+def test_route_counts_the_cpp_op_does_not_take_go_to_the_reference() -> None:
+    """Strided ids, a strided mask or strided counts: the reference's answer; an id past the sentinel: its error."""
+    ids, mask = torch.tensor([[0, 3], [3, 8], [5, 5]]), torch.tensor([1, 0, 1])
+    expected = torch.zeros(2, 19, dtype=torch.long)
+    count_routes(expected, ids, mask, 1)
+    cases = (
+        (torch.zeros(2, 19, dtype=torch.long), ids.t().contiguous().t(), mask),
+        (torch.zeros(2, 19, dtype=torch.long), ids, torch.tensor([1, 7, 0, 7, 1])[::2]),
+        (torch.zeros(19, 2, dtype=torch.long).t(), ids, mask),
+    )
+    for got, *args in cases:
+        before = served()
+        torch.ops.moe_serve.cpu_count_routes(got, *args, 1)
+        assert grew(before)["count_routes_reference"] == 1 and torch.equal(got, expected)
+    with pytest.raises(RuntimeError, match="count_routes"):
+        torch.ops.moe_serve.cpu_count_routes(expected, torch.tensor([[0, 9], [9, 0]]), mask[:2], 0)
 
 
 def test_dense_linears_run_the_kernel_in_cpp_and_leave_the_rest_to_the_reference() -> None:
