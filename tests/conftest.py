@@ -19,6 +19,7 @@ import torch
 os.environ.setdefault("MOE_SERVE_ENFORCE_EAGER", "1")
 
 from engine.architectures import ARCHITECTURES
+from engine.paths import cache_root
 from engine.random_checkpoint import hf_config, write_tokenizer
 
 torch.set_num_threads(2)
@@ -59,6 +60,19 @@ def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], P
 def tiny_model(hf_checkpoint: Callable[[str], Path]) -> Path:
     """The default tiny checkpoint for tests that do not care about the architecture."""
     return hf_checkpoint("qwen3_moe")
+
+
+@pytest.fixture
+def own_cache(tmp_path: Path) -> Path:
+    """A $MOE_SERVE_CACHE of the test's own (calibrations, plans, token caches) whose C libraries are the session's:
+    a server started on it loads them instead of building both again (~10 s of g++ per start). Inductor's cache is
+    the session's already (engine.paths.use_inductor_cache sets its variable, which child processes inherit)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shared = cache_root() / "kernels"
+    shared.mkdir(parents=True, exist_ok=True)
+    (cache / "kernels").symlink_to(shared, target_is_directory=True)
+    return cache
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:

@@ -13,13 +13,15 @@ import pytest
 
 
 @pytest.mark.slow  # two compiled engines in two fresh processes (~60 s)
-def test_a_pruned_level_holds_fewer_weights_and_its_workers_end_cleanly(tiny_model: Path, tmp_path: Path) -> None:
+def test_a_pruned_level_holds_fewer_weights_and_its_workers_end_cleanly(
+    tiny_model: Path, own_cache: Path, tmp_path: Path
+) -> None:
     raw = tmp_path / "levels.json"
     run = subprocess.run(
         [sys.executable, "-m", "pruning.bench", str(tiny_model), "--levels", "0,0.5", "--batch-sizes", "1,4",
          "--repeats", "2", "--steps", "3", "--threads", "1", "--kv-bytes", str(8 << 20),
          "--json", str(raw)],
-        env={**os.environ, "MOE_SERVE_CACHE": str(tmp_path / "cache")}, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "MOE_SERVE_CACHE": str(own_cache)}, capture_output=True, text=True, timeout=600,
         check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr

@@ -44,8 +44,8 @@ def test_the_admin_api_is_off_unless_enabled(tiny_model: Path) -> None:
         assert httpx.post(f"{server.url}/v1/routing", json={"route_threshold": 0.1}).status_code == 404
 
 
-def test_a_live_switch_applies_from_the_next_step_and_fails_no_stream(tiny_model: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "MOE_SERVE_CACHE": str(tmp_path / "cache")}
+def test_a_live_switch_applies_from_the_next_step_and_fails_no_stream(tiny_model: Path, own_cache: Path) -> None:
+    env = {**os.environ, "MOE_SERVE_CACHE": str(own_cache)}
     args = [*SERVE_ARGS, "--model", str(tiny_model), "--enable-admin-api", "--similarity-maps", "--api-key", "k"]
     auth = {"Authorization": "Bearer k"}
     body = {"prompt": "Switch while I stream", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
@@ -76,7 +76,7 @@ def test_a_live_switch_applies_from_the_next_step_and_fails_no_stream(tiny_model
     assert info[0]["generation"] == "1" and info[0]["substitution"] == "keep_top=1,min_similarity=-1" and info[1] == 1
     assert metrics["moe_serve_routing_changes_total"][0][1] == 1
     # A request after the switch gets what the engine gives under the new budget.
-    policies, _ = resolve(PruningSettings(similarity_maps=True), tiny_model, "cpu", "float32", tmp_path / "cache")
+    policies, _ = resolve(PruningSettings(similarity_maps=True), tiny_model, "cpu", "float32", own_cache)
     offline = LLM(tiny_model, dtype="float32", routing_policies=policies)
     params = SamplingParams(
         max_tokens=48, temperature=0, ignore_eos=True, routing=TokenRouting(keep_top=1, min_similarity=-1)
@@ -88,10 +88,12 @@ def test_a_live_switch_applies_from_the_next_step_and_fails_no_stream(tiny_model
     assert offline.generate([body["prompt"]], params, use_tqdm=False)[0].outputs[0].text == partial_text
 
 
-def test_pruning_switches_live_under_a_stream_and_serves_the_plan(tiny_model: Path, tmp_path: Path) -> None:
+def test_pruning_switches_live_under_a_stream_and_serves_the_plan(
+    tiny_model: Path, own_cache: Path, tmp_path: Path
+) -> None:
     """A level, a plan file and back to none, each switched while a stream runs: no stream fails, each request
     after a switch gets the offline engine's tokens under that plan, bad switches change nothing."""
-    cache = tmp_path / "cache"
+    cache = own_cache
     env = {**os.environ, "MOE_SERVE_CACHE": str(cache)}
     body = {"prompt": "Prune me while I stream", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
     long_stream = {**body, "max_tokens": 400, "stream": True}
@@ -135,10 +137,10 @@ def test_pruning_switches_live_under_a_stream_and_serves_the_plan(tiny_model: Pa
     assert by_file.status_code == 200 and by_file.json()["prune_plan"] == str(plan_file)
 
 
-def test_live_pruning_can_release_expert_weights_and_read_them_back(tiny_model: Path, tmp_path: Path) -> None:
+def test_live_pruning_can_release_expert_weights_and_read_them_back(tiny_model: Path, own_cache: Path) -> None:
     """With --live-pruning-releases-experts a switch frees the removed experts' weights (the memory gauges show
     it) and switching back reads them from the checkpoint: the same tokens as before, no stream failed."""
-    env = {**os.environ, "MOE_SERVE_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "MOE_SERVE_CACHE": str(own_cache)}
     body = {"prompt": "Free my experts", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
     args = [*SERVE_ARGS, "--model", str(tiny_model), "--enable-admin-api", "--live-pruning-releases-experts",
             "--calibration-tokens", "8192"]  # fmt: skip

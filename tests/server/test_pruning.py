@@ -31,15 +31,17 @@ def samples(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return found
 
 
-def test_pruning_level_at_startup_serves_the_plan_and_reports_it(tiny_model: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "MOE_SERVE_CACHE": str(tmp_path / "cache")}
+def test_pruning_level_at_startup_serves_the_plan_and_reports_it(
+    tiny_model: Path, own_cache: Path, tmp_path: Path
+) -> None:
+    env = {**os.environ, "MOE_SERVE_CACHE": str(own_cache)}
     args = [*SERVE_ARGS, "--model", str(tiny_model), "--prune-level", "0.25", "--prune-method", "frequency",
             "--calibration-tokens", "8192"]  # fmt: skip
     body = {"prompt": "The experts that remain", "max_tokens": 16, "temperature": 0, "ignore_eos": True, "logprobs": 1}
     with open(tmp_path / "server.log", "w") as log, launched(args, env=env, stderr=log) as server:
         served = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
         metrics = samples(server.url)
-    (plan_file,) = (tmp_path / "cache" / "plans").glob("*.json")  # the plan the server made, cached
+    (plan_file,) = (own_cache / "plans").glob("*.json")  # the plan the server made, cached
     logged = (tmp_path / "server.log").read_text()  # the plan's file, cache key and removed experts, at start
     assert f"pruning plan frequency at 0.25 (uniform, repick) from {plan_file} (cache key {plan_file.stem})" in logged
     plan = PruningPlan.load(plan_file)
@@ -82,10 +84,10 @@ def test_threshold_and_top_k_at_startup(tiny_model: Path) -> None:
     assert sum(per_layer) < computed * len(per_layer)
 
 
-def test_substitution_and_request_budgets_serve_what_the_engine_serves(tiny_model: Path, tmp_path: Path) -> None:
+def test_substitution_and_request_budgets_serve_what_the_engine_serves(tiny_model: Path, own_cache: Path) -> None:
     """The server's default substitution, a request turning it off, a request's own budget on top of it: each
     gives the offline engine's tokens under the same routing; the step's expert union shows in /metrics."""
-    env = {**os.environ, "MOE_SERVE_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "MOE_SERVE_CACHE": str(own_cache)}
     flags = ["--substitution-keep-top", "1", "--substitution-min-similarity", "-1"]
     body = {"prompt": "Stand-in experts", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
     budgets = [None, {"substitution": None}, {"experts_per_token": 1}]
@@ -100,7 +102,7 @@ def test_substitution_and_request_budgets_serve_what_the_engine_serves(tiny_mode
         metrics = samples(server.url)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "moe.experts_per_token"
     settings = PruningSettings(substitution_keep_top=1, substitution_min_similarity=-1.0)
-    policies, _ = resolve(settings, tiny_model, "cpu", "float32", cache_dir=tmp_path / "cache")
+    policies, _ = resolve(settings, tiny_model, "cpu", "float32", cache_dir=own_cache)
     offline = LLM(tiny_model, dtype="float32", routing_policies=policies)
     server_default = settings.token_routing()
     for moe, text in zip(budgets, texts, strict=True):
