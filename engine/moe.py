@@ -528,7 +528,7 @@ class SparseMoE(nn.Module):
         serving: bool = False,
     ) -> torch.Tensor:
         """The block's output; `serving` (a paged serving step) reads the experts from the forward context."""
-        router_logits = self.gate(x)
+        router_logits = project(x, (self.gate,))[0]
         routing = route(
             router_logits, self.top_k, self.norm_topk_prob, self.policy, route_controls, live, self.router_scoring
         )
@@ -550,7 +550,7 @@ class SparseMoE(nn.Module):
         if self.expert_group is not None:
             dist.all_reduce(routed, group=self.expert_group)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
-            routed = routed + (torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)).float()
+            routed = routed + (torch.sigmoid(project(x, (self.shared_expert_gate,))[0]) * self.shared_expert(x)).float()
         return routed.to(x.dtype)
 
 

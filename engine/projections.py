@@ -6,8 +6,11 @@ CPU kernel (engine/cpu_kernels.c, linears_bf16) reaches 100-150 and reads the sh
 them (docs/performance.md). The `moe_serve::dense_linears` op picks per call: the kernel up to kernel_rows()
 rows, torch's linear above (prefill, where torch's blocked GEMM is faster), so one compiled graph serves both;
 where the C++ ops are built its twin `moe_serve::cpu_dense_linears` (engine/native_ops.cpp) is called instead, so
-the graph's calls do not cross into Python. A batch-1 step keeps inductor's own GEMMs in its graph: through the op
-it measured no faster. Elsewhere (training, other dtypes, CUDA, no kernels) the layers run as they are.
+the graph's calls do not cross into Python. Batch-1 steps and the routers' gates go through the op too: a bf16 graph
+then holds no GEMM of inductor's, so freezing prepacks no weight into an mkldnn tensor, which inductor's FX graph
+cache cannot store, and a restart loads both compiled graphs from the cache instead of compiling them again
+(docs/performance.md, time to ready). Elsewhere (training, other dtypes, CUDA, no kernels) the layers run as they
+are.
 """
 
 from __future__ import annotations
@@ -56,17 +59,16 @@ def _one_row_traced(x: torch.Tensor, layers: tuple[nn.Linear, ...]) -> tuple[tor
 def project(x: torch.Tensor, layers: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
     """Each layer applied to x [T, K]: through the dense_linears op where the CPU kernel may serve it (bf16
     weights on a CPU, no gradients; the op falls back to torch where the kernel is missing), else layer by
-    layer."""
+    layer (a compiled batch-1 step's as one GEMM, _one_row_traced)."""
     weights = [layer.weight for layer in layers]
-    if x.shape[0] == 1 and x.device.type == "cpu" and torch.compiler.is_compiling():
-        return _one_row_traced(x, layers)
     if (
         x.device.type != "cpu"
-        or x.shape[0] == 1  # a batch-1 step: inductor's GEMMs in the graph measured as fast (docs/performance.md)
         or x.dtype != torch.bfloat16
         or torch.is_grad_enabled()
         or any(w.dtype != torch.bfloat16 or not w.is_contiguous() for w in weights)
     ):
+        if x.shape[0] == 1 and x.device.type == "cpu" and torch.compiler.is_compiling():
+            return _one_row_traced(x, layers)
         return tuple(layer(x) for layer in layers)
     ops = torch.ops.moe_serve
     out = (ops.cpu_dense_linears if native_ops_loaded() else ops.dense_linears)(x, weights)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from engine import RoutingPolicy, SamplingParams
 from engine.config import ModelConfig
@@ -172,9 +173,10 @@ def test_per_request_budgets_and_substitution_are_data_not_recompiles(tiny_model
 def test_compiled_bf16_with_the_projection_kernel_scores_as_fp32_eager(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """bf16 serving runs the dense projections through the CPU kernel inside the compiled graph (up to
-    kernel_rows(): decode batches, and prefills too on AMX) and torch's linear above; teacher-forced logprobs stay
-    within bf16 rounding of fp32 eager."""
+    """bf16 serving runs the dense projections and the routers' gates through the CPU kernel inside the compiled
+    graphs (up to kernel_rows(): decode batches, and prefills too on AMX) and torch's linear above, so both graphs
+    hold no prepacked (mkldnn) weight and inductor's FX graph cache stores them for a restart; teacher-forced
+    logprobs stay within bf16 rounding of fp32 eager."""
     generator = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 250, (n,), generator=generator).tolist() for n in (5, 9, 80, 12)]
     forced = torch.randint(0, 250, (10,), generator=generator).tolist()
@@ -183,7 +185,11 @@ def test_compiled_bf16_with_the_projection_kernel_scores_as_fp32_eager(
     compiled = LLMEngine(
         tiny_model, EngineConfig(dtype="bfloat16", device="cpu", max_model_len=128, enforce_eager=False)
     )
+    cache = dict(counters["inductor"])
     compiled.warm_up()
+    stored = {k: counters["inductor"][k] - cache.get(k, 0) for k in ("fxgraph_cache_miss", "fxgraph_cache_hit")}
+    assert counters["inductor"]["fxgraph_cache_bypass"] == cache.get("fxgraph_cache_bypass", 0)
+    assert sum(stored.values()) == 2  # the one-token and the many-token graph, compiled and stored, or found
     cpu, calls, native = kernels(), [], native_ops()
     linears = cpu.linears
     monkeypatch.setattr(cpu, "linears", lambda *args: calls.append(args[0].shape[0]) or linears(*args))

@@ -1,5 +1,5 @@
 """project: a layer's projections sharing an input, through the dense_linears op (its C++ twin where the C++
-ops are built) where the CPU kernel serves them (bf16, no gradients, more than one row), equal to the layers applied one by one within bf16 rounding, on
+ops are built) where the CPU kernel serves them (bf16, no gradients, one row or more), equal to the layers applied one by one within bf16 rounding, on
 both sides of the op's kernel/torch switch; and untouched layers elsewhere."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def layers(bias: bool) -> tuple[nn.Linear, ...]:
 
 
 @pytest.mark.skipif(kernels() is None, reason="no C compiler: the CPU kernels cannot be built")
-@pytest.mark.parametrize("rows", [3, kernel_rows() + 5])
+@pytest.mark.parametrize("rows", [1, 3, kernel_rows() + 5])
 @pytest.mark.parametrize("bias", [False, True])
 def test_projections_equal_the_layers_one_by_one(rows: int, bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     qkv = layers(bias)
@@ -41,17 +41,15 @@ def test_projections_equal_the_layers_one_by_one(rows: int, bias: bool, monkeypa
         assert torch.allclose(a.float(), b.float(), atol=0.05, rtol=2e-2)
 
 
-def test_one_row_training_and_fp32_run_the_layers_themselves() -> None:
+def test_training_and_fp32_run_the_layers_themselves() -> None:
     qkv = layers(bias=True)
-    with torch.inference_mode():
-        one_row = torch.randn(1, 64).bfloat16()
-        assert all(torch.equal(a, layer(one_row)) for a, layer in zip(project(one_row, qkv), qkv))
     x = torch.randn(4, 64).bfloat16()
     trained = project(x, qkv)  # gradients on: autograd through the layers
     assert all(t.requires_grad and torch.equal(t, layer(x)) for t, layer in zip(trained, qkv))
     fp32 = tuple(layer.float() for layer in qkv)
     with torch.inference_mode():
-        assert all(torch.equal(a, layer(x.float())) for a, layer in zip(project(x.float(), fp32), fp32))
+        for rows in (x[:1], x):
+            assert all(torch.equal(a, layer(rows.float())) for a, layer in zip(project(rows.float(), fp32), fp32))
 
 
 @pytest.mark.parametrize("biases", [(False, False, False), (True, True, True), (True, False, True)])
