@@ -176,7 +176,8 @@ def test_compiled_bf16_with_the_projection_kernel_scores_as_fp32_eager(
     """bf16 serving runs the dense projections and the routers' gates through the CPU kernel inside the compiled
     graphs (up to kernel_rows(): decode batches, and prefills too on AMX) and torch's linear above, so both graphs
     hold no prepacked (mkldnn) weight and inductor's FX graph cache stores them for a restart; teacher-forced
-    logprobs stay within bf16 rounding of fp32 eager."""
+    logprobs stay within bf16 rounding of fp32 eager. A routing change then compiles graphs of its own, and changing
+    back loads the first ones from the cache, which serve the first routing again."""
     generator = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 250, (n,), generator=generator).tolist() for n in (5, 9, 80, 12)]
     forced = torch.randint(0, 250, (10,), generator=generator).tolist()
@@ -210,3 +211,16 @@ def test_compiled_bf16_with_the_projection_kernel_scores_as_fp32_eager(
     # bf16 rounding, and the odd token whose routing it flips (bf16 eager measures the same against fp32)
     spread = torch.tensor(differences).quantile(torch.tensor([0.5, 0.9])).tolist()
     assert spread[0] < 0.03 and spread[1] < 0.15, spread
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    num_experts = compiled.model.config.num_experts
+    kept = torch.arange(num_experts) >= num_experts // 2
+    pruned = {block.layer_idx: RoutingPolicy(kept_experts=kept, top_k=1) for block in compiled.model.moe_blocks()}
+    tokens = {}
+    for name, policies in (("default", {}), ("pruned", pruned), ("default again", {})):
+        compiled.set_routing_policies(policies)
+        hits = counters["inductor"]["fxgraph_cache_hit"]
+        compiled.warm_up()  # compiles (or loads) both graphs
+        tokens[name] = [o.outputs[0].token_ids for o in generate(compiled, prompts[:2], greedy)]
+    assert counters["inductor"]["fxgraph_cache_hit"] - hits == 2  # both graphs of the default routing, from the cache
+    assert tokens["pruned"] != tokens["default"] and tokens["default again"] == tokens["default"]
