@@ -8,15 +8,19 @@ nothing (on CUDA the captured graphs, which hold the weights' addresses, are cap
 (embeddings, norms, projections, RoPE, routing, the expert-load counters) becomes a graph. Two graphs, compiled
 separately: one for one-token steps (batch-1 decode, where fixed costs rule) and one with a symbolic token count for
 every other step, decode or prefill; once compiled, each is called as inductor returned it, without torch.compile's
-frame machinery, and the one-token graph beneath AOT autograd's runtime wrappers too (engine/direct_graph.py). On CPU both run as inductor's fused C++, frozen (weights as constants,
-prepacked) with their GEMMs autotuned among inductor's C++ GEMM templates, which nearly halved a batch-1 step here
-and cut a batch-8 step by a fifth; the one-token graph has a C++ wrapper, whose g++ build (7-10 s of one core)
+frame machinery, and the one-token graph beneath AOT autograd's runtime wrappers too (engine/direct_graph.py). On
+CPU both run as inductor's fused C++, frozen (weights as constants, prepacked) with their GEMMs (fp32 only: bf16
+graphs call the CPU kernel's op) autotuned among inductor's C++ GEMM templates, which nearly halved a batch-1 step
+here and cut a batch-8 step by a fifth; the one-token graph has a C++ wrapper, whose g++ build (7-10 s of one core)
 runs in the background at warm-up while the many-token graph compiles. On CUDA in bf16, decode-only steps are
 padded up to the next size of a ladder and replayed from CUDA graphs captured at warm-up (the step's metadata lives
 in static device buffers that every replay reads).
 
-Compiled artifacts are cached by inductor under $MOE_SERVE_CACHE/inductor (engine/paths.py), so a restart compiles
-from cache. Routing policies are traced into the graph: changing them drops the compiled graphs (they recompile on
+Compiled artifacts are cached by inductor under $MOE_SERVE_CACHE/inductor (engine/paths.py). A bf16 graph on the CPU
+holds no GEMM of inductor's (the projections, gates and LM head run the CPU kernel, engine/projections.py), so its
+FX graph cache stores both graphs whole and a restart loads them (warm-up 16 -> 8 s here); an fp32 graph's
+weights are prepacked into mkldnn tensors, which that cache cannot store, so a restart compiles it again and finds
+only its kernels' builds. Routing policies are traced into the graph: changing them drops the compiled graphs (they recompile on
 the next step) and the captured CUDA graphs. Live pruning tables (engine/expert_tables.py) are graph inputs instead."""
 
 from __future__ import annotations
