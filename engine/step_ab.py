@@ -34,7 +34,6 @@ import json, statistics, sys, time
 import torch
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampling_params import SamplingParams
-from engine.allocator import run_again_with_tcmalloc
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 config = EngineConfig(dtype=args["dtype"], max_num_seqs=max(args["batch_sizes"]), kv_cache_memory_bytes=256 << 20,
