@@ -249,14 +249,19 @@ static void combine_rows(const ExpertRows *g, const float *expert_out, int64_t H
 }
 
 /* out[r][c] = dot(x[r], w[c]) over n floats (n a multiple of 16) for NR activation rows and 4 weight rows (ws
- * apart): 4 x NR fused multiply-add accumulators, each weight and activation vector loaded once per tile. */
+ * apart): 4 x NR fused multiply-add accumulators, each weight and activation vector loaded once per tile. With pf,
+ * the 4 rows from pf on (ws apart) are prefetched as the tile runs: a cache line of each per step (see
+ * prefetch_bytes). */
 static inline __attribute__((always_inline)) void dot_tile_f32(const float *w, int64_t ws, const float *const *x,
-                                                               int64_t n, float out[4][4], const int NR) {
+                                                               int64_t n, float out[4][4], const int NR,
+                                                               const float *pf) {
     __m512 acc[4][4];
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
     for (int64_t h = 0; h < n; h += 16) {
         __m512 wv[4], xv[4];
+        if (pf)
+            for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(pf + c * ws + h), _MM_HINT_T1);
         for (int c = 0; c < 4; c++) wv[c] = _mm512_loadu_ps(w + c * ws + h);
         for (int r = 0; r < NR; r++) xv[r] = _mm512_loadu_ps(x[r] + h);
         for (int r = 0; r < NR; r++)
@@ -268,12 +273,13 @@ static inline __attribute__((always_inline)) void dot_tile_f32(const float *w, i
     _mm512_storeu_ps(&out[0][0], sum16(flat));
 }
 
-static void dot_tile_f32_rows(const float *w, int64_t ws, const float *const *x, int nr, int64_t n, float out[4][4]) {
+static void dot_tile_f32_rows(const float *w, int64_t ws, const float *const *x, int nr, int64_t n, float out[4][4],
+                              const float *pf) {
     switch (nr) {
-    case 1: dot_tile_f32(w, ws, x, n, out, 1); break;
-    case 2: dot_tile_f32(w, ws, x, n, out, 2); break;
-    case 3: dot_tile_f32(w, ws, x, n, out, 3); break;
-    default: dot_tile_f32(w, ws, x, n, out, 4); break;
+    case 1: dot_tile_f32(w, ws, x, n, out, 1, pf); break;
+    case 2: dot_tile_f32(w, ws, x, n, out, 2, pf); break;
+    case 3: dot_tile_f32(w, ws, x, n, out, 3, pf); break;
+    default: dot_tile_f32(w, ws, x, n, out, 4, pf); break;
     }
 }
 
@@ -288,12 +294,14 @@ static inline void swiglu_tile_f32(const float gate[4][4], const float up[4][4],
 }
 
 /* expert_mlp on tiles of dot products (H and I multiples of 32), over a layer's grouped rows: tasks read RB
- * contiguous weight rows of one expert (rows_per_task): few, long streams, each prefetched 4-8 KiB (whole 4-row
- * tiles) ahead of its tile, from the task's first rows on; the SwiGLU of 4 rows x 4 units at a time (SWIGLU,
- * into hidden activations of type HT), then the down projection, then the combine in expert order. WT: the
- * weights' and input activations' type; DOT: a 4-weight-row x up to 4-row tile (dot_tile_*_rows); PREFETCH: of
- * WT values. In fp32 1.2x faster at batch 8 and 32 than EXPERT_MLP's compiler-vectorized loops on 16-row tasks
- * without prefetches (docs/performance.md). */
+ * contiguous weight rows of one expert (rows_per_task): few, long streams. A task prefetches its first rows
+ * (PREFETCH, of WT values), then each tile of its first row group prefetches the rows 4-8 KiB ahead of it as it
+ * runs, a line of each per step: spread so, not all at once before the tile, the prefetches overlap the products
+ * whatever the weights' alignment (page-aligned weights, as tcmalloc places them, measured 1.3-1.6x slower with the
+ * burst before each tile; docs/performance.md, stop 35). Then the SwiGLU of 4 rows x 4 units at a time (SWIGLU,
+ * into hidden activations of type HT), the down projection, and the combine in expert order. WT: the weights' and
+ * input activations' type; DOT: a 4-weight-row x up to 4-row tile (dot_tile_*_rows). In fp32 1.2x faster at batch
+ * 8 and 32 than EXPERT_MLP's compiler-vectorized loops on 16-row tasks without prefetches (docs/performance.md). */
 #define EXPERT_TILES(NAME, WT, HT, DOT, PREFETCH, SWIGLU)                                               \
     static void NAME(const WT *x, const ExpertRows *grouped, int64_t H, int64_t I, const WT *w13,        \
                      const WT *w2, float *out, int threads) {                                            \
@@ -319,12 +327,9 @@ static inline void swiglu_tile_f32(const float gate[4][4], const float up[4][4],
                     for (int64_t j = jb * RB_I; j < (jb + 1) * RB_I; j += 4) {                           \
                         float gv[4][4], uv[4][4];                                                        \
                         HT act[16];                                                                      \
-                        if (r0 == first) { /* later row groups find the task's rows in cache */         \
-                            PREFETCH(gate + (j + ahead_i) * H, 4 * H);                                   \
-                            PREFETCH(up + (j + ahead_i) * H, 4 * H);                                     \
-                        }                                                                                \
-                        DOT(gate + j * H, H, xr, nr, H, gv);                                             \
-                        DOT(up + j * H, H, xr, nr, H, uv);                                               \
+                        const int ahead = r0 == first; /* later row groups find the rows in cache */     \
+                        DOT(gate + j * H, H, xr, nr, H, gv, ahead ? gate + (j + ahead_i) * H : NULL);    \
+                        DOT(up + j * H, H, xr, nr, H, uv, ahead ? up + (j + ahead_i) * H : NULL);        \
                         SWIGLU((const float(*)[4])gv, (const float(*)[4])uv, act);                       \
                         for (int r = 0; r < nr; r++) memcpy(hidden + (r0 + r) * I + j, act + 4 * r, 4 * sizeof(HT)); \
                     }                                                                                    \
@@ -343,8 +348,7 @@ static inline void swiglu_tile_f32(const float gate[4][4], const float up[4][4],
                     for (int r = 0; r < nr; r++) hr[r] = hidden + (r0 + r) * I;                          \
                     for (int64_t i = ib * RB_H; i < (ib + 1) * RB_H; i += 4) {                           \
                         float dv[4][4];                                                                  \
-                        if (r0 == first) PREFETCH(down + (i + ahead_h) * I, 4 * I);                      \
-                        DOT(down + i * I, I, hr, nr, I, dv);                                             \
+                        DOT(down + i * I, I, hr, nr, I, dv, r0 == first ? down + (i + ahead_h) * I : NULL); \
                         for (int r = 0; r < nr; r++) memcpy(expert_out + (r0 + r) * H + i, dv[r], 4 * sizeof(float)); \
                     }                                                                                    \
                 }                                                                                        \
@@ -372,14 +376,18 @@ static inline __m512 round_bf16_ps(__m512 v) {
 }
 
 /* out[r][c] = dot(x[r], w[c]) over n bf16 values (n a multiple of 32) for NR activation rows and 4 weight
- * rows (ws apart): 4 x NR accumulators of vdpbf16ps, each weight and activation vector loaded once per tile. */
+ * rows (ws apart): 4 x NR accumulators of vdpbf16ps, each weight and activation vector loaded once per tile; pf as
+ * dot_tile_f32's. */
 static inline __attribute__((always_inline)) void dot_tile_bf16(const bf16 *w, int64_t ws, const bf16 *const *x,
-                                                                int64_t n, float out[4][4], const int NR) {
+                                                                int64_t n, float out[4][4], const int NR,
+                                                                const bf16 *pf) {
     __m512 acc[4][4];
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
     for (int64_t h = 0; h < n; h += 32) {
         __m512bh wv[4], xv[4];
+        if (pf)
+            for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(pf + c * ws + h), _MM_HINT_T1);
         for (int c = 0; c < 4; c++) wv[c] = (__m512bh)_mm512_loadu_si512(w + c * ws + h);
         for (int r = 0; r < NR; r++) xv[r] = (__m512bh)_mm512_loadu_si512(x[r] + h);
         for (int r = 0; r < NR; r++)
@@ -391,12 +399,13 @@ static inline __attribute__((always_inline)) void dot_tile_bf16(const bf16 *w, i
     _mm512_storeu_ps(&out[0][0], sum16(flat)); /* out[r][c] = dot(x[r], w[c]) */
 }
 
-static void dot_tile_bf16_rows(const bf16 *w, int64_t ws, const bf16 *const *x, int nr, int64_t n, float out[4][4]) {
+static void dot_tile_bf16_rows(const bf16 *w, int64_t ws, const bf16 *const *x, int nr, int64_t n, float out[4][4],
+                               const bf16 *pf) {
     switch (nr) {
-    case 1: dot_tile_bf16(w, ws, x, n, out, 1); break;
-    case 2: dot_tile_bf16(w, ws, x, n, out, 2); break;
-    case 3: dot_tile_bf16(w, ws, x, n, out, 3); break;
-    default: dot_tile_bf16(w, ws, x, n, out, 4); break;
+    case 1: dot_tile_bf16(w, ws, x, n, out, 1, pf); break;
+    case 2: dot_tile_bf16(w, ws, x, n, out, 2, pf); break;
+    case 3: dot_tile_bf16(w, ws, x, n, out, 3, pf); break;
+    default: dot_tile_bf16(w, ws, x, n, out, 4, pf); break;
     }
 }
 
@@ -712,7 +721,7 @@ int linears_bf16(const bf16 *x, int64_t T, int64_t K, int64_t count, const bf16 
                     const bf16 *xr[4];
                     for (int r = 0; r < nr; r++) xr[r] = x + (r0 + r) * K;
                     float o[4][4];
-                    dot_tile_bf16_rows(ws[i] + n * K, K, xr, nr, K, o);
+                    dot_tile_bf16_rows(ws[i] + n * K, K, xr, nr, K, o, NULL);
                     for (int r = 0; r < nr; r++)
                         for (int c = 0; c < 4; c++) {
                             bf16 v = f32_to_bf16(o[r][c]);
