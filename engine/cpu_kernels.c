@@ -856,18 +856,16 @@ static inline int chunk_tokens(int64_t t, int64_t len, int64_t block_size) {
     return (int)(n < left ? n : left);
 }
 
-/* Ask for the keys and values of the chunk at token t, `width` elements (of `element` bytes) of each row: the
- * blocks of a sequence lie anywhere in the cache, so the hardware prefetcher cannot run ahead across them.
- * Returns the chunk's tokens. */
-static inline int prefetch_chunk(const void *k_cache, const void *v_cache, size_t element, const int64_t *table,
-                                 int64_t t, int64_t len, int64_t block_size, int64_t row, int64_t width) {
-    const int n = chunk_tokens(t, len, block_size);
+/* Ask for the key and value of token t, `width` elements (of `element` bytes) of each row: the blocks of a
+ * sequence lie anywhere in the cache, so the hardware prefetcher cannot run ahead across them. A task asks for its
+ * first PREFETCH_TOKENS tokens at once, then for one token PREFETCH_TOKENS on with each token whose values it
+ * adds: spread so over the work, not a chunk's worth at a time, the prefetches overlap it (the expert kernels'
+ * reason, dot_tile_f32). */
+static inline void prefetch_token(const void *k_cache, const void *v_cache, size_t element, const int64_t *table,
+                                  int64_t t, int64_t block_size, int64_t row, int64_t width) {
     const int64_t first = (table[t / block_size] * block_size + t % block_size) * row;
-    for (int i = 0; i < n; i++) {
-        prefetch_bytes((const char *)k_cache + (first + i * row) * element, width * (int64_t)element);
-        prefetch_bytes((const char *)v_cache + (first + i * row) * element, width * (int64_t)element);
-    }
-    return n;
+    prefetch_bytes((const char *)k_cache + first * element, width * (int64_t)element);
+    prefetch_bytes((const char *)v_cache + first * element, width * (int64_t)element);
 }
 
 /* decode_task_f32 on AVX-512 (D a multiple of 16, at most DP_MAX_D; the task's query heads times D at most
@@ -889,11 +887,10 @@ static void decode_task_f32_fma(const void *q_, const void *k_cache_, const void
             acc[h * nv + c] = _mm512_setzero_ps();
         }
     }
-    int64_t ahead = 0; /* tokens prefetched so far: kept PREFETCH_TOKENS past the chunk being read */
+    for (int64_t t = 0; t < len && t < PREFETCH_TOKENS; t++)
+        prefetch_token(k_cache, v_cache, sizeof(float), table, t, block_size, row, kv_heads * D);
     for (int64_t t0 = 0; t0 < len;) {
         const int n = chunk_tokens(t0, len, block_size);
-        while (ahead < len && ahead < t0 + n + PREFETCH_TOKENS)
-            ahead += prefetch_chunk(k_cache, v_cache, sizeof(float), table, ahead, len, block_size, row, kv_heads * D);
         const int64_t first = table[t0 / block_size] * block_size + t0 % block_size;
         const float *kb = k_cache + first * row, *vb = v_cache + first * row;
         const __mmask16 live = (__mmask16)((1u << n) - 1u);
@@ -921,6 +918,8 @@ static void decode_task_f32_fma(const void *q_, const void *k_cache_, const void
         }
         for (int i = 0; i < n; i++) {
             const float *vt = vb + i * row;
+            if (t0 + i + PREFETCH_TOKENS < len)
+                prefetch_token(k_cache, v_cache, sizeof(float), table, t0 + i + PREFETCH_TOKENS, block_size, row, kv_heads * D);
             for (int64_t kh = 0; kh < kv_heads; kh++)
                 for (int64_t c = 0; c < nv; c++) {
                     __m512 v = _mm512_loadu_ps(vt + kh * D + 16 * c);
@@ -962,11 +961,10 @@ static void decode_task_bf16_dp(const void *q_, const void *k_cache_, const void
         for (int64_t c = 0; c < nq; c++) qv[h * nq + c] = (__m512bh)_mm512_loadu_si512(q + h * D + 32 * c);
         for (int64_t c = 0; c < nv; c++) acc[h * nv + c] = _mm512_setzero_ps();
     }
-    int64_t ahead = 0; /* tokens prefetched so far: kept PREFETCH_TOKENS past the chunk being read */
+    for (int64_t t = 0; t < len && t < PREFETCH_TOKENS; t++)
+        prefetch_token(k_cache, v_cache, sizeof(bf16), table, t, block_size, row, kv_heads * D);
     for (int64_t t0 = 0; t0 < len;) {
         const int n = chunk_tokens(t0, len, block_size);
-        while (ahead < len && ahead < t0 + n + PREFETCH_TOKENS)
-            ahead += prefetch_chunk(k_cache, v_cache, sizeof(bf16), table, ahead, len, block_size, row, kv_heads * D);
         const int64_t first = table[t0 / block_size] * block_size + t0 % block_size;
         const bf16 *kb = k_cache + first * row, *vb = v_cache + first * row;
         const __mmask16 live = (__mmask16)((1u << n) - 1u);
@@ -994,6 +992,8 @@ static void decode_task_bf16_dp(const void *q_, const void *k_cache_, const void
         }
         for (int i = 0; i < n; i++) {
             const bf16 *vt = vb + i * row;
+            if (t0 + i + PREFETCH_TOKENS < len)
+                prefetch_token(k_cache, v_cache, sizeof(bf16), table, t0 + i + PREFETCH_TOKENS, block_size, row, kv_heads * D);
             for (int64_t kh = 0; kh < kv_heads; kh++)
                 for (int64_t c = 0; c < nv; c++) {
                     __m512 v = bf16x16_to_f32(vt + kh * D + 16 * c);
