@@ -180,12 +180,13 @@ static inline __m512 exp_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* Ask for the cache lines of `bytes` from p on (of n values: prefetch_rows, prefetch_floats), into L2: a weight
- * stream's next rows, ahead of the tile being read, and a task's first rows when it starts (they come from a new expert, where the hardware prefetcher
- * has no history); the next chunk of a paged KV cache, whose blocks lie anywhere. Into L2, not L1: L1's few miss
+/* Ask for the cache lines of `bytes` from p on (of n values: prefetch_rows, prefetch_floats), into L2: a task's
+ * first weight rows when it starts (they come from a new expert, where the hardware prefetcher has no history), a
+ * linear's next rows, a paged KV cache's next token, whose blocks lie anywhere. Into L2, not L1: L1's few miss
  * buffers, filled by prefetches, stalled the kernels' own loads; on weights and caches streamed from memory the
  * expert kernel measured 1.4-1.8x faster at batch 8 and 32 and the attention kernel 1.2-1.5x at batch 1-32 than
- * with the same prefetches into L1 (docs/performance.md). */
+ * with the same prefetches into L1 (docs/performance.md). The streams the kernels read at length prefetch a line
+ * or a token at a time as they work (dot_tile_f32, prefetch_token), not a tile's or a chunk's worth at once. */
 static inline void prefetch_bytes(const void *p, int64_t bytes) {
     for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch((const char *)p + i, _MM_HINT_T1);
 }
