@@ -328,9 +328,9 @@ static inline void swiglu_tile_f32(const float gate[4][4], const float up[4][4],
                     for (int64_t j = jb * RB_I; j < (jb + 1) * RB_I; j += 4) {                           \
                         float gv[4][4], uv[4][4];                                                        \
                         HT act[16];                                                                      \
-                        const int ahead = r0 == first; /* later row groups find the rows in cache */     \
-                        DOT(gate + j * H, H, xr, nr, H, gv, ahead ? gate + (j + ahead_i) * H : NULL);    \
-                        DOT(up + j * H, H, xr, nr, H, uv, ahead ? up + (j + ahead_i) * H : NULL);        \
+                        const int streaming = r0 == first; /* later row groups find the rows in cache */ \
+                        DOT(gate + j * H, H, xr, nr, H, gv, streaming ? gate + (j + ahead_i) * H : NULL); \
+                        DOT(up + j * H, H, xr, nr, H, uv, streaming ? up + (j + ahead_i) * H : NULL);    \
                         SWIGLU((const float(*)[4])gv, (const float(*)[4])uv, act);                       \
                         for (int r = 0; r < nr; r++) memcpy(hidden + (r0 + r) * I + j, act + 4 * r, 4 * sizeof(HT)); \
                     }                                                                                    \
