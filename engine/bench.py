@@ -246,9 +246,9 @@ def floor_row(
 
 def floor_beside_its_bandwidth(llm: LLM, batch: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """floor_row for this batch's decode steps, at the better of two copy bandwidths measured just before and just
-    after them: this VM's memory bandwidth drifts by a third within minutes (one thread's copies measured 21.9 then
-    16-18 GB/s; two threads' 34 then 53 GB/s in runs an hour apart), so a bandwidth measured minutes away, before the
-    throughput rounds, put a floor under steps it was not measured beside."""
+    after them: this VM's memory bandwidth drifts by a third and more (one thread's copies measured 21.9 and, within
+    the hour, 16-18 GB/s; two threads' 34 and, 90 minutes later, 53 GB/s), so a bandwidth measured minutes away,
+    before the throughput rounds, put a floor under steps it was not measured beside."""
     before = memory_bandwidth(device)
     prompts = make_prompts(batch, args.prompt_len, llm.engine.model.config.vocab_size)
     decode = decode_step(llm, prompts, args.decode_steps, device)
