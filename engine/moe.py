@@ -31,7 +31,7 @@ from torch import nn
 from engine.choices import BACKENDS
 from engine.cpu_kernels import SUFFIX, kernels
 from engine.native_ops import ExpertContext, native_ops, native_ops_loaded
-from engine.op_library import define_op
+from engine.op_library import define_op, returns_nothing
 from engine.projections import project
 from engine.routing import ROUTER_SCORES, LiveExperts, Routing, RoutingPolicy, route
 
@@ -121,7 +121,7 @@ def count_routes(counts: torch.Tensor, expert_ids: torch.Tensor, token_mask: tor
 define_op(
     "count_routes(Tensor(a!) counts, Tensor expert_ids, Tensor token_mask, int layer) -> ()",
     count_routes,
-    lambda counts, expert_ids, token_mask, layer: None,
+    returns_nothing,
 )
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.cpu_kernels import LINEAR_ROWS, LINEAR_ROWS_AMX, SUFFIX, CpuKernels, build_library, kernels
-from engine.op_library import define_native_op
+from engine.op_library import define_native_op, returns_nothing
 
 if TYPE_CHECKING:
     from engine.attention import PagedStep
@@ -189,12 +189,6 @@ def _cpu_layer_experts_shape(x: torch.Tensor, expert_ids: torch.Tensor, weights:
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
-def _cpu_count_routes_shape(
-    counts: torch.Tensor, expert_ids: torch.Tensor, token_mask: torch.Tensor, layer: int
-) -> None:
-    return None
-
-
 def dense_linears_shape(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     """What either dense_linears op returns, for tracing: [T, sum of N_i] in x's dtype."""
     return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
@@ -243,7 +237,7 @@ def native_ops() -> NativeOps | None:
             define_native_op("cpu_dense_linears(Tensor x, Tensor[] weights) -> Tensor", dense_linears_shape)
             define_native_op(
                 "cpu_count_routes(Tensor(a!) counts, Tensor expert_ids, Tensor token_mask, int layer) -> ()",
-                _cpu_count_routes_shape,
+                returns_nothing,
             )
             _defined = True
         ops = NativeOps(library, cpu)

@@ -28,6 +28,10 @@ def define_op(schema: str, kernel: Callable[..., Any], fake: Callable[..., Any])
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIBRARY)
 
 
+def returns_nothing(*_: Any) -> None:
+    """The fake of an op that only writes into an argument (`Tensor(a!)`, returning `()`): nothing to trace."""
+
+
 def define_native_op(schema: str, fake: Callable[..., Any]) -> None:
     """Define `moe_serve::<schema>` with only the fake implementation torch.compile traces; its kernels are
     registered in C++ (engine/native_ops.cpp)."""
