@@ -15,6 +15,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,19 @@ def make_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[lis
     return torch.randint(0, vocab, (batch, length), generator=generator).tolist()
 
 
+def _best_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of fn, after one untimed."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def memory_bandwidth(device: torch.device, repeats: int = 5) -> float:
     """Best-of-N copy bandwidth of a 512 MiB fp32 tensor, STREAM convention: bytes read + bytes written per second.
 
@@ -69,15 +83,18 @@ def memory_bandwidth(device: torch.device, repeats: int = 5) -> float:
     """
     src = torch.ones(COPY_BYTES // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * COPY_BYTES / best
+    return 2 * COPY_BYTES / _best_seconds(lambda: dst.copy_(src), device, repeats)
+
+
+def read_bandwidth(device: torch.device, repeats: int = 5) -> float:
+    """Best-of-N bytes per second of summing a 512 MiB fp32 tensor: reads alone, one vector add per 64 bytes.
+
+    What the cores reach when they only read, as a decode step does. On this 2-core VM it can fall well below the
+    copy bandwidth (two threads copied 42.5 GB/s while no read loop, with any prefetch distance and 1-4 streams
+    a thread, read more than 34; docs/performance.md, stop 36), so engine.bench reports both.
+    """
+    src = torch.ones(COPY_BYTES // 4, dtype=torch.float32, device=device)
+    return COPY_BYTES / _best_seconds(src.sum, device, repeats)
 
 
 def ours_throughput(llm: LLM, prompts: list[list[int]], output_len: int, device: torch.device) -> float:
@@ -246,14 +263,21 @@ def floor_row(
 
 def floor_beside_its_bandwidth(llm: LLM, batch: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """floor_row for this batch's decode steps, at the better of two copy bandwidths measured just before and just
-    after them: this VM's memory bandwidth drifts by a third and more (one thread's copies measured 21.9 and, within
+    after them, and the fraction of the floor at the better of two read bandwidths (read_bandwidth): this VM's memory bandwidth drifts by a third and more (one thread's copies measured 21.9 and, within
     the hour, 16-18 GB/s; two threads' 34 and, 90 minutes later, 53 GB/s), so a bandwidth measured minutes away,
     before the throughput rounds, put a floor under steps it was not measured beside."""
-    before = memory_bandwidth(device)
+    before, read_before = memory_bandwidth(device), read_bandwidth(device)
     prompts = make_prompts(batch, args.prompt_len, llm.engine.model.config.vocab_size)
     decode = decode_step(llm, prompts, args.decode_steps, device)
     bandwidth = max(before, memory_bandwidth(device))
-    return {**floor_row(llm, batch, decode, bandwidth), "copy_bandwidth_bytes_s": bandwidth}
+    read = max(read_before, read_bandwidth(device))
+    row = floor_row(llm, batch, decode, bandwidth)
+    return {
+        **row,
+        "copy_bandwidth_bytes_s": bandwidth,
+        "read_bandwidth_bytes_s": read,
+        "fraction_of_read_floor": row["bytes"] / read / decode["step_s"],
+    }
 
 
 def run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
@@ -315,6 +339,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         "repeats": args.repeats,
         "shape": shape,
         "copy_bandwidth_bytes_s": max(row["copy_bandwidth_bytes_s"] for row in floors),
+        "read_bandwidth_bytes_s": max(row["read_bandwidth_bytes_s"] for row in floors),
         "throughput": throughput,
         "decode": floors,
     }
@@ -331,7 +356,10 @@ def markdown(result: dict[str, Any]) -> str:
             f"prompt {result['prompt_len']} tokens, output {result['output_len']} tokens, "
             f"best of {result['repeats']} alternating rounds"
         ),
-        f"memory-copy bandwidth (512 MiB, read + write), the best beside the decode steps: {bw:.1f} GB/s",
+        (
+            f"memory-copy bandwidth (512 MiB, read + write), the best beside the decode steps: {bw:.1f} GB/s; "
+            f"reads alone: {result['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s"
+        ),
         "",
         "| batch | ours tok/s | transformers tok/s | ours/transformers |",
         "|---:|---:|---:|---:|",
@@ -344,20 +372,22 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         (
             "| batch | decode step ms | experts/layer U(B) formula | measured | MiB read | copy GB/s | floor ms "
-            "| fraction of floor | expert GEMMs alone ms |"
+            "| fraction of floor | read GB/s | of the read floor | expert GEMMs alone ms |"
         ),
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["decode"]:
         lines.append(
             f"| {row['batch']} | {row['step_ms']:.2f} | {row['expected_experts']:.1f} | "
             f"{row['measured_experts']:.1f} | {row['bytes'] / 2**20:.1f} | {row['copy_bandwidth_bytes_s'] / 1e9:.1f} | "
             f"{row['floor_ms']:.2f} | "
-            f"{row['fraction_of_floor']:.0%} | {row['expert_gemm_ms']:.2f} |"
+            f"{row['fraction_of_floor']:.0%} | {row['read_bandwidth_bytes_s'] / 1e9:.1f} | "
+            f"{row['fraction_of_read_floor']:.0%} | {row['expert_gemm_ms']:.2f} |"
         )
     lines.append(
         "\nFloor: bytes of the measured expert union + dense weights + KV cache, at the better of the copy bandwidths "
-        "measured just before and after that batch's steps. "
+        "measured just before and after that batch's steps; the read floor at the better of two read bandwidths "
+        "(a sum over 512 MiB: reads alone, as a step's) measured with them. "
         "Expert GEMMs alone: the MoE dispatch of every layer for B randomly routed tokens, nothing else."
     )
     return "\n".join(lines)

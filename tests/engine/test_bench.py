@@ -27,5 +27,8 @@ def test_each_floor_is_at_the_bandwidth_measured_beside_its_steps(tmp_path: Path
         assert bandwidth > 1e8  # a copy's bytes per second, measured beside this batch's steps
         assert row["floor_ms"] == pytest.approx(1e3 * row["bytes"] / bandwidth)
         assert row["fraction_of_floor"] == pytest.approx(row["floor_ms"] / row["step_ms"])
+        read = row["read_bandwidth_bytes_s"]  # a sum's bytes per second, measured beside the same steps
+        assert read > 1e8
+        assert row["fraction_of_read_floor"] == pytest.approx(1e3 * row["bytes"] / read / row["step_ms"])
         assert f"| {row['batch']} | {row['step_ms']:.2f} |" in run.stdout
-    assert "| copy GB/s |" in run.stdout
+    assert "| copy GB/s |" in run.stdout and "| read GB/s | of the read floor |" in run.stdout
