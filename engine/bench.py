@@ -89,9 +89,10 @@ def memory_bandwidth(device: torch.device, repeats: int = 5) -> float:
 def read_bandwidth(device: torch.device, repeats: int = 5) -> float:
     """Best-of-N bytes per second of summing a 512 MiB fp32 tensor: reads alone, one vector add per 64 bytes.
 
-    What the cores reach when they only read, as a decode step does. On this 2-core VM it can fall well below the
-    copy bandwidth (two threads copied 42.5 GB/s while no read loop, with any prefetch distance and 1-4 streams
-    a thread, read more than 34; docs/performance.md, stop 36), so engine.bench reports both.
+    What the cores reach when they only read, as a decode step does. On this 2-core VM it drifts apart from the
+    copy bandwidth either way (two threads read 28-34 GB/s while copies moved 35-42, and 50-55 while copies moved
+    31-36; one thread reads a third faster than it copies: docs/performance.md, stop 36), so engine.bench reports
+    both.
     """
     src = torch.ones(COPY_BYTES // 4, dtype=torch.float32, device=device)
     return COPY_BYTES / _best_seconds(src.sum, device, repeats)
@@ -263,7 +264,8 @@ def floor_row(
 
 def floor_beside_its_bandwidth(llm: LLM, batch: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """floor_row for this batch's decode steps, at the better of two copy bandwidths measured just before and just
-    after them, and the fraction of the floor at the better of two read bandwidths (read_bandwidth): this VM's memory bandwidth drifts by a third and more (one thread's copies measured 21.9 and, within
+    after them, and the step's fraction of the floor at the better of two read bandwidths (read_bandwidth) measured
+    with them: this VM's memory bandwidth drifts by a third and more (one thread's copies measured 21.9 and, within
     the hour, 16-18 GB/s; two threads' 34 and, 90 minutes later, 53 GB/s), so a bandwidth measured minutes away,
     before the throughput rounds, put a floor under steps it was not measured beside."""
     before, read_before = memory_bandwidth(device), read_bandwidth(device)
