@@ -297,14 +297,15 @@ static inline void swiglu_tile_f32(const float gate[4][4], const float up[4][4],
 /* expert_mlp on tiles of dot products (H and I multiples of 32), over a layer's grouped rows: tasks read RB
  * contiguous weight rows of one expert (rows_per_task): few, long streams, each read once. A task prefetches its
  * first rows (PREFETCH, of WT values), then takes 4 weight rows at a time to every group of up to 4 of the expert's
- * rows while they are in L1 (one pass over the weights: the kernel alone 1.02-1.07x faster at batch 32 than a
- * pass per row group, which re-read them from L2; stop 36). The first group's tile prefetches the rows 4-8 KiB
- * ahead of it as it runs, a line of each per step: spread so, not all at once before the tile, the prefetches
- * overlap the products whatever the weights' alignment (page-aligned weights, as tcmalloc places them, measured
- * 1.3-1.6x slower with the burst before each tile; docs/performance.md, stop 35). Then the SwiGLU of 4 rows x 4 units at a time (SWIGLU,
- * into hidden activations of type HT), the down projection, and the combine in expert order. WT: the weights' and
- * input activations' type; DOT: a 4-weight-row x up to 4-row tile (dot_tile_*_rows). In fp32 1.2x faster at batch
- * 8 and 32 than EXPERT_MLP's compiler-vectorized loops on 16-row tasks without prefetches (docs/performance.md). */
+ * rows while they are in L1 (one pass over the weights: the kernel alone 1.02-1.07x faster at batch 32 than a pass
+ * per row group, which re-read them from L2; stop 36). The first group's tile prefetches the rows 4-8 KiB ahead of
+ * it as it runs, a line of each per step: spread so, not all at once before the tile, the prefetches overlap the
+ * products whatever the weights' alignment (page-aligned weights, as tcmalloc places them, measured 1.3-1.6x slower
+ * with the burst before each tile; docs/performance.md, stop 35). Then the SwiGLU of 4 rows x 4 units at a time
+ * (SWIGLU, into hidden activations of type HT), the down projection, and the combine in expert order. WT: the
+ * weights' and input activations' type; DOT: a 4-weight-row x up to 4-row tile (dot_tile_*_rows). In fp32 1.2x
+ * faster at batch 8 and 32 than EXPERT_MLP's compiler-vectorized loops on 16-row tasks without prefetches
+ * (docs/performance.md). */
 #define EXPERT_TILES(NAME, WT, HT, DOT, PREFETCH, SWIGLU)                                               \
     static void NAME(const WT *x, const ExpertRows *grouped, int64_t H, int64_t I, const WT *w13,        \
                      const WT *w2, float *out, int threads) {                                            \
