@@ -1,4 +1,5 @@
-"""engine.bench run as a user runs it, on a tiny model it writes: the floor table's numbers hold together."""
+"""engine.bench run as a user runs it, on a tiny model it writes: the floor table's numbers hold together, and
+engine.floor_plot draws the run's --json file."""
 
 from __future__ import annotations
 
