@@ -90,9 +90,9 @@ def read_bandwidth(device: torch.device, repeats: int = 5) -> float:
     """Best-of-N bytes per second of summing a 512 MiB fp32 tensor: reads alone, one vector add per 64 bytes.
 
     What the cores reach when they only read, as a decode step does. On this 2-core VM it drifts apart from the
-    copy bandwidth either way (two threads read 28-34 GB/s while copies moved 35-42, and 50-55 while copies moved
-    31-36; one thread reads a third faster than it copies: docs/performance.md, stop 36), so engine.bench reports
-    both.
+    copy bandwidth either way (two threads' plain read loops read 28-34 GB/s while copies moved 35-42, this sum
+    50-55 while copies moved 31-36; one thread reads a sixth to a third faster than it copies: docs/performance.md,
+    stop 36), so engine.bench reports both.
     """
     src = torch.ones(COPY_BYTES // 4, dtype=torch.float32, device=device)
     return COPY_BYTES / _best_seconds(src.sum, device, repeats)

@@ -331,7 +331,7 @@ static inline void swiglu_tile_f32(const float gate[4][4], const float up[4][4],
                         for (int r = 0; r < nr; r++) xr[r] = x + row_token[r0 + r] * H;                  \
                         float gv[4][4], uv[4][4];                                                        \
                         HT act[16];                                                                      \
-                        const int streaming = r0 == first; /* the other row groups find the rows in L1 */     \
+                        const int streaming = r0 == first; /* the other row groups find the rows in L1 */ \
                         DOT(gate + j * H, H, xr, nr, H, gv, streaming ? gate + (j + ahead_i) * H : NULL); \
                         DOT(up + j * H, H, xr, nr, H, uv, streaming ? up + (j + ahead_i) * H : NULL);    \
                         SWIGLU((const float(*)[4])gv, (const float(*)[4])uv, act);                       \
